@@ -1,0 +1,150 @@
+"""Image datasets as uint8 tensors, and an in-memory batch iterator.
+
+Every dataset is loaded once into a uint8 tensor of shape (N, C, 32, 32). Batches are slices of that tensor
+(on the GPU when there is one) with random horizontal flips done on the device: no DataLoader, no worker processes,
+no host round trip per step. Models turn uint8 into floats themselves (dequantised for likelihoods, scaled for
+score matching), so one iterator serves every model.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar10", "fashion_mnist", "synthetic")
+IMAGE_SIZE = 32
+
+
+class DataUnavailable(RuntimeError):
+    """The dataset is neither on disk nor downloadable; the message says which flag fixes it."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("GENSWEEP_DATA", Path.home() / ".cache" / "gensweep" / "data"))
+
+
+def load_images(name: str, split: str = "train", data_dir: str | Path | None = None, download: bool = True,
+                limit: int | None = None) -> torch.Tensor:
+    """Return `split` ('train' or 'test') of dataset `name` as a uint8 tensor (N, C, 32, 32)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if name == "cifar10":
+        images = _torchvision_images("CIFAR10", root, split, download)
+    elif name == "fashion_mnist":
+        images = _torchvision_images("FashionMNIST", root, split, download)
+    elif name == "synthetic":
+        images = synthetic_images(limit or (10_000 if split == "train" else 2_000), seed=0 if split == "train" else 1)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return images[:limit] if limit else images
+
+
+def _torchvision_images(cls_name: str, root: Path, split: str, download: bool) -> torch.Tensor:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    train = split == "train"
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataUnavailable(f"{cls_name} not found under {root}; point --data-dir at a folder that holds it")
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as e:  # URLError, socket errors, checksum failures: all mean "not obtainable here"
+            raise DataUnavailable(f"could not download {cls_name} into {root} ({type(e).__name__}: {e}); "
+                                  f"point --data-dir at a folder that holds it") from None
+    data = torch.as_tensor(ds.data)
+    if data.ndim == 4:  # CIFAR: (N, H, W, C) numpy
+        return data.permute(0, 3, 1, 2).contiguous()
+    pad = (IMAGE_SIZE - data.shape[-1]) // 2  # Fashion-MNIST: 28x28 -> 32x32, one channel
+    return F.pad(data, (pad, pad, pad, pad)).unsqueeze(1).contiguous()
+
+
+def synthetic_images(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Deterministic 32x32 colour images: a gradient background, a striped or checked texture, and 1-3 shapes.
+
+    Enough structure (edges, colours, textures) for a model to learn something in seconds, and reproducible
+    anywhere with no download: the smoke preset's data.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    ys, xs = ys.expand(n, 1, size, size), xs.expand(n, 1, size, size)
+
+    angle = u(n, 1, 1, 1) * 2 * math.pi
+    t = (xs * torch.cos(angle) + ys * torch.sin(angle) + 1.5) / 3  # in [0,1]
+    c0, c1 = u(n, 3, 1, 1), u(n, 3, 1, 1)
+    img = c0 + (c1 - c0) * t
+
+    freq = 2 + u(n, 1, 1, 1) * 6
+    stripes = (torch.sin(2 * math.pi * freq * (xs * torch.cos(angle * 3) + ys * torch.sin(angle * 3))) > 0).float()
+    checks = ((torch.floor(xs * freq) + torch.floor(ys * freq)) % 2)
+    texture = torch.where(u(n, 1, 1, 1) < 0.5, stripes, checks)
+    img = img * (1 - 0.25 * texture * (u(n, 1, 1, 1) < 0.6).float())
+
+    for k in range(3):
+        present = (u(n, 1, 1, 1) < (1.0 if k == 0 else 0.5)).float()
+        cx, cy, r = 0.2 + 0.6 * u(n, 1, 1, 1), 0.2 + 0.6 * u(n, 1, 1, 1), 0.08 + 0.2 * u(n, 1, 1, 1)
+        kind = u(n, 1, 1, 1)
+        circle = ((xs - cx) ** 2 + (ys - cy) ** 2 < r ** 2)
+        square = ((xs - cx).abs() < r) & ((ys - cy).abs() < r)
+        triangle = (ys - cy < r) & ((xs - cx).abs() < (ys - cy + r) / 2)
+        mask = torch.where(kind < 1 / 3, circle, torch.where(kind < 2 / 3, square, triangle)).float() * present
+        img = img * (1 - mask) + u(n, 3, 1, 1) * mask
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class Batches:
+    """Minibatches of a uint8 image tensor that stays in memory (on the GPU when `device` is one).
+
+    `epoch()` yields `steps` batches (default: one pass, dropping the ragged tail when training) drawn from a
+    fresh permutation; the generator is the only randomness, so its state in a checkpoint makes resumes exact.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
+                 shuffle: bool = True, flip: bool = True, seed: int = 0):
+        if images.dtype != torch.uint8:
+            raise TypeError("Batches expects uint8 images")
+        self.images = images.to(device)
+        self.batch_size = min(batch_size, len(images))
+        self.shuffle, self.flip = shuffle, flip
+        self.generator = torch.Generator(device=self.images.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size if self.shuffle else math.ceil(len(self.images) / self.batch_size)
+
+    def epoch(self, steps: int | None = None) -> Iterator[torch.Tensor]:
+        n, bs, dev = len(self.images), self.batch_size, self.images.device
+        steps = steps or len(self)
+        order = torch.arange(n, device=dev)
+        done = 0
+        while done < steps:
+            if self.shuffle:
+                order = torch.randperm(n, device=dev, generator=self.generator)
+            for i in range(0, n, bs):
+                if done == steps or (self.shuffle and i + bs > n):
+                    break
+                x = self.images[order[i:i + bs]]
+                if self.flip:
+                    flipped = torch.rand(len(x), device=dev, generator=self.generator) < 0.5
+                    x = torch.where(flipped[:, None, None, None], x.flip(3), x)
+                yield x
+                done += 1
+            if not self.shuffle:
+                break
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0, 1]."""
+    return x.float() / 255.0
+
+
+def dequantize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> (x + u) / 256 with u ~ U[0,1): continuous data whose density gives a bound on discrete bits/dim."""
+    return (x.float() + torch.rand_like(x, dtype=torch.float)) / 256.0
