@@ -80,6 +80,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
         self.epoch = 0
+        self.extra: dict[str, Any] = {}  # small values a caller wants checkpointed with the run (e.g. best metric)
 
     @property
     def eval_model(self) -> GenerativeModel:
@@ -154,7 +155,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
-                "step": self.step, "epoch": self.epoch, "rng": rng,
+                "step": self.step, "epoch": self.epoch, "rng": rng, "extra": dict(self.extra),
                 "model_name": self.model_name, "train_config": dataclasses.asdict(self.cfg),
                 "model_config": dataclasses.asdict(self.model.cfg)}
 
@@ -164,6 +165,7 @@ class Trainer:
         if self.ema and state.get("ema") is not None:
             self.ema.model.load_state_dict(state["ema"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.extra = dict(state.get("extra", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_python_state(rng["python"]))
