@@ -13,6 +13,10 @@ class ModelConfig:
     """Base for each model's config: a flat dataclass, so a sweep's flat dict maps onto it one key at a time."""
 
 
+class ResourceUnavailable(RuntimeError):
+    """Data or weights are missing and cannot be downloaded; the message is one line naming the flag that fixes it."""
+
+
 class GenerativeModel(nn.Module):
     """A generative model over uint8 images (N, C, 32, 32).
 
@@ -24,6 +28,11 @@ class GenerativeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, channels: int):
         super().__init__()
         self.cfg, self.channels = cfg, channels
+
+    @classmethod
+    def prepare(cls, params: dict[str, Any]) -> None:
+        """Run once by the sweep driver before any trial starts: fetch or check external weights (e.g. VGG), so a
+        missing file fails fast with one line (raise ResourceUnavailable) instead of inside every trial."""
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss on a uint8 batch, and named scalar tensors to log (no host syncs)."""

@@ -15,11 +15,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from genmodels.base import ResourceUnavailable
+
 DATASETS = ("cifar10", "fashion_mnist", "synthetic")
 IMAGE_SIZE = 32
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(ResourceUnavailable):
     """The dataset is neither on disk nor downloadable; the message says which flag fixes it."""
 
 
