@@ -1,16 +1,23 @@
-"""One W&B run per trial: flat config, per-epoch metrics, sample grids, best/final summary, checkpoint artifact."""
+"""One W&B run per trial, logged from the driver by Ray Tune's WandbLoggerCallback.
+
+Driver-side logging survives what in-trial logging does not: ASHA stops a trial by killing its actor right after a
+report, so a run opened inside the trial would never be finished. Here Ray ends each run on every trial end. On top
+of Ray's callback: the sample/reconstruction grids that the trainable puts in each checkpoint are logged as images,
+and the final checkpoint of each completed trial is logged as a `model` artifact.
+"""
 from __future__ import annotations
 
+import io
 import netrc
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
-if TYPE_CHECKING:
-    from genmodels.engine import Trainer
-    from trainables.trainable import TrialSettings
+from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
+
+IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable
 
 
 def is_logged_in() -> bool:
@@ -24,55 +31,68 @@ def is_logged_in() -> bool:
         return False
 
 
-def start_run(config: dict[str, Any], settings: TrialSettings):
-    """Start (or resume, after a trial restart) the W&B run of the current Tune trial."""
-    from ray.air.integrations.wandb import setup_wandb
-
-    run = setup_wandb(
-        config={**config, "space": settings.space, "ranking_metric": settings.metric},
-        project=settings.wandb_project, entity=settings.wandb_entity, tags=list(settings.tags),
-        job_type="trial", resume="allow", settings=_quiet_settings())
-    run.define_metric("epoch")
-    run.define_metric("*", step_metric="epoch")
-    return run
+def artifact_name(trial_name: str) -> str:
+    # W&B artifact names allow letters, digits, '-', '_' and '.'; trial names carry '=' and ','.
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", trial_name)[:100] + "-model"
 
 
-def _quiet_settings():
+class _ModelArtifactActor(_WandbLoggingActor):
+    def _handle_checkpoint(self, checkpoint_path: str) -> None:
+        artifact = self._wandb.Artifact(artifact_name(self._trial_name), type="model")
+        artifact.add_dir(checkpoint_path)
+        self._wandb.log_artifact(artifact, aliases=["final"])
+
+
+class GensweepWandbCallback(WandbLoggerCallback):
+    """Ray's W&B callback, plus per-epoch image grids and a final-checkpoint artifact per completed trial."""
+
+    _logger_actor_cls = _ModelArtifactActor
+
+    def __init__(self, *, max_epochs: int, log_artifacts: bool = True, **kwargs: Any):
+        # resume="allow": a trial restarted after a node failure continues its run instead of clashing with it.
+        super().__init__(log_config=False, upload_checkpoints=False, resume="allow", **kwargs)
+        self.max_epochs, self.log_artifacts = max_epochs, log_artifacts
+
+    def log_trial_save(self, trial) -> None:
+        images = read_checkpoint_images(trial.checkpoint)
+        if images and trial in self._trial_queues:
+            step = (trial.last_result or {}).get("training_iteration")
+            self._trial_queues[trial].put((_QueueItem.RESULT, {**images, "training_iteration": step}))
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        last = trial.last_result or {}
+        completed = not failed and not last.get("diverged") and last.get("epoch", 0) >= self.max_epochs
+        if completed and self.log_artifacts and trial.checkpoint and trial in self._trial_queues:
+            self._trial_queues[trial].put((_QueueItem.CHECKPOINT, local_checkpoint_dir(trial)))
+        super().log_trial_end(trial, failed=failed)
+
+
+def read_checkpoint_images(checkpoint) -> dict[str, Any]:
+    """The PNG grids stored in a Tune checkpoint (local or cloud storage) as wandb.Image objects."""
+    import pyarrow.fs
     import wandb
+    from PIL import Image
 
-    return wandb.Settings(silent=True, console="off")
-
-
-def log(run, metrics: dict[str, Any], images: dict[str, Path] | None = None) -> None:
-    if run is None:
-        return
-    import wandb
-
-    payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    for name, path in (images or {}).items():
-        payload[name] = wandb.Image(str(path), caption=f"epoch {metrics.get('epoch')}")
-    run.log(payload)
-    for k, v in payload.items():
-        if k.startswith("best_"):
-            run.summary[k] = v
-
-
-def log_checkpoint(run, trainer: Trainer, metrics: dict[str, Any]) -> None:
-    """The final checkpoint of a completed trial as a `model` artifact, with its metrics as metadata."""
-    import tempfile
-
-    import wandb
-
-    from genmodels.engine import CHECKPOINT_FILE
-
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{run.name or run.id}-model")[:120]
-    meta = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    artifact = wandb.Artifact(name, type="model", metadata=meta)
-    with tempfile.TemporaryDirectory() as d:
-        artifact.add_file(str(trainer.save(Path(d) / CHECKPOINT_FILE)))  # staged (copied) by W&B right here
-        run.log_artifact(artifact, aliases=["final"])
+    if checkpoint is None:
+        return {}
+    fs, root = checkpoint.filesystem, f"{checkpoint.path}/{IMAGES_DIR}"
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root))
+    except (FileNotFoundError, OSError):
+        return {}
+    images = {}
+    for info in infos:
+        if info.is_file and info.path.endswith(".png"):
+            with fs.open_input_file(info.path) as f:
+                images[Path(info.path).stem] = wandb.Image(Image.open(io.BytesIO(f.read())).convert("RGB"))
+    return images
 
 
-def finish(run, exit_code: int = 0) -> None:
-    if run is not None:
-        run.finish(exit_code=exit_code)
+def local_checkpoint_dir(trial) -> str:
+    """A local folder holding the trial's latest checkpoint (downloaded next to the trial's logs if remote)."""
+    import pyarrow.fs
+
+    checkpoint = trial.checkpoint
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(os.path.join(trial.local_path, "final_model"))
