@@ -35,6 +35,7 @@ def load_images(name: str, split: str = "train", data_dir: str | Path | None = N
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     root = Path(data_dir) if data_dir else default_data_dir()
+    download = download and not os.environ.get("GENSWEEP_OFFLINE")  # for clusters with no way out
     if name == "cifar10":
         images = _torchvision_images("CIFAR10", root, split, download)
     elif name == "fashion_mnist":

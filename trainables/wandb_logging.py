@@ -53,6 +53,16 @@ class GensweepWandbCallback(WandbLoggerCallback):
         super().__init__(log_config=False, upload_checkpoints=False, resume="allow", **kwargs)
         self.max_epochs, self.log_artifacts = max_epochs, log_artifacts
 
+    def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs) -> None:
+        # W&B files straight into the trial's folder in local storage: the driver's staging copy is synced for the
+        # last time before the last runs have finished writing.
+        import pyarrow.fs
+
+        if isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            os.makedirs(trial.path, exist_ok=True)
+            wandb_init_kwargs.setdefault("dir", trial.path)
+        super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
     def log_trial_save(self, trial) -> None:
         images = read_checkpoint_images(trial.checkpoint)
         if images and trial in self._trial_queues:

@@ -1,0 +1,45 @@
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # 2-core CI machine; Ray tests run trials beside pytest
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    """A tiny CIFAR-10 folder in the real on-disk format (pickled batches), loadable by torchvision.
+
+    torchvision checks md5s of the real files; the class's file lists are patched to md5=None.
+    """
+    import torchvision.datasets as tvd
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    train_list, test_list = [], []
+    for name, n in [*((f"data_batch_{i}", 6) for i in range(1, 6)), ("test_batch", 10)]:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": list(rng.integers(0, 10, n))}, f)  # str keys, as the real files
+        (test_list if name == "test_batch" else train_list).append([name, None])
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", train_list)
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", test_list)
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": None})
+    return tmp_path
+
+
+def run_cli(args, env=None, timeout=600):
+    """Run a CLI of the project as users do, in a fresh interpreter."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,93 @@
+"""End to end through Ray Tune: the smoke sweep, the leaderboard, and the CLI's one-line errors."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--storage-path", str(storage),
+                 "--name", "smoke", "--num-samples", "6"], env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return storage, r.stdout
+
+
+@pytest.mark.slow
+def test_smoke_sweep_ends_in_leaderboard_with_asha_stops(smoke_sweep):
+    storage, out = smoke_sweep
+    assert "dataset=synthetic" in out  # the output says which data the sweep trained on
+    board = out[out.index("Leaderboard of smoke"):]
+    rows = [line for line in board.splitlines()[3:] if line[:1].isdigit()]
+    assert len(rows) == 6
+    assert any("stopped (ASHA)" in r for r in rows) and any("completed" in r for r in rows)
+    values = [float(r.split()[6]) for r in rows]  # ranked ascending by test_bpd
+    assert values == sorted(values)
+
+
+@pytest.mark.slow
+def test_trials_write_grids_checkpoints_and_offline_wandb_runs(smoke_sweep):
+    storage, _ = smoke_sweep
+    trials = [p for p in (storage / "smoke").iterdir() if p.is_dir() and p.name.startswith("vae_")]
+    assert len(trials) == 6
+    for t in trials:
+        assert list(t.glob("images/epoch_0001/samples.png")) and list(t.glob("images/epoch_0001/reconstructions.png"))
+        assert list(t.glob("checkpoint_*/state.pt"))
+        assert list(t.glob("checkpoint_*/images/samples.png"))
+        run = list(t.glob("wandb/offline-run-*"))
+        assert run, f"no offline W&B run in {t}"
+        assert list(run[0].glob("files/media/images/samples_*.png"))  # grids reached W&B as images
+    info = json.loads((storage / "smoke" / "gensweep_sweep.json").read_text())
+    assert info["metric"] == "test_bpd" and set(info["searched"]) == {"beta", "latent", "lr", "likelihood_scale"}
+
+
+@pytest.mark.slow
+def test_leaderboard_prints_again_after_the_sweep(smoke_sweep):
+    storage, out = smoke_sweep
+    r = run_cli(["sweeps/leaderboard.py", "--name", "smoke", "--storage-path", str(storage), "--source", "local"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[3:] == out[out.index("Leaderboard of smoke"):].splitlines()[3:9]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "nope"], "unknown space 'nope'"),
+    (["--num-samples", "-3"], "--num-samples must be at least 1"),
+    (["--fixed", "bogus=1"], "--fixed bogus is not a setting"),
+    (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (["--dataset", "cifar10"], "--data-dir"),
+    (["--resume", "never-ran"], "no sweep named 'never-ran'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    r = run_cli(["sweeps/run.py", "--preset", "smoke", "--no-wandb", "--data-dir", str(tmp_path),
+                 "--storage-path", str(tmp_path), *args], env={"GENSWEEP_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_diverged_trial_reports_and_ends_cleanly(monkeypatch, tmp_path):
+    """A NaN loss ends the trial with diverged=1 and no ranking metric (ASHA ignores it, the sweep goes on)."""
+    import torch
+
+    import trainables.trainable as tr
+    from genmodels.data import synthetic_images
+
+    reports = []
+    monkeypatch.setattr(tr.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_dir": lambda self: str(tmp_path)})())
+    real = tr.make_trainer
+
+    def exploding(*a, **k):
+        t = real(*a, **k)
+        t.model.loss = lambda x: (torch.tensor(float("inf"), requires_grad=True), {})
+        return t
+
+    monkeypatch.setattr(tr, "make_trainer", exploding)
+    data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
+    config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "epochs": 3, "batch_size": 8}
+    tr.train_trial(config, data, tr.TrialSettings(space="vae", metric="test_bpd"))
+    assert len(reports) == 1 and reports[0]["diverged"] == 1 and "test_bpd" not in reports[0]
