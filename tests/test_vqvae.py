@@ -230,3 +230,22 @@ def test_vqvae_space_presets_are_consistent():
         config = {**space.params, **preset.config}
         VQVAE.prepare(config)
         assert preset.grace_period == config["stage1_epochs"] + 1  # ASHA's first cut sees a trained prior
+
+
+def test_resume_inside_stage_1_and_across_the_boundary_is_exact(tmp_path):
+    cfg = {**TINY, "kmeans_init": True, "stage1_epochs": 2, "prior_epochs": 1, "epochs": 3, "steps_per_epoch": 4,
+           "batch_size": 32, "ema_decay": 0.9}
+    data = synthetic_images(128, 0), synthetic_images(32, 1)
+    straight = make_trainer("vqvae", cfg, *data, device="cpu")
+    for _ in range(3):
+        straight.train_epoch()
+    first = make_trainer("vqvae", cfg, *data, device="cpu")
+    first.train_epoch()
+    first.save(tmp_path / "state.pt")
+    resumed = make_trainer("vqvae", cfg, *data, device="cpu")
+    resumed.load(tmp_path / "state.pt")
+    resumed.train_epoch()  # k-means must not run again on the resumed model's first batch
+    resumed.train_epoch()  # the stage comes back from the epoch
+    assert resumed.model.stage == 2
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
