@@ -8,6 +8,7 @@ from genmodels.base import GenerativeModel, config_from_dict
 
 MODELS: dict[str, str] = {
     "vae": "genmodels.vae:VAE",
+    "ncsn": "genmodels.ncsn:NCSN",
 }
 
 
