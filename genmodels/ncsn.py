@@ -15,6 +15,11 @@ Sigma schedules (`sigma_schedule`):
   the config); the ratio from the NCSNv2 rule for D = C*32*32 and L from sigma_1, sigma_L and the ratio. `sigma_1`,
   `num_levels` and `gamma` are not used.
 The sigmas are a buffer, so they travel with every checkpoint.
+
+Sampling: annealed Langevin (genmodels.langevin) with T = `langevin_steps` and eps = `langevin_eps` in NCSN's step
+convention, in which NCSNv2's eps is doubled (its CIFAR-10 6.2e-6 is 1.24e-5 here); langevin_eps = 0 takes the
+NCSNv2 criterion's eps for T and the schedule. `sample(n, steps_per_level=k)` runs k < T steps per level (the FID
+ladder's cheap rungs) with a larger step, see `NCSN.step_size`.
 """
 from __future__ import annotations
 
@@ -394,10 +399,15 @@ class NCSN(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, steps_per_level: int | None = None, progress: bool = False,
-               batch_size: int = 1000) -> torch.Tensor:
-        """n images in [0, 1] by annealed Langevin from the global RNG; `steps_per_level` overrides T."""
+               batch_size: int | None = None) -> torch.Tensor:
+        """n images in [0, 1] by annealed Langevin from the global RNG; `steps_per_level` overrides T.
+
+        Chains run `batch_size` at a time: by default 1000 on a GPU, 128 on a CPU (where larger batches fall
+        out of the cache and run slower per image).
+        """
         T = steps_per_level or self.cfg.langevin_steps
         eps = self.step_size(steps_per_level)
+        batch_size = batch_size or (1000 if self.sigmas.is_cuda else 128)
         chunks = [annealed_langevin(self.score, self.sigmas.tolist(), (m, self.channels, 32, 32), T, eps,
                                     init=self.cfg.init, denoise=self.cfg.denoise, device=self.sigmas.device,
                                     progress=progress)

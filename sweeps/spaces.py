@@ -82,7 +82,7 @@ NCSN_SPACE = Space(
     metric="fid",
     presets={
         # geometric only: an ncsnv2 schedule for D = 3072 has ~230 levels, minutes of Langevin on a CPU
-        "smoke": Preset(config={**SMOKE_DATA, "sigma_schedule": "geometric", "num_levels": 4, "gamma": 0.0,
+        "smoke": Preset(config={**SMOKE_DATA, "sigma_schedule": "geometric", "num_levels": 3, "gamma": 0.0,
                                 "langevin_steps": 5, "arch": "unet", "width": 8, "unet_blocks": 1,
                                 "ema_decay": 0.999, "epochs": 4, "steps_per_epoch": 8, "batch_size": 64},
                         num_samples=8),
