@@ -9,6 +9,7 @@ from genmodels.base import GenerativeModel, config_from_dict
 MODELS: dict[str, str] = {
     "vae": "genmodels.vae:VAE",
     "vqvae": "genmodels.vqvae:VQVAE",
+    "ncsn": "genmodels.ncsn:NCSN",
 }
 
 
