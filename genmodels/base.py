@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -30,9 +31,11 @@ class GenerativeModel(nn.Module):
         self.cfg, self.channels = cfg, channels
 
     @classmethod
-    def prepare(cls, params: dict[str, Any]) -> None:
-        """Run once by the sweep driver before any trial starts: fetch or check external weights (e.g. VGG), so a
-        missing file fails fast with one line (raise ResourceUnavailable) instead of inside every trial."""
+    def prepare(cls, params: dict[str, Any], train_images: torch.Tensor | None = None) -> dict[str, Any]:
+        """Run once by the driver before any trial: check the config, fetch or check external weights (raise
+        ResourceUnavailable with one line naming the flag), and derive values from the training data that every
+        trial needs (returned as config entries, e.g. NCSNv2's sigma_1), so no trial repeats the work."""
+        return {}
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss on a uint8 batch, and named scalar tensors to log (no host syncs)."""
@@ -54,8 +57,22 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct")
 
     @property
+    def can_sample(self) -> bool:
+        return type(self).sample is not GenerativeModel.sample
+
+    @property
     def can_reconstruct(self) -> bool:
         return type(self).reconstruct is not GenerativeModel.reconstruct
+
+    @torch.no_grad()
+    def final_evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Expensive metrics computed once, at the end of a trial (e.g. a bound with many importance samples)."""
+        return {}
+
+    @torch.no_grad()
+    def final_images(self, test_images: torch.Tensor, out_dir: Path) -> dict[str, Path]:
+        """PNG grids written once at the end of a trial (e.g. latent interpolations); name -> path."""
+        return {}
 
     def start_epoch(self, epoch: int) -> None:
         """Hook before each training epoch (0-based), e.g. to switch training stages; most models need none."""

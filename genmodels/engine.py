@@ -40,16 +40,21 @@ class Diverged(RuntimeError):
 
 
 class EMA:
-    """Exponential moving average of a model's weights, kept as a full model copy used for eval and sampling."""
+    """Exponential moving average of a model's weights, kept as a full model copy used for eval and sampling.
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)): early on the average follows the weights instead of
+    staying at the random initialisation for ~1/(1 - decay) steps, which short runs (and ASHA's first rungs) need.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
         ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -106,7 +111,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             if self.ema:
-                self.ema.update(self.model)
+                self.ema.update(self.model, self.step)
             self.step += 1
             self.model.extra_train_step(self.step)
             for k, v in {"loss": loss, **logs}.items():
@@ -126,11 +131,19 @@ class Trainer:
         """Test-split metrics of the eval model (EMA weights when used), in fp32."""
         return self.eval_model.eval().evaluate(self.test_batches.epoch())
 
+    @torch.no_grad()
+    def final_evaluate(self, out_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Path]]:
+        """The model's once-per-run metrics and image grids (see GenerativeModel.final_evaluate/final_images)."""
+        model = self.eval_model.eval()
+        metrics = model.final_evaluate(self.test_batches.epoch())
+        images = model.final_images(self.test_images(len(self.test_batches.images)), Path(out_dir)) if out_dir else {}
+        return metrics, images
+
     def test_images(self, n: int) -> torch.Tensor:
         return self.test_batches.images[:n]
 
     @torch.no_grad()
-    def write_grids(self, out_dir: str | Path, n: int = 64) -> dict[str, Path]:
+    def write_grids(self, out_dir: str | Path, n: int = 64, **sample_kwargs: Any) -> dict[str, Path]:
         """Sample and reconstruction grids as PNG, drawn with a fixed seed so epochs are comparable."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +151,8 @@ class Trainer:
         paths = {}
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
-            try:
-                paths["samples"] = save_grid(model.sample(n), out_dir / "samples.png")
-            except NotImplementedError:
-                pass
+            if model.can_sample:
+                paths["samples"] = save_grid(model.sample(n, **sample_kwargs), out_dir / "samples.png")
             if model.can_reconstruct:
                 x = self.test_images(min(n // 2, 32))
                 pairs = torch.stack([x.float() / 255, model.reconstruct(x).float()], 1).flatten(0, 1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -341,6 +341,14 @@ class RefineNet(nn.Module):
 
 class NCSN(GenerativeModel):
     Config = NCSNConfig
+
+    @classmethod
+    def prepare(cls, params: dict[str, Any], train_images: torch.Tensor | None = None) -> dict[str, Any]:
+        """NCSNv2's sigma_1 from the training data, computed (and cached on disk) once by the driver for all trials."""
+        if float(params.get("data_sigma_1", 0) or 0) > 0 or train_images is None:
+            return {}
+        dataset = str(params.get("dataset", "data"))
+        return {"data_sigma_1": schedules.cached_max_pairwise_distance(dataset, train_images)}
 
     def __init__(self, cfg: NCSNConfig, channels: int):
         super().__init__(cfg, channels)

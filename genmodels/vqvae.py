@@ -243,8 +243,9 @@ class VQVAE(GenerativeModel):
         self.stage = 1  # training stage, derived from the epoch by start_epoch (so a resumed run gets it back)
 
     @classmethod
-    def prepare(cls, params: dict[str, Any]) -> None:
+    def prepare(cls, params: dict[str, Any], train_images: torch.Tensor | None = None) -> dict[str, Any]:
         check_stage_epochs(params)
+        return {}
 
     @property
     def autoencoder(self) -> tuple[nn.Module, ...]:

@@ -21,6 +21,9 @@ import torch
 
 # The classic reporter prints one compact table with the columns we choose; the new engine prints every metric.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# FID is reported only at ASHA milestones (the fidelity ladder) and a diverged trial's last report has no ranking
+# metric at all: both are intended, so Tune must not insist on the metric in every result.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 if not any(a.startswith("--address") for a in sys.argv):
@@ -34,7 +37,7 @@ from genmodels.engine import TrainConfig
 from genmodels.registry import model_class
 from sweeps.spaces import SPACES, Space
 
-DATA_KEYS = {"dataset", "train_size", "test_size", "data_dir"}
+DATA_KEYS = {"dataset", "train_size", "test_size", "data_dir", "checkpoint"}
 SWEEP_FILE = "gensweep_sweep.json"  # what --resume and the leaderboard need to know about a sweep
 
 
@@ -72,6 +75,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable)")
+    p.add_argument("--metric", help="ranking metric, where the space offers a choice (e.g. vqvae: fid or rfid)")
+    p.add_argument("--fid-network", choices=["inception", "standin"],
+                   help="FID features: inception (TF 2015-12-05, comparable to papers; the full preset's) or standin "
+                        "(a small fixed random network, only for smoke runs; the smoke preset's)")
+    p.add_argument("--fid-weights", help="Inception weights file for offline machines (make one with "
+                                         "`python -m genmodels.fid_weights --out PATH`); implies --fid-network "
+                                         "inception")
+    p.add_argument("--final-fid-samples", type=int, help="samples for the FID at the end of each completed trial "
+                                                          "(full preset: 10000; 50000 to compare with papers)")
+    p.add_argument("--checkpoint", help="a trained checkpoint (state.pt) to evaluate instead of training, for "
+                                        "sampling-only spaces such as ncsn-sampling")
+    p.add_argument("--vgg-weights", help="VGG-19 weights file for the DFC perceptual loss on offline machines")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"), help="W&B project")
     p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"), help="W&B entity (user or team)")
@@ -80,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.space not in SPACES:
         raise UsageError(f"unknown space {args.space!r}; choose one of {', '.join(SPACES)}")
+    if args.final_fid_samples is not None and args.final_fid_samples < 2:
+        raise UsageError(f"--final-fid-samples must be at least 2, got {args.final_fid_samples}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.max_concurrent < 0 or args.cpus_per_trial <= 0 or (args.gpus_per_trial or 0) < 0:
@@ -108,8 +125,19 @@ def build_config(space: Space, preset: str, args: argparse.Namespace) -> dict[st
         config["dataset"] = args.dataset
     if args.data_dir:
         config["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
-    known = ({f.name for f in dataclasses.fields(TrainConfig)} | DATA_KEYS
-             | {f.name for f in dataclasses.fields(model_class(space.model).Config)})
+    model_keys = {f.name for f in dataclasses.fields(model_class(space.model).Config)}
+    if args.vgg_weights:
+        if "vgg_weights" not in model_keys:
+            raise UsageError(f"--vgg-weights applies to spaces with a perceptual loss, not {space.name!r}")
+        config["vgg_weights"] = str(Path(args.vgg_weights).expanduser().resolve())
+    if args.checkpoint:
+        path = Path(args.checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"--checkpoint {args.checkpoint} is not a file; pass a trial's checkpoint_*/state.pt")
+        config["checkpoint"] = str(path)
+    elif space.needs_checkpoint:
+        raise UsageError(f"space {space.name!r} evaluates a trained model: pass --checkpoint PATH/state.pt")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | DATA_KEYS | model_keys
     unknown = sorted(set(fixed) - known)
     if unknown:
         raise UsageError(f"--fixed {unknown[0]} is not a setting of space {space.name!r}; "
@@ -179,17 +207,34 @@ def trial_dirname(trial) -> str:
     return f"{trial.config['model']}_{trial.trial_id}"
 
 
+def _optuna_search_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class MilestoneOptunaSearch(OptunaSearch):
+        """OptunaSearch that passes over results without the ranking metric (FID exists only at ASHA milestones;
+        a diverged trial has none); Optuna's intermediate values then hold only comparable points."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return MilestoneOptunaSearch
+
+
 def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse.Namespace, data, storage: str,
-               name: str, wandb_mode: str, resume: bool = False):
+               name: str, wandb_mode: str, metric: str, fid_plan, resume: bool = False):
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from trainables.trainable import TrialSettings, train_trial
 
-    settings = TrialSettings(space=space.name, metric=space.metric, mode=space.mode)
+    MilestoneOptunaSearch = _optuna_search_class()
+
+    searched = [k for k, v in config.items() if _is_domain(v)]
+    settings = TrialSettings(space=space.name, metric=metric, mode=space.mode, fid=fid_plan,
+                             checkpoint_overrides=tuple(searched + list(parse_fixed(args.fixed))))
     callbacks = []
     if wandb_mode != "disabled":
         from trainables.wandb_logging import GensweepWandbCallback
@@ -209,16 +254,15 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
     epochs = int(config["epochs"])
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
                               reduction_factor=p.reduction_factor)
-    searched = any(_is_domain(v) for v in config.values())
-    search_alg = OptunaSearch(sampler=TPESampler(seed=args.seed)) if searched else None
+    search_alg = MilestoneOptunaSearch(sampler=TPESampler(seed=args.seed)) if searched else None
     if search_alg and args.max_concurrent:
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=args.max_concurrent)
-    reporter = tune.CLIReporter(metric_columns={space.metric: space.metric, "epoch": "epoch"},
+    reporter = tune.CLIReporter(metric_columns={metric: metric, "epoch": "epoch"},
                                 parameter_columns=[k for k in config if _is_domain(config[k])], max_report_frequency=15,
                                 sort_by_metric=True)
     return tune.Tuner(
         trainable, param_space=config,
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=args.num_samples or p.num_samples,
                                     max_concurrent_trials=args.max_concurrent or None,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
@@ -244,39 +288,82 @@ def _main(argv: list[str] | None) -> int:
     if args.resume:
         sweep = read_sweep(storage, args.resume)
         space, preset, config, name = SPACES[sweep["space"]], sweep["preset"], sweep["constants"], args.resume
+        metric, fid = sweep["metric"], sweep["fid"]
     else:
         space = SPACES[args.space]
         preset = args.preset if args.preset != "auto" else ("full" if torch.cuda.is_available() else "smoke")
         config = build_config(space, preset, args)
         name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    model_class(space.model).prepare(config)
+        metric, fid = resolve_metric(space, args.metric), resolve_fid(space, preset, args)
+    model = model_class(space.model)
+    model.prepare(config)  # config checks and weights first: fail before loading data
     data = load_data(config)
+    config.update(model.prepare(config, data["train"]))
+    plan = make_fid_plan(fid, data, config, space.presets[preset], metric)
     print(f"gensweep: space={space.name} preset={preset} model={space.model} dataset={config['dataset']} "
-          f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {space.metric} ({space.mode})")
+          f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {metric} ({space.mode}); "
+          f"FID network: {fid['network']}" + ("" if fid["network"] == "inception" else
+                                                " (smoke stand-in: not comparable to published FIDs)"))
     wandb_mode = configure_wandb(args)
     os.environ["WANDB_MODE"] = wandb_mode
     init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
-    tuner = make_tuner(space, preset, config, args, data, storage, name, wandb_mode, resume=bool(args.resume))
+    tuner = make_tuner(space, preset, config, args, data, storage, name, wandb_mode, metric, plan,
+                       resume=bool(args.resume))
     if not args.resume:
-        write_sweep(storage, name, space, preset, config, args)
+        write_sweep(storage, name, space, preset, config, args, metric, fid)
     tuner.fit()
 
     from sweeps.leaderboard import local_rows, print_table
 
     print()
-    print_table(local_rows(storage, name), space.metric, space.mode, title=f"Leaderboard of {name} (local results)")
+    print_table(local_rows(storage, name), metric, space.mode, title=f"Leaderboard of {name} (local results)")
     print(f"\nresults: {storage}/{name}")
     if wandb_mode == "offline":
         print(f"W&B runs were logged offline; upload them with `wandb sync {storage}/{name}/*/wandb/offline-run-*`")
     return 0
 
 
+def resolve_metric(space: Space, requested: str | None) -> str:
+    allowed = space.metrics or (space.metric,)
+    if requested and requested not in allowed:
+        raise UsageError(f"--metric {requested} is not offered by space {space.name!r}; choose {', '.join(allowed)}")
+    return requested or space.metric
+
+
+def resolve_fid(space: Space, preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """FID settings of the sweep: the preset's budget, overridden by the CLI."""
+    from sweeps.spaces import FID_BUDGETS
+
+    budget = space.presets[preset].fid or FID_BUDGETS[preset]
+    weights = str(Path(args.fid_weights).expanduser().resolve()) if args.fid_weights else None
+    network = "inception" if weights else (args.fid_network or budget.network)
+    return {"network": network, "weights_path": weights, "ladder": list(budget.ladder),
+            "step_fractions": list(budget.step_fractions), "final": args.final_fid_samples or budget.final}
+
+
+def make_fid_plan(fid: dict[str, Any], data: dict[str, torch.Tensor], config: dict[str, Any], preset,
+                  metric: str):
+    """Load the feature network here, once (a missing one fails now, in one line), and compute the test split's
+    reference statistics (cached on disk) that every trial shares through the object store."""
+    from genmodels.fid import FIDScorer
+    from trainables.evaluation import FIDPlan, asha_milestones
+
+    scorer = FIDScorer(fid["network"], fid["weights_path"])
+    ref = scorer.reference(data["test"], key=f"{config['dataset']}-test")
+    del scorer
+    epochs = int(config["epochs"])
+    milestones = asha_milestones(epochs, min(preset.grace_period, epochs), preset.reduction_factor)
+    return FIDPlan(network=fid["network"], weights_path=fid["weights_path"], ref=ref, milestones=milestones,
+                   ladder=tuple(fid["ladder"]), step_fractions=tuple(fid["step_fractions"]), final_n=fid["final"],
+                   rank_by=metric if metric in ("fid", "rfid") else None)
+
+
 def write_sweep(storage: str, name: str, space: Space, preset: str, config: dict[str, Any],
-                args: argparse.Namespace) -> None:
+                args: argparse.Namespace, metric: str, fid: dict[str, Any]) -> None:
     if "://" in storage:
         return  # remote storage: Tune keeps its own state there; resume needs the same flags
     constants = {k: v for k, v in config.items() if not _is_domain(v)}
-    info = {"space": space.name, "preset": preset, "metric": space.metric, "mode": space.mode,
+    info = {"space": space.name, "preset": preset, "metric": metric, "mode": space.mode, "fid": fid,
             "constants": constants, "searched": [k for k, v in config.items() if _is_domain(v)],
             "argv": sys.argv[1:]}
     path = Path(storage) / name / SWEEP_FILE

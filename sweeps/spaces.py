@@ -12,12 +12,29 @@ from typing import Any
 from ray import tune
 
 
+@dataclasses.dataclass(frozen=True)
+class FIDBudget:
+    """Sample FID budgets: `ladder[i]` samples (and `step_fractions[i]` of a sampler's steps) at ASHA rung i, and
+    `final` samples at the end of every completed trial. FID is biased by n: only equal-n values are compared."""
+    ladder: tuple[int, ...]
+    final: int
+    network: str  # "inception" (TF 2015-12-05, comparable to papers) | "standin" (cheap, smoke runs only)
+    step_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+
+
+FID_BUDGETS = {
+    "smoke": FIDBudget(ladder=(128, 256), final=256, network="standin"),
+    "full": FIDBudget(ladder=(1000, 5000, 10000), final=10000, network="inception"),
+}
+
+
 @dataclasses.dataclass
 class Preset:
     config: dict[str, Any]  # fixed trial config: TrainConfig, model config and data keys
     num_samples: int  # trials
     grace_period: int = 1  # ASHA: epochs before the first stop decision
     reduction_factor: int = 2
+    fid: FIDBudget | None = None  # None: FID_BUDGETS[preset name]
 
 
 @dataclasses.dataclass
@@ -25,8 +42,10 @@ class Space:
     name: str
     model: str
     params: dict[str, Any]  # searched hyperparameters (tune domains) and constants
-    metric: str  # ranking metric, reported at every epoch
+    metric: str  # default ranking metric; "fid"/"rfid" come from the trainable's FID ladder
     mode: str = "min"
+    metrics: tuple[str, ...] = ()  # other ranking metrics --metric may choose (each comparable across the space)
+    needs_checkpoint: bool = False  # evaluates a trained model (--checkpoint) instead of training one
     presets: dict[str, Preset] = dataclasses.field(default_factory=dict)
     description: str = ""
 
@@ -86,6 +105,7 @@ VQVAE_SPACE = Space(
         "lr": tune.loguniform(1e-4, 1e-3),
     },
     metric="fid",
+    metrics=("fid", "rfid"),
     presets={
         # Tiny model, small codebooks (K is still searched), ~9 s of CPU per trial before FID.
         "smoke": vqvae_preset(6, 4, {**SMOKE_DATA, "codebook_size": tune.choice([16, 32, 64, 128]), "width": 32,
@@ -147,9 +167,11 @@ NCSN_SAMPLING_SPACE = Space(
         "init": tune.choice(["uniform", "gaussian"]),
     },
     metric="fid",
+    needs_checkpoint=True,
     presets={
-        "smoke": Preset(config={**SMOKE_DATA, "langevin_steps": tune.choice([2, 5])}, num_samples=8),
-        "full": Preset(config={**FULL_DATA}, num_samples=32),
+        # One evaluation per trial (epochs=1): nothing for ASHA to stop early.
+        "smoke": Preset(config={**SMOKE_DATA, "langevin_steps": tune.choice([2, 5]), "epochs": 1}, num_samples=8),
+        "full": Preset(config={**FULL_DATA, "epochs": 1}, num_samples=32),
     },
 )
 

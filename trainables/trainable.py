@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from ray import tune
 
-from genmodels.engine import CHECKPOINT_FILE, Diverged, Trainer, make_trainer
+from genmodels.engine import CHECKPOINT_FILE, Diverged, Trainer, load_checkpoint, make_trainer
+from trainables.evaluation import FIDPlan, fid_metrics, sample_kwargs_for_rung
 from trainables.wandb_logging import IMAGES_DIR
 
 
@@ -20,6 +21,9 @@ class TrialSettings:
     space: str
     metric: str
     mode: str = "min"
+    fid: FIDPlan | None = None
+    # With a "checkpoint" in the config: the keys that override the checkpoint's model config (the searched ones).
+    checkpoint_overrides: tuple[str, ...] = ()
 
 
 def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings: TrialSettings) -> None:
@@ -27,6 +31,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
     """
+    if config.get("checkpoint"):
+        return evaluate_checkpoint(config, data, settings)
     trainer = make_trainer(config["model"], config, data["train"], data["test"])
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -41,20 +47,57 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
             tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e)})
             return
         metrics.update(trainer.evaluate())
-        metrics.update(epoch=trainer.epoch, step=trainer.step, diverged=0)
-        value, best = metrics[settings.metric], trainer.extra.get("best")
-        if best is None or (value < best if settings.mode == "min" else value > best):
-            trainer.extra["best"] = best = value
+        final = trainer.epoch == trainer.cfg.epochs
+        images_dir = trial_dir / IMAGES_DIR / f"epoch_{trainer.epoch:04d}"
+        extra, final_images = evaluate_extra(trainer, settings, final, images_dir)
+        report_with_checkpoint(trainer, {**metrics, **extra}, settings, images_dir, final, final_images)
+
+
+def evaluate_extra(trainer: Trainer, settings: TrialSettings, final: bool,
+                   images_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
+    metrics: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "diverged": 0}
+    if settings.fid:
+        metrics.update(fid_metrics(settings.fid, trainer, final))
+    images: dict[str, Path] = {}
+    if final:
+        final_metrics, images = trainer.final_evaluate(images_dir)
+        metrics.update(final_metrics)
+    return metrics, images
+
+
+def report_with_checkpoint(trainer: Trainer, metrics: dict[str, Any], settings: TrialSettings, images_dir: Path,
+                           final: bool, final_images: dict[str, Path]) -> None:
+    """Track the best ranking value, write this epoch's grids, and report with a checkpoint holding the trainer
+    state and the grids (the W&B callback logs those from there)."""
+    value, best = metrics.get(settings.metric), trainer.extra.get("best")
+    if value is not None and (best is None or (value < best if settings.mode == "min" else value > best)):
+        trainer.extra["best"] = best = value
+    if best is not None:
         metrics[f"best_{settings.metric}"] = best
-        grids = trainer.write_grids(trial_dir / IMAGES_DIR / f"epoch_{trainer.epoch:04d}")
-        report_with_checkpoint(trainer, metrics, grids)
-
-
-def report_with_checkpoint(trainer: Trainer, metrics: dict[str, Any], images: dict[str, Path]) -> None:
-    """Report with a checkpoint holding the trainer state and this epoch's grids (the W&B callback logs those)."""
+    # Sample grids between rungs at the first rung's sampler budget: a full Langevin chain every epoch costs minutes.
+    kwargs = {} if final or not settings.fid else sample_kwargs_for_rung(settings.fid, trainer.eval_model, 0)
+    images = {**trainer.write_grids(images_dir, **kwargs), **final_images}
     with tempfile.TemporaryDirectory() as d:
         trainer.save(Path(d) / CHECKPOINT_FILE)
         (Path(d) / IMAGES_DIR).mkdir()
         for name, path in images.items():
             shutil.copy(path, Path(d) / IMAGES_DIR / f"{name}.png")
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], settings: TrialSettings) -> None:
+    """No training: the model of a finished run, with the searched (e.g. sampling) settings overriding its config,
+    scored once at the final FID budget. What the `ncsn-sampling` space sweeps."""
+    state = load_checkpoint(config["checkpoint"])
+    params = {**state["train_config"], **state["model_config"],
+              **{k: config[k] for k in settings.checkpoint_overrides if k in config}, "epochs": 1}
+    trainer = make_trainer(state["model_name"], params, data["train"], data["test"])
+    trainer.model.load_state_dict(state["model"])
+    if trainer.ema and state.get("ema") is not None:
+        trainer.ema.model.load_state_dict(state["ema"])
+    trainer.epoch = 1
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    images_dir = trial_dir / IMAGES_DIR / "final"
+    extra, final_images = evaluate_extra(trainer, settings, True, images_dir)
+    report_with_checkpoint(trainer, {**trainer.evaluate(), **extra}, settings, images_dir, True, final_images)

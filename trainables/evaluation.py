@@ -1,0 +1,89 @@
+"""FID inside a sweep: a fidelity ladder on ASHA's milestones, and the final FID of every completed trial.
+
+FID is biased by the sample count, so every value is named with its count (fid_1k, fid_10k) and only equal-count
+values are compared. ASHA compares trials at a rung (milestone) only, so a cheap low-count FID is enough to cut the
+worst trials at the first rung and the budget grows with the rung: rung i uses `ladder[i]` samples and, for
+samplers with a step count, `step_fractions[i]` of the trial's steps. The ranking metric `fid` (or `rfid`) is
+reported only at milestones and at the end, so every value ASHA reads was computed under the same rung budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+from genmodels.engine import Trainer
+from genmodels.fid import FIDScorer, RefStats, fid_metric_name
+
+
+def asha_milestones(max_t: int, grace_period: int, reduction_factor: int) -> tuple[int, ...]:
+    """The training iterations at which ASHA records and compares results (as ray.tune's ASHAScheduler)."""
+    milestones, t = [], grace_period
+    while t < max_t:
+        milestones.append(t)
+        t *= reduction_factor
+    return tuple(milestones)
+
+
+@dataclasses.dataclass
+class FIDPlan:
+    network: str  # "inception" | "standin"
+    weights_path: str | None
+    ref: RefStats  # reference statistics of the test split, computed once by the driver
+    milestones: tuple[int, ...]  # epochs at which ASHA reads the ranking metric
+    ladder: tuple[int, ...]  # samples per rung
+    step_fractions: tuple[float, ...]  # sampler steps per rung, as fractions of the trial's own
+    final_n: int  # samples for the final FID of a completed trial
+    rank_by: str | None = None  # "fid" or "rfid" when the sweep ranks by FID; None: final FID only
+
+    def rung(self, epoch: int) -> int | None:
+        return self.milestones.index(epoch) if epoch in self.milestones else None
+
+
+_scorers: dict[tuple, FIDScorer] = {}
+
+
+def _scorer(plan: FIDPlan, device) -> FIDScorer:
+    key = (plan.network, plan.weights_path, str(device))
+    if key not in _scorers:  # one feature network per trial process
+        _scorers[key] = FIDScorer(plan.network, plan.weights_path, device=device)
+    return _scorers[key]
+
+
+def sample_kwargs_for_rung(plan: FIDPlan, model, rung: int) -> dict[str, Any]:
+    """Fewer sampler steps at low rungs, for models whose sample() takes a step count (e.g. NCSN's Langevin)."""
+    fraction = plan.step_fractions[min(rung, len(plan.step_fractions) - 1)]
+    if fraction >= 1 or "steps_per_level" not in inspect.signature(model.sample).parameters:
+        return {}
+    steps = int(getattr(model.cfg, "langevin_steps", 0))
+    return {"steps_per_level": max(1, round(steps * fraction))} if steps else {}
+
+
+def fid_metrics(plan: FIDPlan, trainer: Trainer, final: bool) -> dict[str, Any]:
+    """FID metrics due at this epoch: the rung's ladder FID at milestones, the full-budget FID at the end."""
+    rung = plan.rung(trainer.epoch)
+    if rung is None and not final:
+        return {}
+    scorer = _scorer(plan, trainer.device)
+    model = trainer.eval_model
+    out: dict[str, Any] = {"fid_network": scorer.name}
+    seed = trainer.cfg.seed + 1  # the same noise for every trial and rung: differences come from the models
+    if model.can_sample:
+        if final:
+            n, kwargs = plan.final_n, {}
+        else:
+            n = plan.ladder[min(rung, len(plan.ladder) - 1)]
+            kwargs = sample_kwargs_for_rung(plan, model, rung)
+        scorer.kid_subsets = 100 if final else 0  # KID costs minutes on a CPU: once, at the end
+        r = scorer.sample_fid(model, n, plan.ref, seed=seed, **kwargs)
+        out[fid_metric_name(r["n"])] = r["fid"]
+        if "kid" in r:
+            out[fid_metric_name(r["n"], "kid")] = r["kid"]
+        if plan.rank_by == "fid" or final:
+            out["fid"] = r["fid"]
+    if model.can_reconstruct and (final or plan.rank_by == "rfid"):
+        scorer.kid_subsets = 0
+        test = trainer.test_images(plan.ref.num)
+        r = scorer.reconstruction_fid(model, test, plan.ref)
+        out[fid_metric_name(r["n"], "rfid")] = out["rfid"] = r["fid"]
+    return out
