@@ -8,6 +8,8 @@ from genmodels.base import GenerativeModel, config_from_dict
 
 MODELS: dict[str, str] = {
     "vae": "genmodels.vae:VAE",
+    "iwae": "genmodels.iwae:IWAE",
+    "dfc": "genmodels.dfc:DFCVAE",
 }
 
 
