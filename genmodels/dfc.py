@@ -115,7 +115,7 @@ def load_vgg19(weights: str, upto: int) -> nn.Sequential:
     if weights != "random":
         state = vgg19_state_dict(weights)
         needed = net.state_dict().keys()
-        missing = sorted(set(needed) - set(state), key=lambda k: int(k.split(".")[0]))
+        missing = sorted(set(needed) - set(state), key=lambda k: (int(k.split(".")[0]), k))
         if missing:
             raise ResourceUnavailable(f"VGG-19 weights {weights or 'IMAGENET1K_V1'} lack {missing[0]}; pass "
                                       f"--vgg-weights PATH to a saved torchvision vgg19 state_dict")

@@ -60,7 +60,7 @@ def traversal(model: VAE, images: torch.Tensor, n_dims: int = 8, steps: int = 10
     dims = mu.var(0).argsort(descending=True)[:min(n_dims, mu.shape[1])]
     z = mu[0].repeat(len(dims), steps, 1)
     values = torch.linspace(-span, span, steps, device=mu.device)
-    z[torch.arange(len(dims)), :, dims] = values
+    z[torch.arange(len(dims), device=mu.device), :, dims] = values
     return model.decode(z.flatten(0, 1)).view(len(dims), steps, *images.shape[1:]), dims
 
 
@@ -71,7 +71,7 @@ def best_weight_reconstruction(model: VAE, x: torch.Tensor, k: int) -> torch.Ten
     mu, logvar = model.encode(xd)
     log_w, z = model.log_weights(xd, mu, logvar, k)
     best = log_w.argmax(0)
-    return model.decode(z[best, torch.arange(len(x))])
+    return model.decode(z[best, torch.arange(len(x), device=best.device)])
 
 
 @torch.no_grad()

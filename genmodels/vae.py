@@ -115,7 +115,7 @@ def resnet_encoder(channels: int, width: int, blocks: int, norm: str) -> tuple[n
     w = width or default_width
     layers: list[nn.Module] = [nn.Conv2d(channels, w, 3, 1, 1)]
     c = w
-    for i in range(stages):
+    for _ in range(stages):
         layers.append(ResBlock(c, 2 * c, norm, "down"))
         c *= 2
         layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]

@@ -83,7 +83,7 @@ def test_weights_from_a_path_load_and_missing_layers_fail(tmp_path):
     torch.testing.assert_close(net[10].weight, saved[10].weight)
     assert not any(p.requires_grad for p in net.parameters())
     DFCVAE.prepare({"vgg_weights": str(path)})
-    with pytest.raises(ResourceUnavailable, match="lack 12.weight"):
+    with pytest.raises(ResourceUnavailable, match="lack 12.bias"):
         load_vgg19(str(path), 20)
 
 
