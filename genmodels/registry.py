@@ -10,6 +10,8 @@ MODELS: dict[str, str] = {
     "vae": "genmodels.vae:VAE",
     "vqvae": "genmodels.vqvae:VQVAE",
     "ncsn": "genmodels.ncsn:NCSN",
+    "iwae": "genmodels.iwae:IWAE",
+    "dfc": "genmodels.dfc:DFCVAE",
 }
 
 

@@ -1,14 +1,17 @@
-"""Convolutional VAE / beta-VAE with an explicit Gaussian decoder likelihood.
+"""Convolutional and residual VAE / beta-VAE with an explicit Gaussian decoder likelihood.
 
 The seeds trained "SSE + beta*KL", which is a Gaussian decoder with sigma^2 = 0.5 and no constant: beta meant
 nothing without sigma. Here the decoder scale is a config value (or learned), the training loss is
 -E[log p(x|z)] + beta*KL with full densities, and evaluation reports the beta = 1 negative ELBO in bits/dim,
-a true bound that ranks trials the same way whatever beta they trained with.
+a true bound that ranks trials the same way whatever beta they trained with. Every VAE-family model (this one,
+IWAE, DFC-VAE) also reports the importance-weighted bound L_k (Burda et al. 2016) with one evaluation k, a tighter
+estimate of the test NLL, and the number of active latent units.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -16,21 +19,26 @@ from torch import nn
 
 from genmodels.base import GenerativeModel, ModelConfig
 from genmodels.data import dequantize, to_unit
-from genmodels.likelihood import gaussian_log_prob, kl_standard_normal, nats_to_bpd, psnr
+from genmodels.likelihood import (diag_gaussian_log_prob, gaussian_log_prob, kl_standard_normal, nats_to_bpd, psnr,
+                                  standard_normal_log_prob)
 
 # (default first width, kernel, number of stride-2 stages); widths double per stage
-ARCHS = {"conv-small": (32, 3, 3), "conv": (64, 4, 4)}
+ARCHS = {"conv-small": (32, 3, 3), "conv": (64, 4, 4), "resnet": (32, 3, 3)}
+ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. 2016: unit i is active when Cov_x(E_q[z_i]) exceeds this
 
 
 @dataclasses.dataclass
 class VAEConfig(ModelConfig):
-    arch: str = "conv"  # conv-small (3-32-64-128, the VAE seed) | conv (3-64-128-256-512, the beta-VAE seed)
+    arch: str = "conv"  # conv-small (3-32-64-128, the VAE seed) | conv (3-64-128-256-512, the beta-VAE seed) | resnet
     latent: int = 128
     width: int = 0  # first conv's channels; 0 = the arch's default
+    blocks: int = 1  # resnet only: residual blocks per resolution (the first of each stage resamples)
     beta: float = 1.0
     likelihood_scale: float = 0.1  # decoder sigma, in units of [0,1] pixels
     learn_scale: bool = False  # learn one log-sigma instead
-    norm: str = "batch"  # batch | group | none (group or none for models that report importance-weighted bounds)
+    norm: str = "batch"  # batch | group | none (IWAE training needs group or none; evaluation runs in eval mode)
+    eval_k: int = 64  # importance samples of the test_iwae_bpd reported every epoch (same k for trials compared)
+    final_eval_k: int = 1000  # importance samples of the end-of-trial NLL estimate (`iwae_bpd`, run by the trainable)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -68,6 +76,69 @@ def conv_decoder(arch: str, channels: int, width: int, norm: str) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class ResBlock(nn.Module):
+    """Pre-activation residual block: skip(x) + conv(act(norm(conv(act(norm(x)))))), resampling by 2 optionally.
+
+    Activations are out of place, so the skip path sees the block's input unchanged (one seed started its blocks
+    with an in-place ReLU and so computed ReLU(x) + F(ReLU(x))).
+    """
+
+    def __init__(self, c_in: int, c_out: int, norm: str, resample: str = "none"):
+        super().__init__()
+        if resample not in ("none", "down", "up"):
+            raise ValueError(f"resample must be none, down or up, not {resample!r}")
+        self.resample = resample
+        self.norm1, self.norm2 = norm_layer(norm, c_in), norm_layer(norm, c_out)
+        self.act = nn.LeakyReLU(0.2)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 2 if resample == "down" else 1, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm1(x))
+        if self.resample == "up":
+            h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = self.conv2(self.act(self.norm2(self.conv1(h))))
+        skip = self.skip(x)  # a 1x1 conv commutes with nearest upsampling and with average pooling: resample after
+        if self.resample == "down":
+            skip = nn.functional.avg_pool2d(skip, 2)
+        elif self.resample == "up":
+            skip = nn.functional.interpolate(skip, scale_factor=2.0, mode="nearest")
+        return skip + h
+
+
+def resnet_encoder(channels: int, width: int, blocks: int, norm: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Stem conv, then per stage one strided ResBlock doubling the width and `blocks - 1` more; output (C, H, W).
+
+    With the default width 32 the stages are 64, 128, 256 channels at 16, 8, 4 pixels, as in the ResNet-VAE seed.
+    """
+    default_width, _, stages = ARCHS["resnet"]
+    w = width or default_width
+    layers: list[nn.Module] = [nn.Conv2d(channels, w, 3, 1, 1)]
+    c = w
+    for _ in range(stages):
+        layers.append(ResBlock(c, 2 * c, norm, "down"))
+        c *= 2
+        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
+    layers += [norm_layer(norm, c), nn.LeakyReLU(0.2)]  # pre-activation blocks leave the last sum un-normalised
+    side = 32 // 2 ** stages
+    return nn.Sequential(*layers), (c, side, side)
+
+
+def resnet_decoder(channels: int, width: int, blocks: int, norm: str) -> nn.Module:
+    """Mirror of `resnet_encoder`: per stage one upsampling ResBlock halving the width and `blocks - 1` more."""
+    default_width, _, stages = ARCHS["resnet"]
+    w = width or default_width
+    c = w * 2 ** stages
+    layers: list[nn.Module] = []
+    for _ in range(stages):
+        layers.append(ResBlock(c, c // 2, norm, "up"))
+        c //= 2
+        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
+    layers += [norm_layer(norm, c), nn.LeakyReLU(0.2), nn.Conv2d(c, channels, 3, 1, 1)]
+    return nn.Sequential(*layers)
+
+
 class VAE(GenerativeModel):
     Config = VAEConfig
 
@@ -75,8 +146,16 @@ class VAE(GenerativeModel):
         super().__init__(cfg, channels)
         if cfg.arch not in ARCHS:
             raise ValueError(f"unknown VAE arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-        self.encoder, self.feature_shape = conv_encoder(cfg.arch, channels, cfg.width, cfg.norm)
-        self.decoder = conv_decoder(cfg.arch, channels, cfg.width, cfg.norm)
+        if cfg.blocks < 1 or (cfg.blocks != 1 and cfg.arch != "resnet"):
+            raise ValueError(f"blocks={cfg.blocks}: blocks per stage is a setting of arch resnet (at least 1)")
+        if cfg.eval_k < 1 or cfg.final_eval_k < 1:
+            raise ValueError("eval_k and final_eval_k must be at least 1")
+        if cfg.arch == "resnet":
+            self.encoder, self.feature_shape = resnet_encoder(channels, cfg.width, cfg.blocks, cfg.norm)
+            self.decoder = resnet_decoder(channels, cfg.width, cfg.blocks, cfg.norm)
+        else:
+            self.encoder, self.feature_shape = conv_encoder(cfg.arch, channels, cfg.width, cfg.norm)
+            self.decoder = conv_decoder(cfg.arch, channels, cfg.width, cfg.norm)
         self._init_heads(cfg, channels)
 
     def _init_heads(self, cfg: VAEConfig, channels: int) -> None:
@@ -110,9 +189,71 @@ class VAE(GenerativeModel):
         loss = (nll + self.cfg.beta * kl).mean() / self.dims  # per-dim nats keeps the lr scale-free
         return loss, {"recon_nll": nll.mean(), "kl": kl.mean()}
 
+    def log_weights(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int,
+                    detach_posterior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw k samples z ~ q(z|x) = N(mu, exp(logvar)) per example; return the log importance weights
+        log p(x|z) + log p(z) - log q(z|x), shape (k, N), and z, shape (k, N, latent).
+
+        Full normalised densities in fp32, so logsumexp of the weights is a bound in real nats. `detach_posterior`
+        stops the gradient through q's parameters inside log q (DReG); z keeps its reparameterised gradient.
+        """
+        mu, logvar = mu.float(), logvar.float()
+        z = mu + (0.5 * logvar).exp() * torch.randn(k, *mu.shape, device=mu.device)
+        if detach_posterior:
+            mu, logvar = mu.detach(), logvar.detach()
+        zf = z.flatten(0, 1)
+        xk = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        log_px = self.log_likelihood(xk, self.decode(zf))
+        log_qz = diag_gaussian_log_prob(zf, mu.expand(k, *mu.shape).flatten(0, 1),
+                                        logvar.expand(k, *logvar.shape).flatten(0, 1))
+        return (log_px + standard_normal_log_prob(zf) - log_qz).view(k, len(x)), z
+
+    @torch.no_grad()
+    def iwae_bound(self, x: torch.Tensor, k: int, posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   chunk_decodes: int = 4096) -> torch.Tensor:
+        """L_k = log (1/k) sum_i w_i per example, in nats, for dequantised x in [0, 1].
+
+        The k samples are drawn in chunks of at most `chunk_decodes` decoder inputs, so k = 5000 needs no more
+        memory than k = 64; only the (k, N) log weights are kept.
+        """
+        mu, logvar = posterior if posterior is not None else self.encode(x)
+        per_chunk = max(1, chunk_decodes // len(x))
+        log_w = torch.cat([self.log_weights(x, mu, logvar, min(per_chunk, k - start))[0]
+                           for start in range(0, k, per_chunk)])
+        return torch.logsumexp(log_w, 0) - math.log(k)
+
+    @torch.no_grad()
+    def iwae_bpd(self, batches: Iterable[torch.Tensor], k: int) -> float:
+        """Importance-weighted estimate of the test NLL in bits/dim with k samples (an upper bound in expectation,
+        tighter as k grows), over uint8 batches; evaluates in eval mode."""
+        was_training = self.training
+        self.eval()
+        total, n = 0.0, 0
+        for x in batches:
+            total -= self.iwae_bound(dequantize(x), k).sum().item()
+            n += len(x)
+        self.train(was_training)
+        return nats_to_bpd(total / n, self.dims)
+
+    @torch.no_grad()
+    def final_evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        """The end-of-trial NLL estimate with `final_eval_k` importance samples (the same k for every trial)."""
+        k = self.cfg.final_eval_k
+        bpd = self.iwae_bpd(batches, k)
+        return {"final_test_iwae_bpd": bpd, f"final_test_iwae_bpd_k{k}": bpd}
+
+    @torch.no_grad()
+    def final_images(self, test_images: torch.Tensor, out_dir: Path) -> dict[str, Path]:
+        """Interpolations (linear, spherical), traversals of the most active latents, best-weight reconstructions."""
+        from genmodels.latent import latent_grids
+
+        return latent_grids(self, test_images, out_dir)
+
     @torch.no_grad()
     def evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        totals = {"neg_elbo": 0.0, "kl": 0.0, "recon_nll": 0.0, "mse": 0.0, "psnr": 0.0}
+        k = self.cfg.eval_k
+        totals = {"neg_elbo": 0.0, "kl": 0.0, "recon_nll": 0.0, "mse": 0.0, "psnr": 0.0, "iwae_nll": 0.0}
+        mu_sum = mu_sq_sum = 0.0
         n = 0
         for x in batches:
             xd = dequantize(x)
@@ -127,9 +268,15 @@ class VAE(GenerativeModel):
             totals["recon_nll"] += nll.sum().item()
             totals["mse"] += ((recon - target) ** 2).flatten(1).mean(1).sum().item()
             totals["psnr"] += psnr(recon, target).sum().item()
+            totals["iwae_nll"] -= self.iwae_bound(xd, k, posterior=(mu, logvar)).sum().item()
+            mu_sum = mu_sum + mu.double().sum(0)  # float64: the variance below is a difference of moments
+            mu_sq_sum = mu_sq_sum + (mu.double() ** 2).sum(0)
             n += len(x)
-        m = {f"test_{k}": v / n for k, v in totals.items()}
+        m = {f"test_{name}": v / n for name, v in totals.items()}
         m["test_bpd"] = nats_to_bpd(m["test_neg_elbo"], self.dims)
+        m["test_iwae_bpd"] = m[f"test_iwae_bpd_k{k}"] = nats_to_bpd(m["test_iwae_nll"], self.dims)
+        mu_var = mu_sq_sum / n - (mu_sum / n) ** 2
+        m["test_active_units"] = float((mu_var > ACTIVE_UNIT_THRESHOLD).sum().item())
         m["likelihood_scale"] = self.log_scale.exp().item()
         return m
 

@@ -71,7 +71,7 @@ VAE_SPACE = Space(
     metric="test_bpd",
     presets={
         "smoke": Preset(config={**SMOKE_DATA, "arch": "conv-small", "width": 8, "epochs": 4, "steps_per_epoch": 8,
-                                "batch_size": 64}, num_samples=8),
+                                "batch_size": 64, "eval_k": 8, "final_eval_k": 32}, num_samples=8),
         "full": Preset(config={**FULL_DATA, "arch": "conv", "epochs": 150, "batch_size": 128, "ema_decay": 0.0},
                        num_samples=64, grace_period=10, reduction_factor=3),
     },
@@ -175,4 +175,76 @@ NCSN_SAMPLING_SPACE = Space(
     },
 )
 
-SPACES: dict[str, Space] = {s.name: s for s in [VAE_SPACE, NCSN_SPACE, NCSN_SAMPLING_SPACE, VQVAE_SPACE]}
+
+# The VAE family below is ranked by the importance-weighted test NLL estimate test_iwae_bpd (bits/dim, from L_k with
+# the space's eval_k, the same k for every trial): it means the same whatever beta, alpha or training k a trial
+# used. Smoke presets evaluate on 128 test images with a small k to stay within seconds on one CPU core.
+VAE_FAMILY_SMOKE = {**SMOKE_DATA, "epochs": 3, "steps_per_epoch": 8, "batch_size": 32, "eval_images": 128,
+                    "eval_k": 8, "final_eval_k": 32}
+
+RESNET_VAE_SPACE = Space(
+    name="resnet_vae",
+    model="vae",
+    description="ResNet-VAE (residual encoder and decoder, GroupNorm); ranked by test IWAE-NLL bpd (eval_k samples)",
+    params={
+        "arch": "resnet",
+        "norm": "group",
+        "beta": tune.loguniform(0.1, 4.0),
+        "latent": tune.choice([32, 64, 128, 256]),
+        "lr": tune.loguniform(1e-4, 3e-3),
+        "width": tune.choice([16, 32, 64]),
+    },
+    metric="test_iwae_bpd",
+    presets={
+        "smoke": Preset(config={**VAE_FAMILY_SMOKE, "width": 8}, num_samples=6),
+        "full": Preset(config={**FULL_DATA, "epochs": 100, "batch_size": 128, "eval_k": 64, "final_eval_k": 1000},
+                       num_samples=48, grace_period=10, reduction_factor=3),
+    },
+)
+
+DFC_SPACE = Space(
+    name="dfc",
+    model="dfc",
+    description="DFC-VAE (ResNet-VAE + VGG-19 perceptual loss); ranked by sample FID (--metric test_iwae_bpd for "
+                "the likelihood bound instead); the perceptual loss changes meaning with alpha, so it never ranks",
+    params={
+        "arch": "resnet",
+        "norm": "group",
+        "alpha": tune.loguniform(0.05, 5.0),
+        "beta": tune.loguniform(0.05, 1.0),
+        "layers": tune.choice(["123", "345", "seed"]),
+        "pixel_weight": tune.choice([0.0, 1.0]),
+    },
+    metric="fid",
+    metrics=("fid", "test_iwae_bpd"),
+    presets={
+        "smoke": Preset(config={**VAE_FAMILY_SMOKE, "width": 8, "batch_size": 16, "steps_per_epoch": 4,
+                                "vgg_weights": "random"}, num_samples=6),
+        "full": Preset(config={**FULL_DATA, "epochs": 50, "batch_size": 128, "lr": 1e-3, "eval_k": 64,
+                               "final_eval_k": 1000}, num_samples=32, grace_period=5, reduction_factor=3),
+    },
+)
+
+IWAE_SPACE = Space(
+    name="iwae",
+    model="iwae",
+    description="IWAE (beta-VAE seed's conv nets, GroupNorm), k and estimator searched; ranked by test IWAE-NLL bpd "
+                "with one eval_k for every trial, whatever k it trained with",
+    params={
+        "k": tune.choice([1, 2, 5, 10, 50]),
+        "lr": tune.loguniform(1e-4, 3e-3),
+        "latent": tune.choice([32, 64, 128]),
+        "estimator": tune.choice(["iwae", "dreg"]),
+    },
+    metric="test_iwae_bpd",
+    presets={
+        "smoke": Preset(config={**VAE_FAMILY_SMOKE, "arch": "conv-small", "width": 8, "steps_per_epoch": 6},
+                        num_samples=6),
+        "full": Preset(config={**FULL_DATA, "arch": "conv", "norm": "group", "epochs": 100, "batch_size": 64,
+                               "eval_k": 64, "final_eval_k": 1000}, num_samples=48, grace_period=10,
+                       reduction_factor=3),
+    },
+)
+
+SPACES: dict[str, Space] = {s.name: s for s in [VAE_SPACE, RESNET_VAE_SPACE, DFC_SPACE, IWAE_SPACE, VQVAE_SPACE,
+                                                NCSN_SPACE, NCSN_SAMPLING_SPACE]}

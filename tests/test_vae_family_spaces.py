@@ -1,0 +1,69 @@
+"""The resnet_vae, dfc and iwae search spaces: the searched ranges, and a smoke trial's config trains and reports the
+ranking metric (without Ray: the engine alone, on a few steps)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+from ray import tune
+
+from genmodels.data import synthetic_images
+from genmodels.engine import TrainConfig, make_trainer
+from genmodels.latent import latent_grids
+from genmodels.registry import model_class
+from sweeps.spaces import SMOKE_DATA, SPACES
+
+DATA_KEYS = set(SMOKE_DATA) | {"data_dir"}
+FAMILY = ("resnet_vae", "dfc", "iwae")
+
+
+def test_searched_ranges_follow_the_issue():
+    dfc = SPACES["dfc"].params
+    assert (dfc["alpha"].lower, dfc["alpha"].upper) == (0.05, 5.0)
+    assert (dfc["beta"].lower, dfc["beta"].upper) == (0.05, 1.0)
+    assert isinstance(dfc["alpha"].sampler, tune.search.sample.LogUniform)
+    assert isinstance(dfc["beta"].sampler, tune.search.sample.LogUniform)
+    assert set(dfc["layers"].categories) == {"123", "345", "seed"}
+    assert set(dfc["pixel_weight"].categories) == {0.0, 1.0}
+    iwae = SPACES["iwae"].params
+    assert iwae["k"].categories == [1, 2, 5, 10, 50] and set(iwae["estimator"].categories) == {"iwae", "dreg"}
+    assert set(SPACES["resnet_vae"].searched) == {"beta", "latent", "lr", "width"}
+    assert set(SPACES["iwae"].searched) == {"k", "lr", "latent", "estimator"}
+    for name in FAMILY:
+        assert SPACES[name].metric == "test_iwae_bpd" and SPACES[name].mode == "min"
+    assert SPACES["dfc"].presets["smoke"].config["vgg_weights"] == "random"
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_preset_keys_are_settings(name):
+    space = SPACES[name]
+    known = ({f.name for f in dataclasses.fields(TrainConfig)} | DATA_KEYS
+             | {f.name for f in dataclasses.fields(model_class(space.model).Config)})
+    for preset in space.presets.values():
+        assert set(space.params) | set(preset.config) <= known
+        assert (preset.config.get("norm", space.params.get("norm")) != "batch")  # the family reports L_k
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_smoke_trial_config_trains_and_reports_the_metric(name, tmp_path):
+    space = SPACES[name]
+    random.seed(0)
+    config = {**space.params, **space.presets["smoke"].config}
+    config = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else v) for k, v in config.items()}
+    if name == "iwae":
+        config["k"] = 50  # the slowest choice
+    config.update(steps_per_epoch=1, epochs=1)
+    images = synthetic_images(48, seed=0)
+    trainer = make_trainer(space.model, config, images[:32], images[32:], device="cpu")
+    metrics = {**trainer.train_epoch(), **trainer.evaluate()}
+    assert math.isfinite(metrics[space.metric])
+    assert f"test_iwae_bpd_k{config['eval_k']}" in metrics
+    model = trainer.eval_model
+    final = model.iwae_bpd(trainer.test_batches.epoch(), k=config["final_eval_k"])
+    assert math.isfinite(final)
+    paths = latent_grids(model, trainer.test_images(16), tmp_path, n_pairs=2, steps=4)
+    assert all(p.exists() for p in paths.values())
+    assert ("best_weight_recon" in paths) == (name == "iwae")
