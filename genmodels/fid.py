@@ -33,7 +33,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,6 +43,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from genmodels.base import GenerativeModel, ResourceUnavailable
+from genmodels.engine import save_atomic
 from genmodels.fid_weights import NUM_CLASSES
 
 NETWORKS = ("inception", "standin")
@@ -176,18 +176,6 @@ class RefStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    # Write to a temp file in the same directory, then rename: readers see the old file or the whole new one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -348,7 +336,7 @@ class FIDScorer:
             ref = _load_ref(path)  # another process may have written it while we waited
             if ref is None:
                 ref = self.reference_from_features(self.features(images), key=full_key, total=len(images))
-                _atomic_save(ref.to_dict(), path)
+                save_atomic(ref.to_dict(), path)
         return ref
 
     def reference_for(self, dataset: str, split: str, n: int, data_dir: str | Path | None = None,

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from genmodels.base import ResourceUnavailable
+from genmodels.engine import save_atomic
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the TF graph's classifier: 1000 ImageNet classes plus 8 unused
@@ -132,14 +131,7 @@ def convert(out: str | Path, torchscript: str | Path | None = None) -> Path:
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     state = convert_state_dict(load_torchscript(torchscript))
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomic(state, out)
     load_feature_extractor(out)  # fails loudly on any missing key or shape mismatch
     return out
 

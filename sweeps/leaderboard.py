@@ -50,7 +50,7 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
-        rows.append({"trial": str(trial), "params": {k: trial.config.get(k) for k in info["searched"]},
+        rows.append({"trial": f"{trial.config.get('model', '')}_{trial.trial_id}", "params": {k: trial.config.get(k) for k in info["searched"]},
                      "value": last.get(info["metric"]), "best": last.get(f"best_{info['metric']}"),
                      "epochs": last.get("epoch", 0), "status": _status(last, max_epochs, trial.status),
                      "extra": _extra_columns(last)})
@@ -69,17 +69,20 @@ def wandb_rows(name: str, project: str, entity: str | None, metric: str, searche
         summary = dict(run.summary)
         state = {"finished": "TERMINATED", "running": "RUNNING", "crashed": "ERROR", "failed": "ERROR"}.get(
             run.state, "TERMINATED")
-        rows.append({"trial": run.name, "params": {k: run.config.get(k) for k in searched},
+        rows.append({"trial": f"{run.config.get('model', '')}_{run.id}", "params": {k: run.config.get(k) for k in searched},
                      "value": summary.get(metric), "best": summary.get(f"best_{metric}"),
                      "epochs": summary.get("epoch", 0), "status": _status(summary, max_epochs, state),
                      "extra": _extra_columns(summary)})
     return rows
 
 
+EXTRA_KEYS = ("test_bpd", "test_iwae_bpd", "test_psnr", "test_perplexity", "test_dead_codes")
+
+
 def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
-    """Metrics worth a glance beside the ranking metric, when a model reports them."""
-    keys = ["test_bpd", "test_psnr", "test_perplexity", "fid_network"]
-    return {k: result[k] for k in keys if k in result}
+    """Metrics worth a glance beside the ranking metric, when a model reports them (FIDs named by sample count)."""
+    fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k != "fid_network"]
+    return {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
 
 
 def _sort_key(row: dict[str, Any], mode: str) -> tuple:
@@ -91,8 +94,11 @@ def _sort_key(row: dict[str, Any], mode: str) -> tuple:
 def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=sys.stdout) -> None:
     rows = sorted(rows, key=lambda r: _sort_key(r, mode))
     params = sorted({k for r in rows for k in r["params"]})
-    extras = [k for k in ["test_bpd", "test_psnr", "test_perplexity", "fid_network"]
-              if k != metric and any(k in r["extra"] for r in rows)]
+    extras = sorted({k for r in rows for k in r["extra"] if k != metric and k != "fid_network"},
+                    key=lambda k: (k not in EXTRA_KEYS, k))
+    networks = sorted({str(r["extra"]["fid_network"]) for r in rows if "fid_network" in r["extra"]})
+    if networks:
+        title = f"{title}; FID network: {', '.join(networks)}" if title else f"FID network: {', '.join(networks)}"
     header = ["rank", "trial", *params, f"{metric} ({mode})", f"best_{metric}", *extras, "epochs", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
@@ -108,25 +114,38 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
             print("  ".join("-" * w for w in widths), file=file)
 
 
-def main(argv: list[str] | None = None) -> int:
+def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The flags that name a finished sweep, shared by leaderboard.py and report.py."""
     from sweeps.run import default_storage
-    from trainables.wandb_logging import is_logged_in
 
-    p = argparse.ArgumentParser(prog="leaderboard.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
     p.add_argument("--storage-path", default=str(default_storage()), help="results root used by run.py")
-    p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
     p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
-    args = p.parse_args(argv)
+    return p
+
+
+def resolve_sweep(args: argparse.Namespace) -> tuple[str, str]:
+    """(storage root, sweep name); raises FileNotFoundError with a one-line message."""
     storage = str(Path(args.storage_path).expanduser().resolve())
+    name = args.name or _newest_sweep(storage)
+    _sweep_info(storage, name)
+    return storage, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainables.wandb_logging import is_logged_in
+
+    p = sweep_arguments("leaderboard.py", __doc__)
+    p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
+    args = p.parse_args(argv)
     try:
-        name = args.name or _newest_sweep(storage)
-        info = _sweep_info(storage, name)
+        storage, name = resolve_sweep(args)
     except FileNotFoundError as e:
         print(f"leaderboard.py: error: {e}", file=sys.stderr)
         return 2
+    info = _sweep_info(storage, name)
     source = args.source or ("wandb" if is_logged_in() else "local")
     rows = []
     if source == "wandb":

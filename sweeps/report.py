@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -136,21 +135,14 @@ def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.leaderboard import _newest_sweep
-    from sweeps.run import default_storage
+    from sweeps.leaderboard import resolve_sweep, sweep_arguments
     from trainables.wandb_logging import is_logged_in
 
-    p = argparse.ArgumentParser(prog="report.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", help="sweep name (default: the newest under --storage-path)")
-    p.add_argument("--storage-path", default=str(default_storage()))
+    p = sweep_arguments("report.py", __doc__)
     p.add_argument("--no-wandb", action="store_true", help="only write the PNGs")
-    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
-    p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
     args = p.parse_args(argv)
-    storage = str(Path(args.storage_path).expanduser().resolve())
     try:
-        name = args.name or _newest_sweep(storage)
+        storage, name = resolve_sweep(args)
         paths = write_report(storage, name)
     except FileNotFoundError as e:
         print(f"report.py: error: {e}", file=sys.stderr)

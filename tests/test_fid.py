@@ -24,13 +24,6 @@ from genmodels.registry import build_model
 N = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small CPU ops with several OpenMP threads crawl on a shared, oversubscribed machine (10-100x here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,6 @@ TINY = dict(arch="unet", width=8, unet_blocks=1, sigma_1=20.0, sigma_L=0.01, num
             langevin_eps=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gaussian_score(mean: torch.Tensor, cov: torch.Tensor, sigmas: list[float]):

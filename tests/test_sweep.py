@@ -91,3 +91,12 @@ def test_diverged_trial_reports_and_ends_cleanly(monkeypatch, tmp_path):
     config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "epochs": 3, "batch_size": 8}
     tr.train_trial(config, data, tr.TrialSettings(space="vae", metric="test_bpd"))
     assert len(reports) == 1 and reports[0]["diverged"] == 1 and "test_bpd" not in reports[0]
+
+
+@pytest.mark.slow
+def test_report_writes_the_plots(smoke_sweep):
+    storage, _ = smoke_sweep
+    r = run_cli(["sweeps/report.py", "--name", "smoke", "--storage-path", str(storage), "--no-wandb"])
+    assert r.returncode == 0, r.stderr
+    for png in ["metric_per_epoch.png", "tradeoffs.png", "best_samples.png"]:
+        assert (storage / "smoke" / "report" / png).stat().st_size > 5000

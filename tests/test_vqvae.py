@@ -13,14 +13,6 @@ from genmodels.vqvae import VectorQuantizer, VQVAE, check_stage_epochs, perplexi
 TINY = dict(width=8, res_blocks=1, codebook_size=16, code_dim=8, prior_width=8, prior_layers=4, restart_window=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
-
-
 def clustered(centres: torch.Tensor, n: int, noise: float, g: torch.Generator) -> torch.Tensor:
     """n points around random centres, as (n, D, 1, 1) 'encoder outputs'."""
     idx = torch.randint(len(centres), (n,), generator=g)

@@ -62,7 +62,7 @@ def sample_kwargs_for_rung(plan: FIDPlan, model, rung: int) -> dict[str, Any]:
 def fid_metrics(plan: FIDPlan, trainer: Trainer, final: bool) -> dict[str, Any]:
     """FID metrics due at this epoch: the rung's ladder FID at milestones, the full-budget FID at the end."""
     rung = plan.rung(trainer.epoch)
-    if rung is None and not final:
+    if not final and (rung is None or plan.rank_by is None):  # ranked by something else: FID once, at the end
         return {}
     scorer = _scorer(plan, trainer.device)
     model = trainer.eval_model

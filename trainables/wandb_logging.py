@@ -37,6 +37,10 @@ def artifact_name(trial_name: str) -> str:
 
 
 class _ModelArtifactActor(_WandbLoggingActor):
+    def run(self):
+        super().run()
+        self._wandb.teardown()  # close the W&B service now, not in an atexit hook after Ray has cut its socket
+
     def _handle_checkpoint(self, checkpoint_path: str) -> None:
         artifact = self._wandb.Artifact(artifact_name(self._trial_name), type="model")
         artifact.add_dir(checkpoint_path)
