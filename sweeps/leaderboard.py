@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sweeps.storage import join, read_text, resolve
+
 SWEEP_FILE = "gensweep_sweep.json"
 
 
@@ -22,10 +24,10 @@ def short(v: Any) -> str:
 
 
 def _sweep_info(storage: str, name: str) -> dict[str, Any]:
-    path = Path(storage) / name / SWEEP_FILE
-    if not path.exists():
+    text = read_text(join(storage, name, SWEEP_FILE))
+    if text is None:
         raise FileNotFoundError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 def _status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
@@ -45,7 +47,7 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
     from ray.tune import ExperimentAnalysis
 
     info = _sweep_info(storage, name)
-    analysis = ExperimentAnalysis(str(Path(storage) / name))
+    analysis = ExperimentAnalysis(join(storage, name))
     max_epochs = int(info["constants"].get("epochs", 0))
     rows = []
     for trial in analysis.trials:
@@ -115,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="leaderboard.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
-    p.add_argument("--storage-path", default=str(default_storage()), help="results root used by run.py")
+    p.add_argument("--storage-path", default=str(default_storage()),
+                   help="results root used by run.py (local path or s3:// / gs:// URI)")
     p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
     p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
     args = p.parse_args(argv)
-    storage = str(Path(args.storage_path).expanduser().resolve())
+    storage = resolve(args.storage_path)
     try:
         name = args.name or _newest_sweep(storage)
         info = _sweep_info(storage, name)
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _newest_sweep(storage: str) -> str:
+    if "://" in storage:
+        raise FileNotFoundError(f"pass --name with a cloud --storage-path ({storage})")
     sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
     if not sweeps:
         raise FileNotFoundError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")

@@ -23,7 +23,7 @@ import torch
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-if not any(a.startswith("--address") for a in sys.argv):
+if not any(a.startswith("--address") for a in sys.argv) and not os.environ.get("RAY_ADDRESS"):
     # Local Ray on one machine: this makes Ray's node-IP lookup answer loopback instead of the external address
     # (read once when ray is imported, hence here before any import of ray).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -32,6 +32,7 @@ from genmodels.base import ResourceUnavailable, config_from_dict
 from genmodels.data import DATASETS, load_images
 from genmodels.engine import TrainConfig
 from genmodels.registry import model_class
+from sweeps import storage as sweep_storage
 from sweeps.spaces import SPACES, Space
 
 DATA_KEYS = {"dataset", "train_size", "test_size", "data_dir"}
@@ -66,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="GPUs per trial, fractions allowed (0.25 = four trials share a GPU); default 1 if a GPU is "
                         "visible, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    p.add_argument("--address", help="Ray cluster address (host:port or 'auto'); default: start Ray in-process")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (host:port or 'auto'); default: $RAY_ADDRESS (set inside a Ray job), "
+                        "else start Ray in-process")
     p.add_argument("--name", help="sweep name: W&B group and results folder (default SPACE-PRESET-TIME)")
     p.add_argument("--storage-path", help=f"results root, local path or s3:// / gs:// URI (default {default_storage()})")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
@@ -78,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-artifacts", action="store_true", help="do not log final checkpoints as W&B artifacts")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (under --storage-path)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.space not in SPACES:
         raise UsageError(f"unknown space {args.space!r}; choose one of {', '.join(SPACES)}")
     if args.num_samples is not None and args.num_samples < 1:
@@ -179,6 +183,11 @@ def trial_dirname(trial) -> str:
     return f"{trial.config['model']}_{trial.trial_id}"
 
 
+def trial_resources(args: argparse.Namespace) -> dict[str, float]:
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
+    return {"cpu": args.cpus_per_trial, "gpu": gpus}
+
+
 def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse.Namespace, data, storage: str,
                name: str, wandb_mode: str, resume: bool = False):
     from optuna.samplers import TPESampler
@@ -198,13 +207,11 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
             max_epochs=int(config["epochs"]), log_artifacts=not args.no_artifacts, project=args.wandb_project,
             entity=args.wandb_entity, group=name, job_type="trial",
             tags=[space.model, space.name, preset, str(config["dataset"])]))
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings),
-                                    {"cpu": args.cpus_per_trial, "gpu": gpus})
+                                    trial_resources(args))
     if resume:
         # The saved tuner state holds the param space, searcher (Optuna history), scheduler and callbacks.
-        return tune.Tuner.restore(str(Path(storage) / name) if "://" not in storage else f"{storage}/{name}",
-                                  trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True, resume_errored=True)
     p = space.presets[preset]
     epochs = int(config["epochs"])
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
@@ -238,17 +245,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    storage = args.storage_path or str(default_storage())
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = sweep_storage.resolve(args.storage_path or str(default_storage()))
     if args.resume:
         sweep = read_sweep(storage, args.resume)
+        # Trials that start after the resume get the resources the sweep started with, unless given again now
+        # (a driver on a CPU-only head would otherwise default new trials to no GPU).
+        resources = sweep.get("resources", {})
+        kept = [f"--{flag}-per-trial={resources[key]}" for flag, key in [("cpus", "cpu"), ("gpus", "gpu")]
+                if key in resources]
+        args = parse_args([*kept, *args.argv])
         space, preset, config, name = SPACES[sweep["space"]], sweep["preset"], sweep["constants"], args.resume
     else:
         space = SPACES[args.space]
         preset = args.preset if args.preset != "auto" else ("full" if torch.cuda.is_available() else "smoke")
         config = build_config(space, preset, args)
         name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.address and not args.resume and not torch.cuda.is_available() and (
+            args.preset == "auto" or args.gpus_per_trial is None):
+        # The defaults look at this machine, and a cluster's driver usually runs on a CPU-only head node.
+        print("gensweep: note: this driver sees no GPU, so --preset auto means smoke and trials request no GPU "
+              "by default; on a GPU cluster pass --preset full --gpus-per-trial 1 (or a fraction)")
     model_class(space.model).prepare(config)
     data = load_data(config)
     print(f"gensweep: space={space.name} preset={preset} model={space.model} dataset={config['dataset']} "
@@ -259,6 +275,8 @@ def _main(argv: list[str] | None) -> int:
     tuner = make_tuner(space, preset, config, args, data, storage, name, wandb_mode, resume=bool(args.resume))
     if not args.resume:
         write_sweep(storage, name, space, preset, config, args)
+    print(f"gensweep: if this driver stops, continue the sweep with: python sweeps/run.py --resume {name} "
+          f"--storage-path {storage}" + (" --address ADDRESS" if args.address else ""))
     tuner.fit()
 
     from sweeps.leaderboard import local_rows, print_table
@@ -273,22 +291,18 @@ def _main(argv: list[str] | None) -> int:
 
 def write_sweep(storage: str, name: str, space: Space, preset: str, config: dict[str, Any],
                 args: argparse.Namespace) -> None:
-    if "://" in storage:
-        return  # remote storage: Tune keeps its own state there; resume needs the same flags
     constants = {k: v for k, v in config.items() if not _is_domain(v)}
     info = {"space": space.name, "preset": preset, "metric": space.metric, "mode": space.mode,
             "constants": constants, "searched": [k for k, v in config.items() if _is_domain(v)],
-            "argv": sys.argv[1:]}
-    path = Path(storage) / name / SWEEP_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1, default=str))
+            "resources": trial_resources(args), "argv": args.argv}
+    sweep_storage.write_text(sweep_storage.join(storage, name, SWEEP_FILE), json.dumps(info, indent=1, default=str))
 
 
 def read_sweep(storage: str, name: str) -> dict[str, Any]:
-    path = Path(storage) / name / SWEEP_FILE
-    if not path.exists():
+    text = sweep_storage.read_text(sweep_storage.join(storage, name, SWEEP_FILE))
+    if text is None:
         raise UsageError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 if __name__ == "__main__":
