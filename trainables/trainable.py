@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -26,12 +27,16 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
     """Train one trial: report every epoch with a checkpoint; resume from Tune's checkpoint if there is one.
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
+    Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
+    `run.py --resume`, the epoch of the checkpoint it restored) and on which Ray node it runs.
     """
     trainer = make_trainer(config["model"], config, data["train"], data["test"])
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             trainer.load(Path(d) / CHECKPOINT_FILE)
+    resumed_from_epoch = trainer.epoch
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     trial_dir = Path(tune.get_context().get_trial_dir())
     while trainer.epoch < trainer.cfg.epochs:
         try:
@@ -41,7 +46,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
             tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e)})
             return
         metrics.update(trainer.evaluate())
-        metrics.update(epoch=trainer.epoch, step=trainer.step, diverged=0)
+        metrics.update(epoch=trainer.epoch, step=trainer.step, diverged=0, resumed_from_epoch=resumed_from_epoch,
+                       node_id=node_id)
         value, best = metrics[settings.metric], trainer.extra.get("best")
         if best is None or (value < best if settings.mode == "min" else value > best):
             trainer.extra["best"] = best = value
