@@ -42,8 +42,9 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
         try:
             metrics = trainer.train_epoch()
         except Diverged as e:
-            # No ranking metric in this report: ASHA ignores it, Optuna records a failed trial, the sweep goes on.
-            tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e)})
+            # No ranking metric in this report, and done=True: Tune stops the trial on it before ASHA or Optuna see
+            # it (Optuna records the trial as pruned), and the sweep goes on (run.py relaxes Tune's metric check).
+            tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e), "done": True})
             return
         metrics.update(trainer.evaluate())
         metrics.update(epoch=trainer.epoch, step=trainer.step, diverged=0, resumed_from_epoch=resumed_from_epoch,
