@@ -236,7 +236,11 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
         run_config=tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=1,
                                   callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=3),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # The image grids trials write on any node reach storage every 5 minutes and when
+                                  # the trial ends (not at every report: that would upload every grid again).
+                                  sync_config=tune.SyncConfig(sync_artifacts=True,
+                                                              sync_artifacts_on_checkpoint=False)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,7 +174,7 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
             shutil.copytree(d, saved)
 
     monkeypatch.setattr(tr.tune, "report", report)
-    monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_dir": lambda s: str(tmp_path)})())
+    monkeypatch.chdir(tmp_path)  # Tune runs a trial in its own working directory
     monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: restore_from["checkpoint"])
     config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "batch_size": 8, "steps_per_epoch": 2}
     tr.train_trial({**config, "epochs": 1}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
@@ -182,6 +182,7 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
     tr.train_trial({**config, "epochs": 3}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in reports] == [(1, 0), (2, 1), (3, 1)]
     assert all(r["node_id"] == "" for r in reports)  # not inside Ray here
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]
 
 
 @pytest.mark.slow
@@ -325,6 +326,9 @@ def test_trial_on_a_dead_node_restarts_on_another_node_from_its_last_checkpoint(
     assert results[moved][-1]["test_bpd"] == results[stayed][-1]["test_bpd"], report
     rows = leaderboard_rows(log, name)
     assert len(rows) == 2 and all(r.endswith("completed") for r in rows), log[-3000:]
+    for trial in results:  # every epoch's image grids reached storage, from both nodes
+        grids = sorted(p.name for p in (storage / name / f"vae_{trial}" / "images").iterdir())
+        assert grids == [f"epoch_{e:04d}" for e in range(1, epochs + 1)], grids
 
 
 @pytest.mark.slow

@@ -37,7 +37,10 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
             trainer.load(Path(d) / CHECKPOINT_FILE)
     resumed_from_epoch = trainer.epoch
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
+    # trial's folder in storage (SyncConfig(sync_artifacts=True) in run.py); get_trial_dir() is the driver's staging
+    # folder, which only exists on the driver's node.
+    trial_dir = Path.cwd()
     while trainer.epoch < trainer.cfg.epochs:
         try:
             metrics = trainer.train_epoch()
