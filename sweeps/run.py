@@ -214,7 +214,8 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
                                     trial_resources(args))
     if resume:
         # The saved tuner state holds the param space, searcher (Optuna history), scheduler and callbacks.
-        return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
     p = space.presets[preset]
     epochs = int(config["epochs"])
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
