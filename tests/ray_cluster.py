@@ -67,6 +67,17 @@ def kill(procs: dict[int, str], sig: int = signal.SIGKILL) -> None:
                 pass
 
 
+def wait_gone(procs: dict[int, str], timeout: float = 15) -> None:
+    """Until every recorded process has exited (a killed process can still write files for a moment)."""
+    def running(pid: int, started: str) -> bool:
+        fields = _stat(pid)
+        return fields is not None and fields[19] == started and fields[0] != "Z"  # a zombie has exited
+
+    deadline = time.time() + timeout
+    while any(running(pid, started) for pid, started in procs.items()) and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -185,10 +196,13 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
             kill(node.procs)
+        leftovers = {pid: started for node in self.nodes for pid, started in node.procs.items()}
         if self.netns_holder:
-            kill(self._namespace_procs())  # orphans, e.g. trial workers of a killed raylet, or a driver
+            leftovers.update(self._namespace_procs())  # orphans, e.g. trial workers of a killed raylet, or a driver
+            kill(leftovers)
             self.netns_holder.kill()
             self.netns_holder.wait()
+        wait_gone(leftovers)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
