@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sweeps.storage import join, read_text, resolve
+
 SWEEP_FILE = "gensweep_sweep.json"
 
 
@@ -22,10 +24,10 @@ def short(v: Any) -> str:
 
 
 def _sweep_info(storage: str, name: str) -> dict[str, Any]:
-    path = Path(storage) / name / SWEEP_FILE
-    if not path.exists():
+    text = read_text(join(storage, name, SWEEP_FILE))
+    if text is None:
         raise FileNotFoundError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 def _status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
@@ -45,7 +47,7 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
     from ray.tune import ExperimentAnalysis
 
     info = _sweep_info(storage, name)
-    analysis = ExperimentAnalysis(str(Path(storage) / name))
+    analysis = ExperimentAnalysis(join(storage, name))
     max_epochs = int(info["constants"].get("epochs", 0))
     rows = []
     for trial in analysis.trials:
@@ -120,7 +122,8 @@ def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
-    p.add_argument("--storage-path", default=str(default_storage()), help="results root used by run.py")
+    p.add_argument("--storage-path", default=str(default_storage()),
+                   help="results root used by run.py (local path or s3:// / gs:// URI)")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
     p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
     return p
@@ -128,7 +131,7 @@ def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def resolve_sweep(args: argparse.Namespace) -> tuple[str, str]:
     """(storage root, sweep name); raises FileNotFoundError with a one-line message."""
-    storage = str(Path(args.storage_path).expanduser().resolve())
+    storage = resolve(args.storage_path)
     name = args.name or _newest_sweep(storage)
     _sweep_info(storage, name)
     return storage, name
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _newest_sweep(storage: str) -> str:
+    if "://" in storage:
+        raise FileNotFoundError(f"pass --name with a cloud --storage-path ({storage})")
     sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
     if not sweeps:
         raise FileNotFoundError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")

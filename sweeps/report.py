@@ -17,6 +17,8 @@ from typing import Any
 
 import matplotlib
 
+from sweeps.storage import is_uri, join
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -28,7 +30,7 @@ def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[
     from sweeps.leaderboard import _status, _sweep_info
 
     info = _sweep_info(storage, name)
-    analysis = ExperimentAnalysis(str(Path(storage) / name))
+    analysis = ExperimentAnalysis(join(storage, name))
     frames = analysis.trial_dataframes
     max_epochs = int(info["constants"].get("epochs", 0))
     trials = []
@@ -116,8 +118,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(storage: str, name: str) -> list[Path]:
+    """The plots, in the sweep's folder (or ./report-NAME when the sweep lives in cloud storage)."""
     info, trials = trial_histories(storage, name)
-    out = Path(storage) / name / "report"
+    out = Path(f"report-{name}") if is_uri(storage) else Path(storage) / name / "report"
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_curves(info, trials, out / "metric_per_epoch.png"),
              plot_tradeoffs(trials, out / "tradeoffs.png"),
@@ -129,7 +132,7 @@ def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None,
     import wandb
 
     run = wandb.init(project=project, entity=entity, group=name, name=f"{name}-report", job_type="report",
-                     dir=str(Path(storage) / name / "report"), settings=wandb.Settings(silent=True))
+                     dir=str(paths[0].parent), settings=wandb.Settings(silent=True))
     run.log({p.stem: wandb.Image(str(p)) for p in paths})
     run.finish()
 

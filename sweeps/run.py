@@ -26,7 +26,10 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-if not any(a.startswith("--address") for a in sys.argv):
+# A diverged trial's last report has no ranking metric (trainables/trainable.py); Tune's strict metric check would
+# turn that one report into an error that ends the whole sweep.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+if not any(a.startswith("--address") for a in sys.argv) and not os.environ.get("RAY_ADDRESS"):
     # Local Ray on one machine: this makes Ray's node-IP lookup answer loopback instead of the external address
     # (read once when ray is imported, hence here before any import of ray).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -35,6 +38,7 @@ from genmodels.base import ResourceUnavailable, config_from_dict
 from genmodels.data import DATASETS, load_images
 from genmodels.engine import TrainConfig
 from genmodels.registry import model_class
+from sweeps import storage as sweep_storage
 from sweeps.spaces import SPACES, Space
 
 DATA_KEYS = {"dataset", "train_size", "test_size", "data_dir", "checkpoint"}
@@ -69,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="GPUs per trial, fractions allowed (0.25 = four trials share a GPU); default 1 if a GPU is "
                         "visible, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    p.add_argument("--address", help="Ray cluster address (host:port or 'auto'); default: start Ray in-process")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (host:port or 'auto'); default: $RAY_ADDRESS (set inside a Ray job), "
+                        "else start Ray in-process")
     p.add_argument("--name", help="sweep name: W&B group and results folder (default SPACE-PRESET-TIME)")
     p.add_argument("--storage-path", help=f"results root, local path or s3:// / gs:// URI (default {default_storage()})")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
@@ -93,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-artifacts", action="store_true", help="do not log final checkpoints as W&B artifacts")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (under --storage-path)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.space not in SPACES:
         raise UsageError(f"unknown space {args.space!r}; choose one of {', '.join(SPACES)}")
     if args.final_fid_samples is not None and args.final_fid_samples < 2:
@@ -221,6 +228,11 @@ def _optuna_search_class():
     return MilestoneOptunaSearch
 
 
+def trial_resources(args: argparse.Namespace) -> dict[str, float]:
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
+    return {"cpu": args.cpus_per_trial, "gpu": gpus}
+
+
 def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse.Namespace, data, storage: str,
                name: str, wandb_mode: str, metric: str, fid_plan, resume: bool = False):
     from optuna.samplers import TPESampler
@@ -243,13 +255,12 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
             max_epochs=int(config["epochs"]), log_artifacts=not args.no_artifacts, project=args.wandb_project,
             entity=args.wandb_entity, group=name, job_type="trial",
             tags=[space.model, space.name, preset, str(config["dataset"])]))
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings),
-                                    {"cpu": args.cpus_per_trial, "gpu": gpus})
+                                    trial_resources(args))
     if resume:
         # The saved tuner state holds the param space, searcher (Optuna history), scheduler and callbacks.
-        return tune.Tuner.restore(str(Path(storage) / name) if "://" not in storage else f"{storage}/{name}",
-                                  trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
     p = space.presets[preset]
     epochs = int(config["epochs"])
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
@@ -257,9 +268,10 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
     search_alg = MilestoneOptunaSearch(sampler=TPESampler(seed=args.seed)) if searched else None
     if search_alg and args.max_concurrent:
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=args.max_concurrent)
+    # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
+    # milestones); the leaderboard at the end is ranked.
     reporter = tune.CLIReporter(metric_columns={metric: metric, "epoch": "epoch"},
-                                parameter_columns=[k for k in config if _is_domain(config[k])], max_report_frequency=15,
-                                sort_by_metric=True)
+                                parameter_columns=[k for k in config if _is_domain(config[k])], max_report_frequency=15)
     return tune.Tuner(
         trainable, param_space=config,
         tune_config=tune.TuneConfig(metric=metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
@@ -269,7 +281,11 @@ def make_tuner(space: Space, preset: str, config: dict[str, Any], args: argparse
         run_config=tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=1,
                                   callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=3),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # The image grids trials write on any node reach storage every 5 minutes and when
+                                  # the trial ends (not at every report: that would upload every grid again).
+                                  sync_config=tune.SyncConfig(sync_artifacts=True,
+                                                              sync_artifacts_on_checkpoint=False)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,11 +298,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    storage = args.storage_path or str(default_storage())
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = sweep_storage.resolve(args.storage_path or str(default_storage()))
     if args.resume:
         sweep = read_sweep(storage, args.resume)
+        # Trials that start after the resume get the resources the sweep started with, unless given again now
+        # (a driver on a CPU-only head would otherwise default new trials to no GPU).
+        resources = sweep.get("resources", {})
+        kept = [f"--{flag}-per-trial={resources[key]}" for flag, key in [("cpus", "cpu"), ("gpus", "gpu")]
+                if key in resources]
+        args = parse_args([*kept, *args.argv])
         space, preset, config, name = SPACES[sweep["space"]], sweep["preset"], sweep["constants"], args.resume
         metric, fid = sweep["metric"], sweep["fid"]
     else:
@@ -295,6 +315,11 @@ def _main(argv: list[str] | None) -> int:
         config = build_config(space, preset, args)
         name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         metric, fid = resolve_metric(space, args.metric), resolve_fid(space, preset, args)
+    if args.address and not args.resume and not torch.cuda.is_available() and (
+            args.preset == "auto" or args.gpus_per_trial is None):
+        # The defaults look at this machine, and a cluster's driver usually runs on a CPU-only head node.
+        print("gensweep: note: this driver sees no GPU, so --preset auto means smoke and trials request no GPU "
+              "by default; on a GPU cluster pass --preset full --gpus-per-trial 1 (or a fraction)")
     model = model_class(space.model)
     model.prepare(config)  # config checks and weights first: fail before loading data
     data = load_data(config)
@@ -311,6 +336,8 @@ def _main(argv: list[str] | None) -> int:
                        resume=bool(args.resume))
     if not args.resume:
         write_sweep(storage, name, space, preset, config, args, metric, fid)
+    print(f"gensweep: if this driver stops, continue the sweep with: python sweeps/run.py --resume {name} "
+          f"--storage-path {storage}" + (" --address ADDRESS" if args.address else ""))
     tuner.fit()
 
     from sweeps.leaderboard import local_rows, print_table
@@ -360,22 +387,18 @@ def make_fid_plan(fid: dict[str, Any], data: dict[str, torch.Tensor], config: di
 
 def write_sweep(storage: str, name: str, space: Space, preset: str, config: dict[str, Any],
                 args: argparse.Namespace, metric: str, fid: dict[str, Any]) -> None:
-    if "://" in storage:
-        return  # remote storage: Tune keeps its own state there; resume needs the same flags
     constants = {k: v for k, v in config.items() if not _is_domain(v)}
     info = {"space": space.name, "preset": preset, "metric": metric, "mode": space.mode, "fid": fid,
             "constants": constants, "searched": [k for k, v in config.items() if _is_domain(v)],
-            "argv": sys.argv[1:]}
-    path = Path(storage) / name / SWEEP_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1, default=str))
+            "resources": trial_resources(args), "argv": args.argv}
+    sweep_storage.write_text(sweep_storage.join(storage, name, SWEEP_FILE), json.dumps(info, indent=1, default=str))
 
 
 def read_sweep(storage: str, name: str) -> dict[str, Any]:
-    path = Path(storage) / name / SWEEP_FILE
-    if not path.exists():
+    text = sweep_storage.read_text(sweep_storage.join(storage, name, SWEEP_FILE))
+    if text is None:
         raise UsageError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 if __name__ == "__main__":

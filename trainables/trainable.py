@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -30,6 +31,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
     """Train one trial: report every epoch with a checkpoint; resume from Tune's checkpoint if there is one.
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
+    Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
+    `run.py --resume`, the epoch of the checkpoint it restored) and on which Ray node it runs.
     """
     if config.get("checkpoint"):
         return evaluate_checkpoint(config, data, settings)
@@ -38,13 +41,18 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
     if checkpoint:
         with checkpoint.as_directory() as d:
             trainer.load(Path(d) / CHECKPOINT_FILE)
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trainer.extra["resumed_from_epoch"] = trainer.epoch
+    # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
+    # trial's folder in storage (SyncConfig(sync_artifacts=True) in run.py); get_trial_dir() is the driver's staging
+    # folder, which only exists on the driver's node.
+    trial_dir = Path.cwd()
     while trainer.epoch < trainer.cfg.epochs:
         try:
             metrics = trainer.train_epoch()
         except Diverged as e:
-            # No ranking metric in this report: ASHA ignores it, Optuna records a failed trial, the sweep goes on.
-            tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e)})
+            # No ranking metric in this report, and done=True: Tune stops the trial on it before ASHA or Optuna see
+            # it (Optuna records the trial as pruned), and the sweep goes on (run.py relaxes Tune's metric check).
+            tune.report({"diverged": 1, "epoch": trainer.epoch, "error": str(e), "done": True})
             return
         metrics.update(trainer.evaluate())
         final = trainer.epoch == trainer.cfg.epochs
@@ -56,7 +64,9 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
 def evaluate_extra(trainer: Trainer, settings: TrialSettings, final: bool,
                    images_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
-    metrics: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "diverged": 0}
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    metrics: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "diverged": 0, "node_id": node_id,
+                               "resumed_from_epoch": trainer.extra.get("resumed_from_epoch", 0)}
     if settings.fid:
         metrics.update(fid_metrics(settings.fid, trainer, final))
     images: dict[str, Path] = {}
@@ -97,7 +107,6 @@ def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], s
     if trainer.ema and state.get("ema") is not None:
         trainer.ema.model.load_state_dict(state["ema"])
     trainer.epoch = 1
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    images_dir = trial_dir / IMAGES_DIR / "final"
+    images_dir = Path.cwd() / IMAGES_DIR / "final"
     extra, final_images = evaluate_extra(trainer, settings, True, images_dir)
     report_with_checkpoint(trainer, {**trainer.evaluate(), **extra}, settings, images_dir, True, final_images)

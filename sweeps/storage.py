@@ -1,0 +1,40 @@
+"""Where sweeps live: a local folder (one machine, or a shared NFS mount) or a cloud URI (s3://, gs://) that every
+node of a cluster can reach. Files are read and written through pyarrow.fs, as Ray Tune does with its own."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def resolve(storage: str) -> str:
+    """An absolute local path, or the URI unchanged."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def join(storage: str, *parts: str) -> str:
+    """`storage/part/...` for paths and URIs alike (pathlib would turn s3://b into s3:/b)."""
+    return "/".join([storage.rstrip("/"), *parts])
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small text file at a local path or URI, creating its folder."""
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
+    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(fs_path) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str) -> str | None:
+    """The text of a file at a local path or URI; None when there is no such file."""
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
+    if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(fs_path) as f:
+        return f.read().decode()

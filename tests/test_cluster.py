@@ -1,0 +1,405 @@
+"""Beyond one machine: cluster.yaml checked the way `ray up` checks it (no cloud contacted), sweep bookkeeping on any
+storage, and a real multi-node Ray cluster on this machine that loses a worker node, then its driver, and still
+finishes every trial from checkpoints."""
+import glob
+import json
+import logging
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_cluster import ROOT, LocalCluster
+
+CLUSTER_YAML = ROOT / "cluster.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cluster.yaml
+
+
+def ray_up_checks(path: Path) -> dict:
+    """What `ray up` does with a cluster config before it contacts a provider (Ray 2.60,
+    ray/autoscaler/_private/commands.py: create_or_update_cluster, then _bootstrap_config): load the YAML, merge the
+    provider's defaults (prepare_config), then validate_config: the JSON schema (unknown keys, types) and the
+    node-type references. Only AWS's resource autodetection and bootstrap (IAM, subnets, key pairs) come after."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load(path.read_text()))
+    validate_config(config)
+    return config
+
+
+def test_ray_up_still_validates_this_way():
+    """Guards ray_up_checks against a Ray upgrade that changes what `ray up` runs first."""
+    import inspect
+
+    from ray.autoscaler._private import commands
+
+    source = inspect.getsource(commands._bootstrap_config)
+    assert source.index("prepare_config(config)") < source.index("validate_config(config)") < source.index(
+        "provider_cls.bootstrap_config(config)")
+    assert "_bootstrap_config(config" in inspect.getsource(commands.create_or_update_cluster)
+
+
+def test_cluster_yaml_passes_ray_up_validation():
+    config = ray_up_checks(CLUSTER_YAML)
+    assert config["provider"]["type"] == "aws"
+    assert config["idle_timeout_minutes"] > 0
+
+
+def test_cluster_yaml_runs_trials_on_gpu_workers_with_gensweep_installed():
+    config = ray_up_checks(CLUSTER_YAML)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the driver's node: no trial lands there
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    families = {t["node_config"]["InstanceType"].split(".")[0] for t in workers.values()}
+    assert {"g5", "g6e"} <= families
+    for t in workers.values():
+        assert t["resources"]["GPU"] >= 1 and t["resources"]["CPU"] >= 1
+        assert t["min_workers"] == 0 and t["max_workers"] >= 1  # scale from zero GPUs, pay only while trials run
+    assert sum(t["max_workers"] for t in workers.values()) >= config["max_workers"] >= 1
+    # Every node gets this repository and installs it with the tested versions.
+    [(remote, local)] = config["file_mounts"].items()
+    assert (ROOT / local).resolve() == ROOT and remote == "~/gensweep"
+    install = [c for c in config["setup_commands"] if "pip install" in c]
+    assert install and "-c ~/gensweep/constraints.txt" in install[0] and "gensweep[cluster]" in install[0]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'cluster = ["ray[default]", "boto3"]' in pyproject
+    # The one-time AWS setup in README matches: the IAM instance profile and the image every node uses.
+    readme = (ROOT / "README.md").read_text()
+    [profile] = {t["node_config"]["IamInstanceProfile"]["Name"] for t in types.values()}
+    assert f"--instance-profile-name {profile}" in readme
+    [image] = {t["node_config"]["ImageId"] for t in types.values()}
+    assert image.startswith("resolve:ssm:") and f"--name {image.removeprefix('resolve:ssm:')}" in readme
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("idle_timeout_minutes: 10", "idle_timeout_minute: 10", "'idle_timeout_minute' was unexpected"),
+    ("    min_workers: 0\n    max_workers: 8", "    min_worker: 0\n    max_workers: 8", "'min_worker' was unexpected"),
+    ("head_node_type: head.cpu", "head_node_type: head.gpu", "`head_node_type` must be one of `available_node_types`"),
+    ('resources: {"CPU": 4, "GPU": 1}\n    node_config:\n      InstanceType: g5.xlarge',
+     'resources: {"CPU": 4, "GPU": 0.5}\n    node_config:\n      InstanceType: g5.xlarge',
+     "0.5 is not of type 'integer'"),
+    ("    min_workers: 0\n    max_workers: 8", "    min_workers: 9\n    max_workers: 9",
+     "global `max_workers` is smaller than the sum of `min_workers`"),
+    ("  type: aws", "  type: awz", "Unsupported node provider: awz"),
+])
+def test_broken_cluster_yaml_fails_with_rays_message(old, new, message, tmp_path):
+    text = CLUSTER_YAML.read_text()
+    assert text.count(old) == 1, f"cluster.yaml changed: fix this test's edit {old!r}"
+    broken = tmp_path / "cluster.yaml"
+    broken.write_text(text.replace(old, new))
+    with pytest.raises(Exception) as e:
+        ray_up_checks(broken)
+    assert message in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweeps on shared or cloud storage, resume bookkeeping, shared data
+
+
+def test_sweep_files_on_local_paths_and_uris(tmp_path):
+    from sweeps import storage
+
+    assert storage.join("s3://bucket/runs/", "sweep", "x.json") == "s3://bucket/runs/sweep/x.json"
+    assert storage.resolve("gs://bucket/runs") == "gs://bucket/runs"
+    assert storage.resolve("~/runs") == str(Path.home() / "runs")
+    for root in [str(tmp_path / "local"), f"file://{tmp_path}/uri"]:  # file:// goes through pyarrow's URI handling
+        path = storage.join(root, "sweep", "info.json")
+        assert storage.read_text(path) is None
+        storage.write_text(path, '{"a": 1}')
+        assert storage.read_text(path) == '{"a": 1}'
+    assert (tmp_path / "uri" / "sweep" / "info.json").read_text() == '{"a": 1}'
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("resume_flags, expected", [
+    ([], {"cpu": 2.0, "gpu": 0.5}),  # as the sweep started, whatever this machine has
+    (["--gpus-per-trial", "0"], {"cpu": 2.0, "gpu": 0.0}),  # unless given again
+])
+def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_flags, expected, tmp_path, monkeypatch):
+    for var in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AIR_NEW_OUTPUT",
+                "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"):
+        monkeypatch.delenv(var, raising=False)  # run.py sets these on import; undone after the test
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # run.main sets it too
+    import sweeps.run as run
+
+    args = run.parse_args(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5",
+                           "--storage-path", str(tmp_path)])
+    space = run.SPACES["vae"]
+    run.write_sweep(str(tmp_path), "old", space, "smoke", run.build_config(space, "smoke", args), args,
+                    space.metric, run.resolve_fid(space, "smoke", args))
+    seen = {}
+
+    def make_tuner(space, preset, config, args, *a, **k):
+        seen.update(run.trial_resources(args), resume=k["resume"])
+        raise _Stop
+
+    monkeypatch.setattr(run, "init_ray", lambda *a: None)
+    monkeypatch.setattr(run, "make_tuner", make_tuner)
+    with pytest.raises(_Stop):
+        run.main(["--resume", "old", "--storage-path", str(tmp_path), "--no-wandb", *resume_flags])
+    assert seen == {**expected, "resume": True}
+
+
+def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, monkeypatch):
+    """Trials get the driver's tensors (through the object store) and never load data themselves; a trial restarted
+    from a checkpoint says which epoch it picked up from."""
+    import shutil
+
+    import genmodels.data
+    import trainables.trainable as tr
+    from genmodels.data import synthetic_images
+
+    data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
+
+    def no_loading(*a, **k):
+        raise AssertionError("a trial loaded data itself")
+
+    monkeypatch.setattr(genmodels.data, "load_images", no_loading)
+    monkeypatch.setattr(genmodels.data, "synthetic_images", no_loading)
+    reports, restore_from = [], {"checkpoint": None}
+
+    def report(metrics, checkpoint=None):
+        reports.append(metrics)
+        saved = tmp_path / f"checkpoint_{len(reports)}"
+        with checkpoint.as_directory() as d:
+            shutil.copytree(d, saved)
+
+    monkeypatch.setattr(tr.tune, "report", report)
+    monkeypatch.chdir(tmp_path)  # Tune runs a trial in its own working directory
+    monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: restore_from["checkpoint"])
+    config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "batch_size": 8, "steps_per_epoch": 2}
+    tr.train_trial({**config, "epochs": 1}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
+    restore_from["checkpoint"] = tr.tune.Checkpoint.from_directory(tmp_path / "checkpoint_1")
+    tr.train_trial({**config, "epochs": 3}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
+    assert [(r["epoch"], r["resumed_from_epoch"]) for r in reports] == [(1, 0), (2, 1), (3, 1)]
+    assert all(r["node_id"] == "" for r in reports)  # not inside Ray here
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]
+
+
+@pytest.mark.slow
+def test_diverged_trials_end_as_diverged_and_the_sweep_finishes(tmp_path):
+    """A NaN loss ends its trial with a report that has no ranking metric: Tune must neither reject that report
+    nor crash sorting its progress table on it, and Optuna records the trial as pruned."""
+    from conftest import run_cli
+
+    r = run_cli(["sweeps/run.py", "--preset", "smoke", "--num-samples", "2", "--fixed", "lr=1e10", "--fixed",
+                 "epochs=2", "--no-wandb", "--storage-path", str(tmp_path), "--name", "nan"], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = leaderboard_rows(r.stdout, "nan")
+    assert len(rows) == 2 and all(row.endswith("diverged") for row in rows), r.stdout[-3000:]
+    searcher = pickle.loads(sorted(tmp_path.glob("nan/searcher-state-*.pkl"))[-1].read_bytes())
+    assert [t.state.name for t in searcher["_ot_study"].trials] == ["PRUNED", "PRUNED"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real cluster: a head and a worker node, each a `ray start` process, on loopback in a private network namespace
+
+# Every searched hyperparameter pinned: two identical trials ("twins"). Ties never make ASHA stop a trial, so both
+# must run all their epochs, and the one that loses its node must end bit-identical to the one that did not.
+TWINS = ["--fixed", "beta=1.0", "--fixed", "latent=32", "--fixed", "lr=0.001", "--fixed", "likelihood_scale=0.1"]
+
+
+def sweep_command(cluster: LocalCluster, storage: str, *flags: str) -> list[str]:
+    return [sys.executable, "sweeps/run.py", "--address", cluster.address, "--storage-path", storage, "--no-wandb",
+            *flags]
+
+
+def live_results(cluster: LocalCluster, name: str) -> list[dict]:
+    """Results as the driver writes them (its staging folder in the Ray session), before they reach storage."""
+    rows = []
+    for path in glob.glob(str(cluster.session_dir() / "artifacts" / "*" / name / "driver_artifacts" / "*" /
+                              "result.json")):
+        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def stored_results(storage: Path, name: str) -> dict[str, list[dict]]:
+    """{trial_id: its reports in order} from the sweep's folder in storage."""
+    results = {}
+    for path in sorted((storage / name).glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            results[rows[0]["trial_id"]] = rows
+    return results
+
+
+def tune_state(storage: Path, name: str) -> dict[str, dict] | None:
+    """The experiment state Tune saved to storage (what Tuner.restore will see): per trial its status, last epoch
+    reported and the epoch of its latest checkpoint (0: none; None: deleted since, the saved state lags)."""
+    from ray.tune import ExperimentAnalysis
+
+    from genmodels.engine import CHECKPOINT_FILE, load_checkpoint
+
+    def checkpoint_epoch(trial) -> int | None:
+        try:
+            return load_checkpoint(Path(trial.checkpoint.path) / CHECKPOINT_FILE)["epoch"] if trial.checkpoint else 0
+        except FileNotFoundError:
+            return None
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(str(storage / name)).trials
+    except (ValueError, FileNotFoundError, json.JSONDecodeError):
+        return None  # not written yet
+    return {t.trial_id: {"status": t.status, "epoch": (t.last_result or {}).get("epoch", 0),
+                         "checkpoint_epoch": checkpoint_epoch(t), "config": t.config} for t in trials}
+
+
+def table(title: str, results: dict[str, list[dict]], node_names: dict[str, str]) -> str:
+    """Per trial: the nodes it ran on, epochs completed, the epochs its runs started from, the final metric."""
+    lines = [title, f"{'trial':<14}{'nodes':<18}{'epochs completed':>17}  {'resumed from epoch':<20}test_bpd"]
+    for trial, rows in results.items():
+        nodes = []
+        for r in rows:
+            name = node_names.get(r["node_id"], r["node_id"][:8])
+            if not nodes or nodes[-1] != name:
+                nodes.append(name)
+        starts = sorted({r["resumed_from_epoch"] for r in rows})
+        lines.append(f"{trial:<14}{' -> '.join(nodes):<18}{rows[-1]['epoch']:>17}  "
+                     f"{', '.join(map(str, starts)):<20}{rows[-1].get('test_bpd', float('nan')):.6f}")
+    return "\n".join(lines)
+
+
+def leaderboard_rows(log: str, name: str) -> list[str]:
+    """The ranked rows run.py prints at the end of a sweep."""
+    board = log[log.index(f"Leaderboard of {name}"):].splitlines()[3:]
+    return [line for line in board if line[:1].isdigit()]
+
+
+def stop(proc) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()  # by PID: our own driver
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_trial_on_a_dead_node_restarts_on_another_node_from_its_last_checkpoint(tmp_path, capsys):
+    epochs, storage, name = 4, tmp_path / "runs", "node-death"
+    driver = None
+    with LocalCluster() as cluster:
+        head, worker = cluster.start_head(num_cpus=1), cluster.add_worker(num_cpus=1)
+        try:
+            # One CPU per node and per trial: one trial on each node.
+            driver = cluster.popen(sweep_command(cluster, str(storage), "--name", name, "--preset", "smoke",
+                                                 "--num-samples", "2", *TWINS, "--fixed", f"epochs={epochs}",
+                                                 "--fixed", "steps_per_epoch=40"), tmp_path / "driver.log")
+            deadline, killed = time.time() + 150, []
+            while not killed and driver.poll() is None and time.time() < deadline:
+                on_worker = [r for r in live_results(cluster, name) if r.get("node_id") == worker.node_id]
+                if on_worker and max(r["epoch"] for r in on_worker) < epochs:
+                    killed = cluster.kill_node(worker)  # mid-sweep: the worker's trial is training its next epoch
+                time.sleep(0.2)
+            assert killed, "the worker node never ran a trial:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            driver.wait(timeout=240)
+        finally:
+            stop(driver)
+    log = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, log[-5000:]
+    results = stored_results(storage, name)
+    report = table(f"node death: killed the worker node's {len(killed)} processes mid-sweep", results,
+                   {head.node_id: "head", worker.node_id: "worker"})
+    with capsys.disabled():
+        print("\n" + report)
+    assert len(results) == 2, report
+    assert {rows[0]["node_id"] for rows in results.values()} == {head.node_id, worker.node_id}, report
+    for rows in results.values():  # every trial completed every epoch, and no epoch was reported twice
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), report
+    [moved] = [t for t, rows in results.items() if rows[0]["node_id"] == worker.node_id]
+    [stayed] = [t for t in results if t != moved]
+    before = [r for r in results[moved] if r["node_id"] == worker.node_id]
+    after = results[moved][len(before):]
+    assert before and after and all(r["node_id"] == head.node_id for r in after), report
+    assert all(r["resumed_from_epoch"] == 0 for r in before), report
+    # Restarted from its last checkpoint: only the epoch in progress when the node died was lost.
+    assert {r["resumed_from_epoch"] for r in after} == {before[-1]["epoch"]} and before[-1]["epoch"] >= 1, report
+    # The other trial never noticed, and the resumed twin is bit-identical to it: the checkpoint restored it all.
+    assert all(r["resumed_from_epoch"] == 0 and r["node_id"] == head.node_id for r in results[stayed]), report
+    assert results[moved][-1]["test_bpd"] == results[stayed][-1]["test_bpd"], report
+    rows = leaderboard_rows(log, name)
+    assert len(rows) == 2 and all(r.endswith("completed") for r in rows), log[-3000:]
+    for trial in results:  # every epoch's image grids reached storage, from both nodes
+        grids = sorted(p.name for p in (storage / name / f"vae_{trial}" / "images").iterdir())
+        assert grids == [f"epoch_{e:04d}" for e in range(1, epochs + 1)], grids
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
+    num_samples, epochs, storage, name = 4, 4, tmp_path / "runs", "driver-death"
+    uri = f"file://{storage}"  # storage given as a URI, as s3:// or gs:// on a real cluster, read through pyarrow
+    driver = None
+    with LocalCluster() as cluster:
+        head, worker = cluster.start_head(num_cpus=1), cluster.add_worker(num_cpus=1)
+        try:
+            driver = cluster.popen(sweep_command(cluster, uri, "--name", name, "--preset", "smoke",
+                                                 "--num-samples", str(num_samples), "--fixed", f"epochs={epochs}",
+                                                 "--fixed", "steps_per_epoch=30"), tmp_path / "driver.log")
+            deadline, state = time.time() + 150, None
+            while driver.poll() is None and time.time() < deadline:
+                state = tune_state(storage, name)
+                # Kill when the saved state has a finished trial, a running one with a checkpoint, and no reference
+                # to a checkpoint deleted since (Tune deletes the oldest of num_to_keep right before it saves the
+                # state again; a driver dying in that instant would leave that trial nothing to restore).
+                if state and all(s["checkpoint_epoch"] is not None for s in state.values()) and any(
+                        s["status"] == "TERMINATED" for s in state.values()) and any(
+                        s["status"] != "TERMINATED" and s["checkpoint_epoch"] for s in state.values()):
+                    driver.send_signal(signal.SIGKILL)  # the driver dies: no chance to save anything more
+                    break
+                time.sleep(0.5)
+            assert driver.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+            before = tune_state(storage, name)
+            interrupted = stored_results(storage, name)
+            driver = cluster.popen(sweep_command(cluster, uri, "--resume", name), tmp_path / "resume.log")
+            driver.wait(timeout=240)
+        finally:
+            stop(driver)
+    log = (tmp_path / "resume.log").read_text()
+    assert driver.returncode == 0, log[-5000:]
+    after, results = tune_state(storage, name), stored_results(storage, name)
+    names = {head.node_id: "head", worker.node_id: "worker"}
+    report = "\n\n".join([
+        table("driver death: reports saved when the driver was killed", interrupted, names),
+        table("after `run.py --resume`", results, names),
+        "state at the kill: " + ", ".join(
+            f"{t} {s['status']} " + (f"(checkpoint at epoch {s['checkpoint_epoch']})" if s["checkpoint_epoch"]
+                                     else "(no checkpoint)") for t, s in before.items())])
+    with capsys.disabled():
+        print("\n" + report)
+    finished = [t for t, s in before.items() if s["status"] == "TERMINATED"]
+    resumable = {t: s["checkpoint_epoch"] for t, s in before.items() if s["status"] != "TERMINATED"
+                 and s["checkpoint_epoch"]}
+    assert finished and resumable, report
+    assert len(after) == num_samples and all(s["status"] == "TERMINATED" for s in after.values()), report
+    for t in finished:  # finished trials stay finished: not one more report
+        assert results[t] == interrupted[t] and after[t]["epoch"] == before[t]["epoch"], report
+    for t, rows in results.items():
+        assert [r["epoch"] for r in rows] == list(range(1, rows[-1]["epoch"] + 1)), report  # no epoch twice
+        if t in resumable:  # running trials continue from their checkpoints
+            restarted = [r for r in rows if r["resumed_from_epoch"]]
+            assert restarted and {r["resumed_from_epoch"] for r in restarted} == {resumable[t]}, report
+            assert restarted[0]["epoch"] == resumable[t] + 1, report
+        elif t not in finished:  # never checkpointed: a fresh start
+            assert all(r["resumed_from_epoch"] == 0 for r in rows), report
+    # The Optuna searcher kept its history: one study numbering every trial in the order the sweep created them,
+    # the trials from before the kill first with the hyperparameters they ran with, all complete.
+    state_file = sorted((storage / name).glob("searcher-state-*.pkl"))[-1]  # named by session start time
+    searcher = pickle.loads(state_file.read_bytes())
+    optuna_trials = searcher["_ot_trials"]
+    assert set(optuna_trials) == set(after), report
+    assert {optuna_trials[t].number for t in before} == set(range(len(before))), report
+    for t, s in before.items():
+        assert optuna_trials[t].params == {k: s["config"][k] for k in optuna_trials[t].params}, report
+    assert len(searcher["_ot_study"].trials) == num_samples, report
+    assert all(tr.state.name == "COMPLETE" for tr in searcher["_ot_study"].trials), report
+    rows = leaderboard_rows(log, name)
+    assert len(rows) == num_samples and all("completed" in r or "stopped (ASHA)" in r for r in rows), log[-3000:]
