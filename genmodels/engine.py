@@ -1,4 +1,11 @@
-"""One training loop for every model: seeding, bf16 autocast on CUDA, EMA, clipping, evaluation, checkpoints."""
+"""One training loop for every model: seeding, bf16 autocast on CUDA, EMA, clipping, evaluation, checkpoints.
+
+The inner loop never waits for the GPU: batches come from a uint8 tensor resident on the device (genmodels.data),
+logged values are summed on the device and read once per epoch, and the divergence check reads a loss copied to
+the host one check interval earlier. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is
+fused, and `compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says
+what each of these buys and when compiling pays for itself.
+"""
 from __future__ import annotations
 
 import copy
@@ -33,6 +40,12 @@ class TrainConfig:
     seed: int = 0
     flip: bool = True
     amp: bool = True  # bf16 autocast, on CUDA only
+    memory_format: str = "auto"  # auto (channels_last on CUDA, contiguous on CPU) | channels_last | contiguous
+    compile: bool = False  # torch.compile the loss; costs tens of seconds up front (docs/PERFORMANCE.md)
+
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each reads a loss copied one interval earlier)
 
 
 class Diverged(RuntimeError):
@@ -53,10 +66,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
+        buffers = list(model.buffers())
+        if buffers:  # one multi-tensor copy instead of a kernel launch per BatchNorm statistic
+            torch._foreach_copy_(list(self.model.buffers()), buffers)
 
 
 def seed_everything(seed: int) -> None:
@@ -68,6 +81,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def use_channels_last(memory_format: str, device: torch.device) -> bool:
+    """Whether a model trains in channels_last: `auto` means on CUDA, where bf16 convolutions run in NHWC natively;
+    on CPU the NCHW kernels are as fast or faster."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory_format {memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
+
+
 class Trainer:
     """Trains `model` on uint8 images; `train_epoch`, `evaluate`, `save` and `load` are the whole API."""
 
@@ -75,7 +96,13 @@ class Trainer:
                  test_images: torch.Tensor, device: torch.device | str | None = None, model_name: str = ""):
         self.cfg, self.model_name = cfg, model_name
         self.device = torch.device(device) if device else default_device()
-        self.model = model.to(self.device)
+        self.channels_last = use_channels_last(cfg.memory_format, self.device)
+        # Only 4-d weights change layout; values, parameter names and state_dict keys stay the same. Batches stay
+        # NCHW: the first convolution's output is channels_last anyway, and rand_like on an NCHW batch draws the
+        # same dequantisation noise per pixel as without channels_last.
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuning each conv once pays back at once
         self.train_batches = Batches(train_images, cfg.batch_size, self.device, shuffle=True, flip=cfg.flip,
                                      seed=cfg.seed)
         test = test_images[:cfg.eval_images] if cfg.eval_images else test_images
@@ -83,6 +110,11 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # Compile the bound method, not the module: self.model stays the original nn.Module, so state_dict keys,
+        # checkpoints, EMA and evaluation are the same with or without compile (no `_orig_mod.` prefix).
+        self.compiled_loss = torch.compile(self.model.loss) if cfg.compile else None
+        self._loss_on_host: torch.Tensor | None = None  # pinned buffer of the divergence check (CUDA)
+        self._loss_copied: torch.cuda.Event | None = None
         self.step = 0
         self.epoch = 0
         self.extra: dict[str, Any] = {}  # small values a caller wants checkpointed with the run (e.g. best metric)
@@ -100,11 +132,13 @@ class Trainer:
         """One epoch (or `steps_per_epoch` steps); returns the mean of each logged value as `train_<name>`."""
         self.model.train()
         self.model.start_epoch(self.epoch)
-        sums: dict[str, torch.Tensor] = {}
+        names: list[str] | None = None
+        sums: torch.Tensor | None = None  # every logged value, summed on the device: no host sync per step
         n = 0
+        pending: int | None = None  # step of the loss last sent to the host for the divergence check
         for x in self.train_batches.epoch(self.cfg.steps_per_epoch or None):
             with self._autocast():
-                loss, logs = self.model.loss(x)
+                loss, logs = (self.compiled_loss or self.model.loss)(x)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip > 0:
@@ -114,17 +148,49 @@ class Trainer:
                 self.ema.update(self.model, self.step)
             self.step += 1
             self.model.extra_train_step(self.step)
-            for k, v in {"loss": loss, **logs}.items():
-                v = v.detach().float()
-                sums[k] = sums[k] + v if k in sums else v
+            values = {"loss": loss, **logs}
+            if names is None:
+                names = list(values)
+            elif list(values) != names:
+                raise RuntimeError(f"{self.model_name or 'model'}.loss logged {list(values)} after {names} in one "
+                                   f"epoch; the logged names may change only between epochs")
+            stacked = torch.stack([v.detach().float() for v in values.values()])
+            sums = stacked if sums is None else sums + stacked
             n += 1
-            if self.step % 50 == 0 and not torch.isfinite(loss):  # one sync every 50 steps, not every step
-                raise Diverged(f"loss is {loss.item()} at step {self.step}")
+            if self.step % DIVERGENCE_CHECK_EVERY == 0:
+                if pending is not None:
+                    self._check_finite(pending)
+                self._send_loss_to_host(loss)
+                pending = self.step
+        if pending is not None:
+            self._check_finite(pending)
         self.epoch += 1
-        metrics = {f"train_{k}": (v / max(n, 1)).item() for k, v in sums.items()}
+        means = (sums / max(n, 1)).tolist() if sums is not None else []  # the epoch's one sync
+        metrics = {f"train_{k}": v for k, v in zip(names or [], means)}
         if not all(map(_finite, metrics.values())):
             raise Diverged(f"non-finite training metrics at epoch {self.epoch}: {metrics}")
         return metrics
+
+    def _send_loss_to_host(self, loss: torch.Tensor) -> None:
+        """Start copying the loss to the host without waiting for it (CUDA); `_check_finite` reads it later."""
+        value = loss.detach().float().reshape(1)
+        if self.device.type != "cuda":
+            self._loss_on_host = value
+            return
+        if self._loss_on_host is None:
+            self._loss_on_host = torch.empty(1, pin_memory=True)
+            self._loss_copied = torch.cuda.Event()
+        self._loss_on_host.copy_(value, non_blocking=True)
+        self._loss_copied.record()
+
+    def _check_finite(self, step: int) -> None:
+        """Raise Diverged if the loss sent at `step` was NaN or inf. The copy was queued a check interval ago,
+        so it has long finished: waiting on its event does not stall the GPU's queue."""
+        if self._loss_copied is not None:
+            self._loss_copied.synchronize()
+        value = float(self._loss_on_host[0])
+        if not _finite(value):
+            raise Diverged(f"loss is {value} at step {step}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -171,8 +237,9 @@ class Trainer:
                 "model_config": dataclasses.asdict(self.model.cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])  # copies into the parameters: their layout is kept
         self.optimizer.load_state_dict(state["optimizer"])
+        _match_parameter_layout(self.optimizer)
         if self.ema and state.get("ema") is not None:
             self.ema.model.load_state_dict(state["ema"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -228,6 +295,16 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer moments the memory layout of their parameters: a checkpoint written in channels_last
+    (CUDA) may resume in NCHW (CPU) and vice versa, and the fused and foreach kernels expect matching strides."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _finite(v: float) -> bool:

@@ -62,6 +62,13 @@ def check_stage_epochs(params: dict[str, Any]) -> None:
                          f"set all three together")
 
 
+def code_counts(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each code occurs. torch.bincount on CUDA reads the indices' min and max on the host first (two syncs
+    per training step); an index_add into a fixed-size histogram never leaves the device."""
+    flat = codes.flatten()
+    return torch.zeros(num_codes, dtype=torch.long, device=codes.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code usage histogram: K when all codes are used equally, 1 when one code takes all."""
     p = counts.float() / counts.sum().clamp_min(1)
@@ -171,7 +178,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
-        counts = torch.bincount(codes, minlength=self.num_codes)
+        counts = code_counts(codes, self.num_codes)
         self.unused_steps.add_(1).mul_(counts == 0)
         self._recent = flat
         if self.mode == "ema":
@@ -294,7 +301,7 @@ class VQVAE(GenerativeModel):
         z_q, codes, terms = self.quantizer(self.encode(x))
         mse = F.mse_loss(self.decoder(z_q).float(), target)
         loss = mse + self.cfg.beta * terms["commitment"] + terms["codebook"]
-        counts = torch.bincount(codes.flatten(), minlength=self.cfg.codebook_size)
+        counts = code_counts(codes, self.cfg.codebook_size)
         logs = {"recon_mse": mse, "commitment": terms["commitment"], "perplexity": perplexity(counts)}
         if self.cfg.codebook == "loss":
             logs["codebook_loss"] = terms["codebook"]

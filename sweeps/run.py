@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="folder holding (or to download) the datasets; default ~/.cache/gensweep/data")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the preset's)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials running at once (0 = as resources allow)")
-    p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs per trial, fractions allowed (0.25 = four trials share a GPU); default 1 if a GPU is "
+    p.add_argument("--gpus-per-trial", type=_gpus_per_trial, default=None,
+                   help="GPUs per trial, fractions allowed (0.25 = four trials share a GPU), or auto: measure one "
+                        "trial's peak GPU memory and pack as many as fit (at most 8); default 1 if a GPU is "
                         "visible, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -106,9 +107,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--final-fid-samples must be at least 2, got {args.final_fid_samples}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.max_concurrent < 0 or args.cpus_per_trial <= 0 or (args.gpus_per_trial or 0) < 0:
+    gpus = 0 if args.gpus_per_trial in (None, "auto") else args.gpus_per_trial
+    if args.max_concurrent < 0 or args.cpus_per_trial <= 0 or gpus < 0:
         raise UsageError("--max-concurrent, --cpus-per-trial and --gpus-per-trial must not be negative")
     return args
+
+
+def _gpus_per_trial(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def parse_fixed(items: list[str]) -> dict[str, Any]:
@@ -324,6 +335,10 @@ def _main(argv: list[str] | None) -> int:
     model.prepare(config)  # config checks and weights first: fail before loading data
     data = load_data(config)
     config.update(model.prepare(config, data["train"]))
+    if args.gpus_per_trial == "auto":
+        from sweeps.packing import auto_gpus_per_trial
+
+        args.gpus_per_trial = auto_gpus_per_trial(space.model, config, data)
     plan = make_fid_plan(fid, data, config, space.presets[preset], metric)
     print(f"gensweep: space={space.name} preset={preset} model={space.model} dataset={config['dataset']} "
           f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {metric} ({space.mode}); "

@@ -1,0 +1,150 @@
+"""Tune's overhead on one trial: the same config trained by calling the engine directly, then as a one-trial sweep.
+
+    python sweeps/bench_overhead.py --space vae --preset full --seconds 60 --json overhead.json
+    python sweeps/bench_overhead.py --space vae --preset smoke --seconds 60      # CPU
+
+Both runs do the same work per epoch: train, evaluate, write the sample grids, save a checkpoint, and the
+model's final evaluation at the end. The Tune run goes through sweeps/run.py's own make_tuner (ASHA, the
+trainable, checkpoints handed to Tune every epoch, the progress reporter; W&B and FID off), on a Ray started for it
+alone. The searched hyperparameters are pinned to one point (the largest numeric choices, the first string
+choices), so both runs train the same config; Optuna's suggestion, a few milliseconds per trial, is left out.
+steps_per_epoch is set so that the direct run's training lasts about --seconds. The direct run uses one torch
+thread, as Ray gives a trial of one CPU (OMP_NUM_THREADS=1).
+
+overhead = (Tune wall time - direct wall time) / direct wall time, with and without ray.init, which a sweep pays
+once, not per trial.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable, as sweeps/run.py's users expect
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps import run  # noqa: E402  (sets the same Ray/Tune environment variables as a real sweep)
+from sweeps.packing import worst_case_configs  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", default="vae")
+    p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
+    p.add_argument("--seconds", type=float, default=60.0, help="training time of the trial, run directly")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's, at most 10")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="default 1 if a GPU is visible, else 0")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def direct_run(config: dict[str, Any], data: dict, out_dir: Path) -> float:
+    """The trial's work without Tune (what genmodels.train does): wall seconds from building the trainer."""
+    from genmodels.engine import CHECKPOINT_FILE, make_trainer
+
+    start = time.perf_counter()
+    trainer = make_trainer(config["model"], config, data["train"], data["test"])
+    while trainer.epoch < trainer.cfg.epochs:
+        trainer.train_epoch()
+        trainer.evaluate()
+        images = out_dir / f"epoch_{trainer.epoch:04d}"
+        if trainer.epoch == trainer.cfg.epochs:
+            trainer.final_evaluate(images)
+        trainer.write_grids(images)
+        trainer.save(out_dir / CHECKPOINT_FILE)
+    return time.perf_counter() - start
+
+
+def step_seconds(config: dict[str, Any], data: dict, steps: int = 10) -> float:
+    """Seconds per training step at this config (after a warm-up epoch)."""
+    from genmodels.engine import make_trainer
+
+    trainer = make_trainer(config["model"], {**config, "steps_per_epoch": 3}, data["train"], data["test"])
+    trainer.train_epoch()
+    trainer.cfg.steps_per_epoch = steps
+    start = time.perf_counter()
+    trainer.train_epoch()
+    return (time.perf_counter() - start) / steps
+
+
+def tune_run(space, preset: str, config: dict[str, Any], args: argparse.Namespace, data: dict,
+             storage: Path) -> dict[str, float]:
+    """One trial through sweeps/run.py's make_tuner on a fresh local Ray; wall seconds of ray.init and fit()."""
+    import ray
+
+    run_args = run.parse_args(["--space", space.name, "--preset", preset, "--num-samples", "1", "--no-wandb",
+                               *(["--gpus-per-trial", str(args.gpus_per_trial)] if args.gpus_per_trial is not None
+                                 else [])])
+    start = time.perf_counter()
+    # address="local": always a new Ray of our own (never a cluster another process started on this machine)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}}, _temp_dir=tempfile.mkdtemp(prefix="gsray"))
+    init_s = time.perf_counter() - start
+    try:
+        metric = run.resolve_metric(space, None)
+        tuner = run.make_tuner(space, preset, config, run_args, data, str(storage), "overhead", "disabled", metric,
+                               None)
+        start = time.perf_counter()
+        results = tuner.fit()
+        fit_s = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    result = results[0]
+    if result.error:
+        raise RuntimeError(f"the Tune trial failed: {result.error}")
+    return {"ray_init_s": init_s, "fit_s": fit_s, "trial_time_total_s": result.metrics.get("time_total_s")}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    # Ray runs a trial with OMP_NUM_THREADS = its CPUs (1 here): the direct run uses as many threads
+    torch.set_num_threads(1)
+    space = run.SPACES[args.space]
+    config = run.build_config(space, args.preset, run.parse_args(["--space", args.space, "--preset", args.preset]
+                                                                  + (["--data-dir", args.data_dir]
+                                                                     if args.data_dir else [])))
+    config = worst_case_configs(config)[0]  # one point of the space, the same for both runs
+    model = run.model_class(space.model)
+    data = run.load_data(config)
+    config.update(model.prepare(config, data["train"]))
+    config["epochs"] = args.epochs or min(int(config["epochs"]), 10)
+    if "stage1_epochs" in config:  # vqvae: both stages, in proportion
+        config["stage1_epochs"] = max(1, config["epochs"] // 2)
+        config["prior_epochs"] = config["epochs"] - config["stage1_epochs"]
+    per_step = step_seconds(config, data)
+    config["steps_per_epoch"] = max(1, math.ceil(args.seconds / config["epochs"] / per_step))
+    print(f"overhead: {space.model} at {config['epochs']} epochs x {config['steps_per_epoch']} steps "
+          f"({per_step * 1000:.1f} ms/step, ~{args.seconds:.0f} s of training)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        direct_s = direct_run(config, data, Path(tmp) / "direct")
+        print(f"direct: {direct_s:.1f} s", flush=True)
+        tuned = tune_run(space, args.preset, config, args, data, Path(tmp) / "tune")
+    report = {"space": args.space, "preset": args.preset, "epochs": config["epochs"],
+              "steps_per_epoch": config["steps_per_epoch"], "step_ms": per_step * 1000, "direct_s": direct_s,
+              **tuned, "overhead": (tuned["fit_s"] - direct_s) / direct_s,
+              "overhead_with_ray_init": (tuned["fit_s"] + tuned["ray_init_s"] - direct_s) / direct_s,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        report["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    print(f"tune: ray.init {tuned['ray_init_s']:.1f} s, fit {tuned['fit_s']:.1f} s (the trial's own "
+          f"time_total_s {tuned['trial_time_total_s']:.1f} s); overhead "
+          f"{100 * report['overhead']:.1f}% ({100 * report['overhead_with_ray_init']:.1f}% with ray.init)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`--gpus-per-trial auto`: measure one trial's peak GPU memory and pack as many trials per GPU as fit.
+
+The probe trains a few steps and evaluates two batches of the sweep's model at its preset config, once per
+worst-case point of the search space (the largest value of every numeric choice, every value of every string
+choice: width, latent size, k, arch), in a spawned process so the driver keeps no CUDA context. Trials per GPU =
+floor(HEADROOM * GPU memory / (peak reserved + CUDA_CONTEXT_BYTES)), at most MAX_TRIALS_PER_GPU. Not probed: FID
+feature networks and sampling batches at the end of a trial, which the headroom has to absorb (docs/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+from ray.tune.search.sample import Categorical, Domain, Float, Integer
+
+HEADROOM = 0.9  # share of the GPU's memory the packed trials may plan to use
+CUDA_CONTEXT_BYTES = 1 << 30  # per process: CUDA context, cuBLAS/cuDNN workspaces (not in the allocator's stats)
+MAX_TRIALS_PER_GPU = 8
+MAX_PROBES = 8
+
+
+def worst_case_configs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Concrete configs covering the memory-relevant corners of a param space: every searched number at its largest
+    choice or bound, one config per combination of searched strings (at most MAX_PROBES)."""
+    fixed, string_choices = {}, {}
+    for key, value in config.items():
+        if isinstance(value, Categorical):
+            if all(isinstance(c, (int, float)) for c in value.categories):
+                fixed[key] = max(value.categories)
+            else:
+                string_choices[key] = list(value.categories)
+        elif isinstance(value, Integer):
+            fixed[key] = value.upper - 1  # randint's upper bound is exclusive
+        elif isinstance(value, Float):
+            fixed[key] = value.lower  # learning rates, weights: no effect on memory
+        elif isinstance(value, Domain):
+            fixed[key] = value.sample()
+        else:
+            fixed[key] = value
+    combos = list(itertools.product(*string_choices.values()))[:MAX_PROBES]
+    return [{**fixed, **dict(zip(string_choices, combo))} for combo in combos]
+
+
+def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str, torch.Tensor]) -> float:
+    """The GPU fraction per trial that packs as many trials per GPU as the measured peak memory allows; 0 (and one
+    line saying so) when no GPU is visible."""
+    if not torch.cuda.is_available():
+        print("gensweep: --gpus-per-trial auto measures a trial's GPU memory and needs a GPU; none is visible, so "
+              "trials run on the CPU (--gpus-per-trial 0)")
+        return 0.0
+    from genmodels.bench import trial_memory
+
+    configs = worst_case_configs(config)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        probes = [pool.submit(trial_memory, model_name, params, data["train"], data["test"]).result()
+                  for params in configs]
+    peak, total = max(p["peak_reserved"] for p in probes), probes[0]["total"]
+    trials = max(1, min(MAX_TRIALS_PER_GPU, int(HEADROOM * total // (peak + CUDA_CONTEXT_BYTES))))
+    fraction = math.floor(10_000 / trials) / 10_000  # Ray accepts four decimals; round down so n trials fit
+    print(f"gensweep: --gpus-per-trial auto: a trial peaks at {peak / 2**30:.2f} GiB (worst of {len(probes)} "
+          f"probe configs) + {CUDA_CONTEXT_BYTES / 2**30:.0f} GiB CUDA context; {trials} trials per "
+          f"{total / 2**30:.0f} GiB GPU: --gpus-per-trial {fraction}")
+    return fraction

@@ -1,0 +1,284 @@
+"""The benchmark harness on CPU at CI sizes, and the engine's fast-path options (compile, memory format, sync-free
+divergence check) leaving training unchanged."""
+import copy
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import genmodels.bench as bench
+import genmodels.engine as engine
+from genmodels.data import Batches, synthetic_images
+from genmodels.engine import Diverged, make_trainer, seed_everything
+from genmodels.registry import build_model
+
+TINY_VAE = dict(arch="conv-small", width=4, latent=8, batch_size=16, steps_per_epoch=3, lr=1e-3)
+TINY_NCSN = dict(arch="unet", width=8, unet_blocks=1, num_levels=3, batch_size=8, steps_per_epoch=3, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return synthetic_images(64, seed=0), synthetic_images(32, seed=1)
+
+
+def _recomputed_rate(run, unit):
+    """A rate from a run's raw timings: batch * steps / median window (training), steps / median window (sampling)."""
+    per_window = run["steps"] * (run["batch_size"] if unit == "images/s" else 1)
+    return per_window / statistics.median(run["seconds"])
+
+
+def test_train_bench_reports_fast_over_baseline_from_two_measured_runs(tmp_path, monkeypatch):
+    calls = {"baseline": [], "fast": []}
+    real_baseline, real_fast = bench.baseline_training, bench.fast_training
+    monkeypatch.setattr(bench, "baseline_training",
+                        lambda name, *a, **k: calls["baseline"].append(name) or real_baseline(name, *a, **k))
+    monkeypatch.setattr(bench, "fast_training",
+                        lambda name, *a, **k: calls["fast"].append(name) or real_fast(name, *a, **k))
+    out = tmp_path / "train.json"
+    bench.main(["train", "--device", "cpu", "--models", "vae,ncsn", "--size", "small", "--steps", "2", "--warmup",
+                "1", "--repeats", "2", "--workers", "1", "--sampling-steps", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert calls == {"baseline": ["vae", "ncsn"], "fast": ["vae", "ncsn"]}  # both modes ran for every model
+    assert report["benchmark"] == "train" and report["device"] == "cpu" and report["size"] == "small"
+    assert report["peak_flops"] > 0 and "measured" in report["peak_source"]
+    assert {"torch", "date", "threads", "load_average"} <= set(report)
+    rows = {(r["model"], r["what"]): r for r in report["rows"]}
+    assert set(rows) == {("vae", "training"), ("ncsn", "training"), ("ncsn", "sampling (Langevin steps)")}
+    for row in rows.values():
+        base, fast = row["baseline_run"], row["fast_run"]
+        assert row["baseline"] > 0 and row["fast"] > 0
+        assert row["speedup"] == pytest.approx(row["fast"] / row["baseline"], rel=1e-12)
+        # each figure is its own run's measurement: recomputed from that run's own windows
+        assert row["baseline"] == pytest.approx(_recomputed_rate(base, row["unit"]), rel=1e-9)
+        assert row["fast"] == pytest.approx(_recomputed_rate(fast, row["unit"]), rel=1e-9)
+        assert len(base["seconds"]) == len(fast["seconds"]) == 2 and base["seconds"] != fast["seconds"]
+        assert row["gflops_per_image"] > 0
+        assert row["mem_baseline_mib"] is None and row["mem_fast_mib"] is None  # no GPU memory on a CPU
+        rate_to_flops = row["gflops_per_image"] * 1e9 / report["peak_flops"]
+        per_second = row["batch_size"] if row["unit"] == "steps/s" else 1
+        assert row["mfu_fast"] == pytest.approx(rate_to_flops * row["fast"] * per_second)
+    train = rows[("vae", "training")]
+    assert train["fast_run"]["steps"] == 2 and train["batch_size"] == 64  # the small preset's batch
+
+
+def test_train_bench_baseline_only_has_no_ratio(tmp_path):
+    report = bench.main(["train", "--device", "cpu", "--models", "vae", "--size", "small", "--steps", "1",
+                         "--warmup", "1", "--repeats", "1", "--workers", "0", "--baseline", "--batch-size", "8"])
+    (row,) = report["rows"]
+    assert row["baseline"] > 0 and row["fast"] is None and row["speedup"] is None and row["batch_size"] == 8
+
+
+def test_flop_count_of_a_linear_model_is_exact(monkeypatch):
+    """FlopCounterMode through flops_per_image: one Linear 3072 -> 1 costs 2*3072 forward, twice that backward."""
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3072, 1, bias=False)
+
+        def start_epoch(self, epoch):
+            pass
+
+        def loss(self, x):
+            return self.fc(x.float().flatten(1)).sum(), {}
+
+    import genmodels.registry as registry
+
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: Linear())
+    flops = bench.flops_per_image("linear", {}, torch.device("cpu"), batch=4)
+    # forward x @ W^T: 2*3072 per image; backward: grad of W only (the input needs none): 2*3072
+    assert flops == 2 * 3072 * 2
+
+
+def test_bench_models_match_the_sweep_presets():
+    """BENCH_MODELS copies the sweeps' presets (genmodels cannot import sweeps.spaces, which imports ray)."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    from sweeps.spaces import SPACES
+
+    spaces = {"vae": "vae", "resnet_vae": "resnet_vae", "iwae": "iwae", "dfc": "dfc", "vqvae": "vqvae",
+              "vqvae_prior": "vqvae", "ncsn": "ncsn", "ncsn_refinenet": "ncsn"}
+    differs = {("vqvae_prior", "stage1_epochs"), ("vqvae_prior", "epochs"),  # starts at the second stage
+               ("vqvae_prior", "prior_epochs"), ("vqvae_prior", "steps_per_epoch"),
+               ("ncsn_refinenet", "arch"), ("ncsn_refinenet", "batch_size"),  # the smoke preset has no refinenet
+               ("dfc", "vgg_weights")}  # random weights: same FLOPs, no download
+    assert set(spaces) == set(bench.BENCH_MODELS)
+    for name, (model, full, small) in bench.BENCH_MODELS.items():
+        space = SPACES[spaces[name]]
+        assert space.model == model
+        for size, preset in (("full", full), ("smoke", small)):
+            fixed = {**space.params, **space.presets[size].config}
+            for key, value in preset.items():
+                if (name, key) in differs or key not in fixed:
+                    continue
+                expected = fixed[key]
+                if isinstance(expected, Categorical):
+                    assert value in expected.categories, (name, size, key)
+                elif not isinstance(expected, Domain):
+                    assert value == expected, (name, size, key)
+            for key in ("batch_size", "arch", "width", "epochs"):  # what sets the work: never left to a default
+                if key in fixed and not isinstance(fixed[key], Domain) and (name, key) not in differs:
+                    assert preset.get(key) == fixed[key], (name, size, key)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_trainer_matches_a_plain_eager_loop(images, memory_format):
+    """compile=False, and channels_last on CPU, train the same as a hand-written loop over the same batches:
+    Adam, clipping, EMA with warm-up and BatchNorm statistics, all with the engine's RNG order."""
+    train, test = images
+    params = dict(TINY_VAE, ema_decay=0.9, grad_clip=1.0, seed=5, compile=False, memory_format=memory_format)
+    trainer = make_trainer("vae", params, train, test, device="cpu")
+    assert trainer.compiled_loss is None and trainer.channels_last == (memory_format == "channels_last")
+    got = trainer.train_epoch()
+
+    seed_everything(5)
+    model = build_model("vae", params, channels=3)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step, x in enumerate(Batches(train, 16, "cpu", shuffle=True, flip=True, seed=5).epoch(3)):
+        loss, logs = model.loss(x)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(0.9, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+        losses.append(loss.item())
+
+    # The engine averages the logged losses in fp32, the loop above in float64.
+    if memory_format == "channels_last":
+        # Convolutions sum in another order, and Adam's first steps are about lr * sign(grad): a conv bias before
+        # BatchNorm, whose gradient is rounding noise, moves differently without changing any output. So: the loss.
+        assert got["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-4)
+        return
+    assert got["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+    for mine, theirs in ((trainer.model, model), (trainer.ema.model, ema)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_channels_last_weights_and_same_loss_as_contiguous_for_groupnorm_unet(images):
+    train, test = images
+    results = {}
+    for fmt in ("contiguous", "channels_last"):
+        t = make_trainer("ncsn", dict(TINY_NCSN, memory_format=fmt, ema_decay=0.99), train, test, device="cpu")
+        conv = t.model.net.stem.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
+        results[fmt] = (t.train_epoch()["train_loss"], t.evaluate()["test_dsm_loss"])
+    assert results["channels_last"][0] == pytest.approx(results["contiguous"][0], rel=1e-4)
+    assert results["channels_last"][1] == pytest.approx(results["contiguous"][1], rel=1e-4)
+
+
+def test_auto_memory_format_is_contiguous_on_cpu_and_bad_names_fail(images):
+    assert engine.use_channels_last("auto", torch.device("cuda")) and not engine.use_channels_last(
+        "auto", torch.device("cpu"))
+    t = make_trainer("vae", TINY_VAE, *images, device="cpu")
+    assert not t.channels_last and t.model.encoder[0].weight.is_contiguous()
+    with pytest.raises(ValueError, match="memory_format"):
+        make_trainer("vae", dict(TINY_VAE, memory_format="nhwc"), *images, device="cpu")
+
+
+def test_channels_last_checkpoint_resumes_in_nchw_with_matching_optimizer_layout(images, tmp_path):
+    train, test = images
+    a = make_trainer("vae", dict(TINY_VAE, memory_format="channels_last", seed=2), train, test, device="cpu")
+    a.train_epoch()
+    a.save(tmp_path / "state.pt")
+    after_a = a.train_epoch()["train_loss"]
+    b = make_trainer("vae", dict(TINY_VAE, memory_format="contiguous", seed=9), train, test, device="cpu")
+    b.load(tmp_path / "state.pt")
+    assert set(b.state_dict()["model"]) == set(a.state_dict()["model"])
+    for p in b.model.parameters():
+        for value in b.optimizer.state[p].values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert value.stride() == p.stride()
+    assert b.train_epoch()["train_loss"] == pytest.approx(after_a, rel=1e-4)
+
+
+def test_compile_keeps_state_dict_keys_and_the_original_module(images):
+    """torch.compile wraps the loss function only: no `_orig_mod.` prefix in checkpoints, the same module trained.
+    (Compiling itself takes about a minute on a CPU; docs/PERFORMANCE.md has the measured compile time.)"""
+    plain = make_trainer("vae", TINY_VAE, *images, device="cpu")
+    compiled = make_trainer("vae", dict(TINY_VAE, compile=True), *images, device="cpu")
+    assert compiled.compiled_loss is not None and isinstance(compiled.model, type(plain.model))
+    keys = list(compiled.state_dict()["model"])
+    assert keys == list(plain.state_dict()["model"]) and not any("_orig_mod" in k for k in keys)
+    assert compiled.state_dict()["train_config"]["compile"] is True
+    plain.model.load_state_dict(compiled.state_dict()["model"])  # loads both ways, strictly
+
+
+def test_divergence_is_caught_at_the_check_after_it(images, monkeypatch):
+    """The loss sent to the host at a check is read at the next one (no wait in between): a NaN from step 1 on
+    raises within two check intervals, before the epoch ends."""
+    monkeypatch.setattr(engine, "DIVERGENCE_CHECK_EVERY", 2)
+    t = make_trainer("vae", dict(TINY_VAE, steps_per_epoch=50), *images, device="cpu")
+    steps = []
+
+    def nan_loss(x):
+        steps.append(1)
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(t.model, "loss", nan_loss)
+    with pytest.raises(Diverged, match="loss is nan at step 2"):
+        t.train_epoch()
+    assert len(steps) == 4  # read at step 4, the check after step 2's
+
+
+def test_logged_values_are_averaged_per_name(images, monkeypatch):
+    t = make_trainer("vae", TINY_VAE, *images, device="cpu")
+    counter = iter(range(100))
+
+    def loss(x):
+        i = float(next(counter))
+        w = t.model.to_posterior.weight
+        return (w.sum() * 0 + i), {"a": torch.tensor(2 * i), "b": torch.tensor(i, dtype=torch.bfloat16)}
+
+    monkeypatch.setattr(t.model, "loss", loss)
+    metrics = t.train_epoch()
+    assert metrics == {"train_loss": 1.0, "train_a": 2.0, "train_b": 1.0}  # means of 0, 1, 2
+
+
+def test_pack_bench_runs_trials_in_parallel_processes(tmp_path):
+    out = tmp_path / "pack.json"
+    report = bench.main(["pack", "--device", "cpu", "--model", "vae", "--trials", "2", "--steps", "2", "--warmup",
+                         "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == report["rows"]
+    one, two = report["rows"]
+    assert (one["trials"], two["trials"]) == (1, 2)  # one trial alone is always measured, for the ratio
+    assert one["error"] is None and two["error"] is None
+    assert len(two["runs"]) == 2 and {r["rank"] for r in two["runs"]} == {0, 1}
+    for row in (one, two):
+        window = max(r["end"] for r in row["runs"]) - min(r["start"] for r in row["runs"])
+        assert row["aggregate_images_per_s"] == pytest.approx(sum(r["images"] for r in row["runs"]) / window)
+    assert two["speedup_vs_one"] == pytest.approx(two["aggregate_images_per_s"] / one["aggregate_images_per_s"])
+    assert "not" in report["note"] and "GPU" in report["note"]
+
+
+def test_gpus_per_trial_auto_falls_back_to_cpu_with_one_line(capsys):
+    from sweeps.packing import auto_gpus_per_trial
+    from sweeps.run import parse_args
+
+    assert parse_args(["--gpus-per-trial", "auto"]).gpus_per_trial == "auto"
+    assert parse_args(["--gpus-per-trial", "0.25"]).gpus_per_trial == 0.25
+    assert auto_gpus_per_trial("vae", {"batch_size": 8}, {"train": None, "test": None}) == 0.0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "auto" in out[0] and "GPU" in out[0]
+
+
+def test_worst_case_configs_take_the_largest_numbers_and_every_string():
+    from ray import tune
+
+    from sweeps.packing import worst_case_configs
+
+    config = {"latent": tune.choice([32, 256, 64]), "arch": tune.choice(["unet", "refinenet"]),
+              "lr": tune.loguniform(1e-4, 1e-2), "batch_size": 128, "k": tune.randint(1, 51)}
+    configs = worst_case_configs(config)
+    assert sorted(c["arch"] for c in configs) == ["refinenet", "unet"]
+    assert all(c["latent"] == 256 and c["k"] == 50 and c["batch_size"] == 128 for c in configs)
+    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
