@@ -294,12 +294,17 @@ def test_trial_on_a_dead_node_restarts_on_another_node_from_its_last_checkpoint(
             driver = cluster.popen(sweep_command(cluster, str(storage), "--name", name, "--preset", "smoke",
                                                  "--num-samples", "2", *TWINS, "--fixed", f"epochs={epochs}",
                                                  "--fixed", "steps_per_epoch=40"), tmp_path / "driver.log")
-            deadline, killed = time.time() + 150, []
+            deadline, killed, last_seen = time.time() + 150, [], (0, 0.0)
             while not killed and driver.poll() is None and time.time() < deadline:
                 on_worker = [r for r in live_results(cluster, name) if r.get("node_id") == worker.node_id]
-                if on_worker and max(r["epoch"] for r in on_worker) < epochs:
-                    killed = cluster.kill_node(worker)  # mid-sweep: the worker's trial is training its next epoch
-                time.sleep(0.2)
+                epoch = max((r["epoch"] for r in on_worker), default=0)
+                if epoch != last_seen[0]:
+                    last_seen = (epoch, time.time())
+                # Mid-epoch, not right after a report: Tune fetches a function trainable's checkpoint with a separate
+                # call just after the report, and a node killed in that instant takes that checkpoint with it.
+                elif 0 < epoch < epochs and time.time() - last_seen[1] > 0.4:
+                    killed = cluster.kill_node(worker)  # the worker's trial is training its next epoch
+                time.sleep(0.1)
             assert killed, "the worker node never ran a trial:\n" + (tmp_path / "driver.log").read_text()[-3000:]
             driver.wait(timeout=240)
         finally:
