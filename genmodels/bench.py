@@ -683,10 +683,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(", ".join(f"{k}={v}" for k, v in {**env, **meta}.items() if v is not None))
     print(format_table(rows))
     report = {"benchmark": args.benchmark, **env, **meta, "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     return report
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    """The raw measurements, when --json asked for them."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ once, not per trial.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps import run  # noqa: E402  (sets the same Ray/Tune environment variables as a real sweep)
+from genmodels.bench import write_json  # noqa: E402
 from sweeps.packing import worst_case_configs  # noqa: E402
 
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"tune: ray.init {tuned['ray_init_s']:.1f} s, fit {tuned['fit_s']:.1f} s (the trial's own "
           f"time_total_s {tuned['trial_time_total_s']:.1f} s); overhead "
           f"{100 * report['overhead']:.1f}% ({100 * report['overhead_with_ray_init']:.1f}% with ray.init)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     return report
 
 

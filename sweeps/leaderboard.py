@@ -5,29 +5,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.storage import join, read_text, resolve
-
-SWEEP_FILE = "gensweep_sweep.json"
-
+from sweeps.storage import SWEEP_FILE, join, read_sweep_info, resolve
 
 def short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
-
-
-def _sweep_info(storage: str, name: str) -> dict[str, Any]:
-    text = read_text(join(storage, name, SWEEP_FILE))
-    if text is None:
-        raise FileNotFoundError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(text)
 
 
 def _status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
@@ -46,7 +35,7 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
     """One row per trial from the Ray Tune experiment folder (configs, last results, statuses)."""
     from ray.tune import ExperimentAnalysis
 
-    info = _sweep_info(storage, name)
+    info = read_sweep_info(storage, name)
     analysis = ExperimentAnalysis(join(storage, name))
     max_epochs = int(info["constants"].get("epochs", 0))
     rows = []
@@ -133,7 +122,7 @@ def resolve_sweep(args: argparse.Namespace) -> tuple[str, str]:
     """(storage root, sweep name); raises FileNotFoundError with a one-line message."""
     storage = resolve(args.storage_path)
     name = args.name or _newest_sweep(storage)
-    _sweep_info(storage, name)
+    read_sweep_info(storage, name)
     return storage, name
 
 
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"leaderboard.py: error: {e}", file=sys.stderr)
         return 2
-    info = _sweep_info(storage, name)
+    info = read_sweep_info(storage, name)
     source = args.source or ("wandb" if is_logged_in() else "local")
     rows = []
     if source == "wandb":

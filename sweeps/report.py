@@ -27,9 +27,10 @@ def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[
     """The sweep's info and, per trial, its config, status and per-epoch results."""
     from ray.tune import ExperimentAnalysis
 
-    from sweeps.leaderboard import _status, _sweep_info
+    from sweeps.leaderboard import _status
+    from sweeps.storage import read_sweep_info
 
-    info = _sweep_info(storage, name)
+    info = read_sweep_info(storage, name)
     analysis = ExperimentAnalysis(join(storage, name))
     frames = analysis.trial_dataframes
     max_epochs = int(info["constants"].get("epochs", 0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
 import os
 import socket
 import sys
@@ -42,9 +41,6 @@ from sweeps import storage as sweep_storage
 from sweeps.spaces import SPACES, Space
 
 DATA_KEYS = {"dataset", "train_size", "test_size", "data_dir", "checkpoint"}
-SWEEP_FILE = "gensweep_sweep.json"  # what --resume and the leaderboard need to know about a sweep
-
-
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
@@ -406,14 +402,14 @@ def write_sweep(storage: str, name: str, space: Space, preset: str, config: dict
     info = {"space": space.name, "preset": preset, "metric": metric, "mode": space.mode, "fid": fid,
             "constants": constants, "searched": [k for k, v in config.items() if _is_domain(v)],
             "resources": trial_resources(args), "argv": args.argv}
-    sweep_storage.write_text(sweep_storage.join(storage, name, SWEEP_FILE), json.dumps(info, indent=1, default=str))
+    sweep_storage.write_sweep_info(storage, name, info)
 
 
 def read_sweep(storage: str, name: str) -> dict[str, Any]:
-    text = sweep_storage.read_text(sweep_storage.join(storage, name, SWEEP_FILE))
-    if text is None:
-        raise UsageError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
-    return json.loads(text)
+    try:
+        return sweep_storage.read_sweep_info(storage, name)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 node of a cluster can reach. Files are read and written through pyarrow.fs, as Ray Tune does with its own."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+SWEEP_FILE = "gensweep_sweep.json"  # what --resume, the leaderboard and the report need to know about a sweep
 
 
 def is_uri(storage: str) -> bool:
@@ -38,3 +42,15 @@ def read_text(path: str) -> str | None:
         return None
     with fs.open_input_stream(fs_path) as f:
         return f.read().decode()
+
+
+def write_sweep_info(storage: str, name: str, info: dict[str, Any]) -> None:
+    write_text(join(storage, name, SWEEP_FILE), json.dumps(info, indent=1, default=str))
+
+
+def read_sweep_info(storage: str, name: str) -> dict[str, Any]:
+    """The sweep's saved settings; FileNotFoundError (one line) when there is no such sweep."""
+    text = read_text(join(storage, name, SWEEP_FILE))
+    if text is None:
+        raise FileNotFoundError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
+    return json.loads(text)
