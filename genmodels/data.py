@@ -15,9 +15,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from genmodels.base import ResourceUnavailable
+from genmodels.config import DATASETS  # noqa: E402  (re-exported)
+from genmodels.errors import ResourceUnavailable
 
-DATASETS = ("cifar10", "fashion_mnist", "synthetic")
 IMAGE_SIZE = 32
 
 

@@ -9,42 +9,24 @@ what each of these buys and when compiling pays for itself.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from genmodels.base import GenerativeModel, config_from_dict
 from genmodels.data import Batches
 from genmodels.images import save_grid
-from genmodels.registry import build_model
+from genmodels.config import TrainConfig
+from genmodels.models.base import GenerativeModel
 
 CHECKPOINT_FILE = "state.pt"
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA copy of the weights
-    steps_per_epoch: int = 0  # 0 = one pass over the training split; otherwise a fixed report interval
-    eval_images: int = 0  # test images per evaluation; 0 = the whole test split
-    seed: int = 0
-    flip: bool = True
-    amp: bool = True  # bf16 autocast, on CUDA only
-    memory_format: str = "auto"  # auto (channels_last on CUDA, contiguous on CPU) | channels_last | contiguous
-    compile: bool = False  # torch.compile the loss; costs tens of seconds up front (docs/PERFORMANCE.md)
-
-
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+MEMORY_FORMATS = TrainConfig.choices["memory_format"]
 DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each reads a loss copied one interval earlier)
 
 
@@ -93,8 +75,10 @@ class Trainer:
     """Trains `model` on uint8 images; `train_epoch`, `evaluate`, `save` and `load` are the whole API."""
 
     def __init__(self, model: GenerativeModel, cfg: TrainConfig, train_images: torch.Tensor,
-                 test_images: torch.Tensor, device: torch.device | str | None = None, model_name: str = ""):
-        self.cfg, self.model_name = cfg, model_name
+                 test_images: torch.Tensor, device: torch.device | str | None = None, model_name: str = "",
+                 config_record: dict[str, Any] | None = None):
+        # config_record: the run's whole flat config, stored in every checkpoint (what from_checkpoint rebuilds)
+        self.cfg, self.model_name, self.config_record = cfg, model_name, dict(config_record or {})
         self.device = torch.device(device) if device else default_device()
         self.channels_last = use_channels_last(cfg.memory_format, self.device)
         # Only 4-d weights change layout; values, parameter names and state_dict keys stay the same. Batches stay
@@ -209,7 +193,7 @@ class Trainer:
         return self.test_batches.images[:n]
 
     @torch.no_grad()
-    def write_grids(self, out_dir: str | Path, n: int = 64, **sample_kwargs: Any) -> dict[str, Path]:
+    def write_grids(self, out_dir: str | Path, n: int = 64, budget: float = 1.0) -> dict[str, Path]:
         """Sample and reconstruction grids as PNG, drawn with a fixed seed so epochs are comparable."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +202,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
             if model.can_sample:
-                paths["samples"] = save_grid(model.sample(n, **sample_kwargs), out_dir / "samples.png")
+                paths["samples"] = save_grid(model.sample(n, budget=budget), out_dir / "samples.png")
             if model.can_reconstruct:
                 x = self.test_images(min(n // 2, 32))
                 pairs = torch.stack([x.float() / 255, model.reconstruct(x).float()], 1).flatten(0, 1)
@@ -233,8 +217,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
                 "step": self.step, "epoch": self.epoch, "rng": rng, "extra": dict(self.extra),
-                "model_name": self.model_name, "train_config": dataclasses.asdict(self.cfg),
-                "model_config": dataclasses.asdict(self.model.cfg)}
+                "model_name": self.model_name, "config": self.config_record}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])  # copies into the parameters: their layout is kept
@@ -257,23 +240,12 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(path))
 
-    def fit(self, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-        """Train to `cfg.epochs`, evaluating after each epoch; returns the last metrics."""
-        metrics: dict[str, float] = {}
-        while self.epoch < self.cfg.epochs:
-            metrics = {**self.train_epoch(), **self.evaluate(), "epoch": self.epoch, "step": self.step}
-            if on_epoch:
-                on_epoch(self.epoch, metrics)
-        return metrics
-
-
-def make_trainer(model_name: str, params: dict[str, Any], train_images: torch.Tensor, test_images: torch.Tensor,
-                 device: torch.device | str | None = None) -> Trainer:
-    """Seed, build the model and a Trainer from one flat dict holding TrainConfig and model-config keys."""
-    cfg = config_from_dict(TrainConfig, params)
-    seed_everything(cfg.seed)
-    model = build_model(model_name, params, channels=train_images.shape[1])
-    return Trainer(model, cfg, train_images, test_images, device=device, model_name=model_name)
+    def load_weights(self, state: dict[str, Any]) -> None:
+        """The weights (and EMA weights) of a checkpoint, as a finished run: no optimizer, no RNG, no step."""
+        self.model.load_state_dict(state["model"])
+        if self.ema and state.get("ema") is not None:
+            self.ema.model.load_state_dict(state["ema"])
+        self.epoch = self.cfg.epochs
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

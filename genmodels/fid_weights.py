@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from genmodels.base import ResourceUnavailable
 from genmodels.engine import save_atomic
+from genmodels.errors import ResourceUnavailable
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the TF graph's classifier: 1000 ImageNet classes plus 8 unused
@@ -113,7 +113,9 @@ def load_feature_extractor(weights_path: str | Path) -> torch.nn.Module:
 @torch.no_grad()
 def torchscript_features(script: torch.jit.ScriptModule, images: torch.Tensor) -> torch.Tensor:
     """2048-d features of uint8 images from the TorchScript net, preprocessed exactly as torch-fidelity does."""
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
 
     x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
     return script((x - 128) / 128)

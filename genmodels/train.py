@@ -2,95 +2,127 @@
 
     python -m genmodels.train --model vae --beta 4 --epochs 200
     python -m genmodels.train --model vae --dataset synthetic --arch conv-small --epochs 2 --out runs/try1
+    python -m genmodels.train --model vae --dataset synthetic --arch conv-small --epochs 4 --out runs/try1 --resume
 
-Every field of TrainConfig and of the model's Config is a flag. Checkpoints, sample grids and a metrics log go to
---out; `--resume` continues from the checkpoint there.
+Every field of the data, training and model config sections is a flag, checked for type and range before anything
+runs. Checkpoints, sample grids and a metrics log go to --out; `--resume` continues from the checkpoint there.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from genmodels.base import ResourceUnavailable
-from genmodels.data import DATASETS, load_images
-from genmodels.engine import CHECKPOINT_FILE, Diverged, TrainConfig, make_trainer
-from genmodels.registry import MODELS, model_class
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls, title: str, seen: set[str]) -> None:
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if f.name in seen:
-            continue
-        seen.add(f.name)
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "bool":
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                               type=lambda s: s.lower() in ("1", "true", "yes", "on"), metavar="BOOL",
-                               help=f"default {f.default}")
-        else:
-            conv = {"int": int, "float": float}.get(kind, str)
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None,
-                               help=f"default {f.default}")
+from genmodels.config import SECTIONS, ConfigError, fields_of, section_classes
+from genmodels.data import load_images
+from genmodels.engine import CHECKPOINT_FILE, Diverged, load_checkpoint
+from genmodels.errors import ResourceUnavailable
+from genmodels.experiment import Experiment, prepare
+from genmodels.registry import MODELS, model_class, trial_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _add_fields(parser: argparse.ArgumentParser, model_name: str) -> None:
+    """One flag per config field (`--batch-size` for train.batch_size); values stay strings until the config
+    checks them, so a bad value gets the config's one-line message."""
+    for section, cls in section_classes(model_class(model_name).Config).items():
+        group = parser.add_argument_group(f"{section} settings" if section != "model" else f"model {model_name}")
+        defaults = cls()
+        for name, kind in fields_of(cls).items():
+            choices = cls.choices.get(name)
+            hint = f" (one of {', '.join(map(str, choices))})" if choices else ""
+            group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}", default=None,
+                               metavar=kind.__name__.upper(), help=f"default {getattr(defaults, name)!r}{hint}")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="vae")
     model_name = pre.parse_known_args(argv)[0].model
     if model_name not in MODELS:
-        print(f"train: error: unknown model {model_name!r}; choose one of {', '.join(MODELS)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
     p = argparse.ArgumentParser(prog="python -m genmodels.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vae", choices=sorted(MODELS))
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--data-dir", help="folder holding (or to download) the dataset")
-    p.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
-    p.add_argument("--test-size", type=int, default=0, help="use only the first N test images (0 = all)")
     p.add_argument("--out", default=None, help="output folder (default runs/MODEL-TIME)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    seen: set[str] = set()
-    _add_fields(p, TrainConfig, "training", seen)
-    _add_fields(p, model_class(model_name).Config, f"model {model_name}", seen)
+    _add_fields(p, model_name)
     args = p.parse_args(argv)
-    params = {k: v for k, v in vars(args).items() if v is not None}
-    out = Path(args.out or f"runs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = {k: v for k, v in vars(args).items() if "." in k and k.split(".")[0] in SECTIONS and v is not None}
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        train = load_images(args.dataset, "train", args.data_dir, limit=args.train_size or None)
-        test = load_images(args.dataset, "test", args.data_dir, limit=args.test_size or None)
-        trainer = make_trainer(model_name, params, train, test)
-    except (ResourceUnavailable, ValueError) as e:
+        args, settings = parse_args(argv)
+        out = Path(args.out or f"runs/{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume:  # the run's own settings, changed only where a flag says so
+            settings = {**saved_settings(out / CHECKPOINT_FILE, args.model), **settings}
+        cfg = trial_config(settings, args.model)
+        prepare(cfg)  # checks that need no data (e.g. weights files) before loading any
+        limit = {"train": cfg.data.train_size or None, "test": cfg.data.test_size or None}
+        data = {split: load_images(cfg.data.dataset, split, cfg.data.data_dir or None, limit=limit[split])
+                for split in ("train", "test")}
+        exp = Experiment.setup(cfg, data["train"], data["test"])
+        if args.resume:
+            exp.restore(out / CHECKPOINT_FILE)
+    except (ConfigError, ResourceUnavailable, ValueError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    if args.resume:
-        if not (out / CHECKPOINT_FILE).exists():
-            print(f"train: error: no checkpoint at {out / CHECKPOINT_FILE} to resume from", file=sys.stderr)
-            return 2
-        trainer.load(out / CHECKPOINT_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"training {model_name} on {args.dataset} ({len(train)} train / {len(test)} test images) "
-          f"on {trainer.device}; writing to {out}")
-
-    def on_epoch(epoch: int, metrics: dict) -> None:
-        trainer.write_grids(out / "images" / f"epoch_{epoch:04d}")
-        trainer.save(out / CHECKPOINT_FILE)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train_loss", "test_")))
-        print(f"epoch {epoch}/{trainer.cfg.epochs}: {shown}", flush=True)
-
+    print(f"training {args.model} on {cfg.data.dataset} ({len(data['train'])} train / {len(data['test'])} test "
+          f"images) on {exp.trainer.device}; writing to {out}", flush=True)
+    plan = model_class(args.model).training_plan(exp.cfg)
+    if plan:
+        print(plan, flush=True)
     try:
-        trainer.fit(on_epoch)
+        train_to_end(exp, out)
     except Diverged as e:
         print(f"train: diverged: {e}; the last good checkpoint is {out / CHECKPOINT_FILE}", file=sys.stderr)
         return 1
+    print(f"checkpoint: {out / CHECKPOINT_FILE}; images: {out / 'images'}", flush=True)
     return 0
+
+
+def train_to_end(exp: Experiment, out: Path, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train to the configured epochs; after each, write the grids, a checkpoint and a line of metrics to `out`;
+    at the end, the final metrics and images. Returns the final metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    last = time.perf_counter()
+
+    def on_epoch(metrics: dict[str, float]) -> None:
+        nonlocal last
+        seconds, last = time.perf_counter() - last, time.perf_counter()
+        exp.write_grids(out / "images" / f"epoch_{exp.epoch:04d}")
+        exp.save(out / CHECKPOINT_FILE)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train_loss", "test_")))
+        log(f"epoch {exp.epoch}/{exp.cfg.train.epochs} ({seconds:.1f} s): {shown}")
+
+    exp.run(on_epoch)
+    final, _ = exp.finish(out / "images" / "final")
+    if final:
+        log("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final
+
+
+def saved_settings(checkpoint: Path, model_name: str) -> dict[str, object]:
+    """The flat config of the run saved at `checkpoint`; a one-line ConfigError unless it loads and holds a run of
+    `model_name`."""
+    if not checkpoint.exists():
+        raise ConfigError(f"no checkpoint at {checkpoint} to resume from; leave out --resume to start a new run")
+    try:
+        state = load_checkpoint(checkpoint)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so in one line
+        raise ConfigError(f"cannot load {checkpoint} ({type(e).__name__}); it is truncated or not a gensweep "
+                          f"checkpoint: start a new run with another --out") from None
+    if state.get("model_name") != model_name:
+        raise ConfigError(f"{checkpoint} holds a {state.get('model_name')!r} run, not {model_name!r}; pass "
+                          f"--model {state.get('model_name')} or another --out")
+    return dict(state.get("config") or {})
 
 
 if __name__ == "__main__":

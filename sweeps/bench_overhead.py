@@ -28,8 +28,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable, as sweeps/run.py's users expect
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genmodels.bench.suite import write_json  # noqa: E402
 from sweeps import run  # noqa: E402  (sets the same Ray/Tune environment variables as a real sweep)
-from genmodels.bench import write_json  # noqa: E402
 from sweeps.packing import worst_case_configs  # noqa: E402
 
 

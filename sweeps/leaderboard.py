@@ -13,6 +13,7 @@ from typing import Any
 
 from sweeps.storage import SWEEP_FILE, join, read_sweep_info, resolve
 
+
 def short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"

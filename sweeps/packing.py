@@ -52,8 +52,6 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
         print("gensweep: --gpus-per-trial auto measures a trial's GPU memory and needs a GPU; none is visible, so "
               "trials run on the CPU (--gpus-per-trial 0)")
         return 0.0
-    from genmodels.bench import trial_memory
-
     configs = worst_case_configs(config)
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         probes = [pool.submit(trial_memory, model_name, params, data["train"], data["test"]).result()
@@ -65,3 +63,24 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
           f"probe configs) + {CUDA_CONTEXT_BYTES / 2**30:.0f} GiB CUDA context; {trials} trials per "
           f"{total / 2**30:.0f} GiB GPU: --gpus-per-trial {fraction}")
     return fraction
+
+
+def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Tensor, test_images: torch.Tensor,
+                 steps: int = 5) -> dict[str, int]:
+    """Peak CUDA memory of one trial at `params`: the dataset resident on the GPU, `steps` training steps and an
+    evaluation of two batches. For sweeps/run.py --gpus-per-trial auto; run it in a fresh process so the peak is
+    this trial's alone."""
+    from genmodels.experiment import make_experiment
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()  # a previous probe's cached blocks would count as this one's peak
+    torch.cuda.reset_peak_memory_stats(device)
+    bs = int(params["batch_size"])
+    trainer = make_experiment(model_name, {**params, "steps_per_epoch": steps, "eval_images": 2 * bs}, train_images,
+                           test_images, device=device).trainer
+    trainer.train_epoch()
+    trainer.evaluate()
+    torch.cuda.synchronize(device)
+    return {"peak_allocated": torch.cuda.max_memory_allocated(device),
+            "peak_reserved": torch.cuda.max_memory_reserved(device),
+            "total": torch.cuda.get_device_properties(device).total_memory}

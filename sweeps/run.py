@@ -33,9 +33,9 @@ if not any(a.startswith("--address") for a in sys.argv) and not os.environ.get("
     # (read once when ray is imported, hence here before any import of ray).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from genmodels.base import ResourceUnavailable, config_from_dict
 from genmodels.data import DATASETS, load_images
 from genmodels.engine import TrainConfig
+from genmodels.errors import ResourceUnavailable, config_from_dict
 from genmodels.registry import model_class
 from sweeps import storage as sweep_storage
 from sweeps.spaces import SPACES, Space
@@ -383,7 +383,7 @@ def make_fid_plan(fid: dict[str, Any], data: dict[str, torch.Tensor], config: di
                   metric: str):
     """Load the feature network here, once (a missing one fails now, in one line), and compute the test split's
     reference statistics (cached on disk) that every trial shares through the object store."""
-    from genmodels.fid import FIDScorer
+    from genmodels.metrics.fid import FIDScorer
     from trainables.evaluation import FIDPlan, asha_milestones
 
     scorer = FIDScorer(fid["network"], fid["weights_path"])

@@ -43,3 +43,10 @@ def run_cli(args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def make_trainer(model_name, settings, train, test, device="cpu"):
+    """The Trainer of an Experiment built from flat settings, as the tests below drive it epoch by epoch."""
+    from genmodels.experiment import make_experiment
+
+    return make_experiment(model_name, settings, train, test, device=device).trainer

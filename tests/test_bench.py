@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import genmodels.bench as bench
+import genmodels.bench.suite as bench
 import genmodels.engine as engine
 from genmodels.data import Batches, synthetic_images
-from genmodels.engine import Diverged, make_trainer, seed_everything
+from conftest import make_trainer
+from genmodels.engine import Diverged, seed_everything
 from genmodels.registry import build_model
 
 TINY_VAE = dict(arch="conv-small", width=4, latent=8, batch_size=16, steps_per_epoch=3, lr=1e-3)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ray_cluster import ROOT, LocalCluster
 
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from genmodels.data import Batches, DataUnavailable, dequantize, load_images, synthetic_images
+from genmodels.data import (
+    Batches,
+    DataUnavailable,
+    dequantize,
+    load_images,
+    synthetic_images,
+)
 
 
 def test_cifar_fixture_loads_through_torchvision(cifar_dir):

@@ -9,10 +9,17 @@ import torchvision
 from torch import nn
 
 from genmodels import dfc
-from genmodels.base import ResourceUnavailable
 from genmodels.data import synthetic_images
-from genmodels.dfc import LAYER_SETS, DFCVAE, PerceptualLoss, load_vgg19, vgg19_features, vgg19_layer_names
-from genmodels.engine import make_trainer
+from conftest import make_trainer
+from genmodels.errors import ResourceUnavailable
+from genmodels.models.dfc import (
+    DFCVAE,
+    LAYER_SETS,
+    PerceptualLoss,
+    load_vgg19,
+    vgg19_features,
+    vgg19_layer_names,
+)
 
 TINY = {"arch": "conv-small", "width": 4, "latent": 8, "eval_k": 2, "vgg_weights": "random"}
 

@@ -5,10 +5,11 @@ import sys
 import pytest
 import torch
 
-import genmodels.vae as vae_module
+import genmodels.models.vae as vae_module
 from genmodels.data import synthetic_images
-from genmodels.engine import Diverged, load_checkpoint, make_trainer
-from genmodels.likelihood import nats_to_bpd
+from conftest import make_trainer
+from genmodels.engine import Diverged, load_checkpoint
+from genmodels.metrics.likelihood import nats_to_bpd
 
 TINY = dict(arch="conv-small", width=4, latent=8, batch_size=16, steps_per_epoch=3, lr=1e-3)
 

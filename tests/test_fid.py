@@ -16,9 +16,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from genmodels.base import ResourceUnavailable
 from genmodels.data import synthetic_images
-from genmodels.fid import FIDScorer, RefStats, fid_metric_name, to_uint8
+from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name, to_uint8
+from genmodels.errors import ResourceUnavailable
 from genmodels.registry import build_model
 
 N = 128

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from genmodels import sigmas as schedules
 from genmodels.data import synthetic_images
-from genmodels.engine import make_trainer
-from genmodels.langevin import annealed_langevin
-from genmodels.ncsn import NCSN, LogSigmaEmbedding, NCSNConfig, dsm_loss
+from conftest import make_trainer
+from genmodels.models.ncsn import NCSN, LogSigmaEmbedding, NCSNConfig, dsm_loss
+from genmodels.samplers import sigmas as schedules
+from genmodels.samplers.langevin import annealed_langevin
 
 TINY = dict(arch="unet", width=8, unet_blocks=1, sigma_1=20.0, sigma_L=0.01, num_levels=3, langevin_steps=2,
             langevin_eps=1e-5)

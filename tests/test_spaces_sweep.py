@@ -1,7 +1,6 @@
 """Smoke sweeps of the FID-ranked spaces through Ray: the ladder feeds ASHA, the leaderboard ranks by FID and names
 the FID network, and a trained NCSN checkpoint can be swept for sampling settings alone."""
 import pytest
-
 from conftest import run_cli
 
 

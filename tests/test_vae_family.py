@@ -12,13 +12,25 @@ import pytest
 import torch
 from torch import nn
 
-from genmodels.base import GenerativeModel
 from genmodels.data import synthetic_images
-from genmodels.iwae import IWAE, IWAEConfig
-from genmodels.latent import interpolate, latent_grids, linear_path, slerp_path, traversal
-from genmodels.likelihood import gaussian_log_prob, kl_standard_normal
+from genmodels.metrics.latent import (
+    interpolate,
+    latent_grids,
+    linear_path,
+    slerp_path,
+    traversal,
+)
+from genmodels.metrics.likelihood import gaussian_log_prob, kl_standard_normal
+from genmodels.models.base import GenerativeModel
+from genmodels.models.iwae import IWAE, IWAEConfig
+from genmodels.models.vae import (
+    VAE,
+    ResBlock,
+    VAEConfig,
+    resnet_decoder,
+    resnet_encoder,
+)
 from genmodels.registry import build_model
-from genmodels.vae import ResBlock, VAE, VAEConfig, resnet_decoder, resnet_encoder
 
 
 class LinearGaussian(IWAE):
@@ -293,7 +305,7 @@ def test_latent_grids_write_pngs_and_best_weight_reconstruction_for_iwae(tmp_pat
 
 
 def test_best_weight_sample_has_the_largest_importance_weight():
-    from genmodels.latent import best_weight_reconstruction
+    from genmodels.metrics.latent import best_weight_reconstruction
 
     model = linear_gaussian()
     x = (torch.rand(3, 3) * 255).round().to(torch.uint8)

@@ -11,8 +11,9 @@ import torch
 from ray import tune
 
 from genmodels.data import synthetic_images
-from genmodels.engine import TrainConfig, make_trainer
-from genmodels.latent import latent_grids
+from conftest import make_trainer
+from genmodels.config import TrainConfig
+from genmodels.metrics.latent import latent_grids
 from genmodels.registry import model_class
 from sweeps.spaces import SMOKE_DATA, SPACES
 

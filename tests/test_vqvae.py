@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from genmodels.data import synthetic_images
-from genmodels.engine import make_trainer
-from genmodels.pixelcnn import GatedPixelCNN
+from conftest import make_trainer
+from genmodels.models.vqvae import (
+    VQVAE,
+    VectorQuantizer,
+    check_stage_epochs,
+    perplexity,
+)
+from genmodels.networks.pixelcnn import GatedPixelCNN
 from genmodels.registry import build_model
-from genmodels.vqvae import VectorQuantizer, VQVAE, check_stage_epochs, perplexity
 
 TINY = dict(width=8, res_blocks=1, codebook_size=16, code_dim=8, prior_width=8, prior_layers=4, restart_window=5)
 

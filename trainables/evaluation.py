@@ -13,7 +13,7 @@ import inspect
 from typing import Any
 
 from genmodels.engine import Trainer
-from genmodels.fid import FIDScorer, RefStats, fid_metric_name
+from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name
 
 
 def asha_milestones(max_t: int, grace_period: int, reduction_factor: int) -> tuple[int, ...]:

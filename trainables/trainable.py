@@ -11,7 +11,13 @@ import ray
 import torch
 from ray import tune
 
-from genmodels.engine import CHECKPOINT_FILE, Diverged, Trainer, load_checkpoint, make_trainer
+from genmodels.engine import (
+    CHECKPOINT_FILE,
+    Diverged,
+    Trainer,
+    load_checkpoint,
+    make_trainer,
+)
 from trainables.evaluation import FIDPlan, fid_metrics, sample_kwargs_for_rung
 from trainables.wandb_logging import IMAGES_DIR
 

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
+from ray.air.integrations.wandb import (
+    WandbLoggerCallback,
+    _QueueItem,
+    _WandbLoggingActor,
+)
 
 IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
 from genmodels.data import dequantize
-from genmodels.vae import VAE, VAEConfig
+from genmodels.models.vae import VAE, VAEConfig
 
 ESTIMATORS = ("iwae", "dreg")
 
@@ -28,10 +29,13 @@ class IWAEConfig(VAEConfig):
     norm: str = "group"  # group | none; batch is refused (see the module docstring)
     k: int = 5  # importance samples per training example; k = 1 is the VAE's ELBO
     estimator: str = "iwae"  # iwae | dreg: gradient estimator of the encoder
+    choices: ClassVar = {**VAEConfig.choices, "norm": ("group", "none"), "estimator": ESTIMATORS}
+    ranges: ClassVar = {**VAEConfig.ranges, "k": (1, None)}
 
 
 class IWAE(VAE):
     Config = IWAEConfig
+    importance_weighted = True
 
     def __init__(self, cfg: IWAEConfig, channels: int):
         if cfg.norm == "batch":

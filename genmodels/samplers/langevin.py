@@ -50,6 +50,8 @@ def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float], shape: Sequenc
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm  # imported only when asked for: trials run without a terminal
+    from tqdm.auto import (
+        tqdm,  # imported only when asked for: trials run without a terminal
+    )
 
     return tqdm(total=total, desc="langevin", unit="step", leave=False)

@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from genmodels.data import dequantize, to_unit
 from genmodels.images import save_grid
-from genmodels.vae import VAE
+
+if TYPE_CHECKING:
+    from genmodels.models.vae import VAE
 
 
 def linear_path(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
@@ -76,10 +79,9 @@ def best_weight_reconstruction(model: VAE, x: torch.Tensor, k: int) -> torch.Ten
 
 @torch.no_grad()
 def latent_grids(model: VAE, test_images_uint8: torch.Tensor, out_dir: str | Path, n_pairs: int = 8,
-                 steps: int = 10) -> dict[str, Path]:
-    """Write the latent-space grids of `model` (in eval mode) for some test images; returns {name: PNG path}."""
-    from genmodels.iwae import IWAE
-
+                 steps: int = 10, best_weight: bool = False) -> dict[str, Path]:
+    """Write the latent-space grids of `model` (in eval mode) for some test images; returns {name: PNG path}.
+    `best_weight` adds the best-weight reconstructions (for models trained on an importance-weighted bound)."""
     out_dir = Path(out_dir)
     model.eval()
     images = test_images_uint8.to(model.device)
@@ -92,7 +94,7 @@ def latent_grids(model: VAE, test_images_uint8: torch.Tensor, out_dir: str | Pat
         paths[f"interp_{kind}"] = save_grid(rows.flatten(0, 1), out_dir / f"interp_{kind}.png", nrow=steps + 2)
     decoded, _ = traversal(model, images, steps=steps)
     paths["traversal"] = save_grid(decoded.flatten(0, 1), out_dir / "traversal.png", nrow=steps)
-    if isinstance(model, IWAE):
+    if best_weight:
         x = images[:2 * n_pairs]
         rows = torch.stack([to_unit(x), model.reconstruct(x), best_weight_reconstruction(model, x, model.cfg.eval_k)], 1)
         paths["best_weight_recon"] = save_grid(rows.flatten(0, 1), out_dir / "best_weight_recon.png", nrow=6)

@@ -1,32 +1,15 @@
-"""Deep-feature-consistent VAE (Hou et al. 2017): a VAE trained with a perceptual loss on a frozen VGG-19.
-
-Loss per image: alpha * sum_l 1/(2 C_l H_l W_l) ||phi_l(x) - phi_l(x_hat)||^2 + beta * KL + pixel_weight * NLL,
-where phi_l are VGG-19 activations at a layer set (`123`: relu1_1, relu2_1, relu3_1, Hou et al.'s VAE-123;
-`345`: relu3_1, relu4_1, relu5_1, VAE-345; `seed`: relu1_2, relu2_2, relu3_4, what the seed used), x_hat the
-decoder mean, and NLL the VAE's explicit Gaussian pixel likelihood (Hou et al. use no pixel term: weight 0).
-
-The perceptual loss changes meaning with alpha, so DFC trials are ranked by a likelihood bound or by sample FID,
-not by their training loss. For the bound to be meaningful when no pixel term trains the decoder scale, the scale
-is learned by default from the pixel NLL of the (detached) decoder mean: it fits sigma without touching the
-decoder. The VGG is frozen and large: it lives outside the module tree, so it is neither in the state_dict
-(checkpoints), nor in parameters() (optimizer, EMA), and it is shared, not copied, by the EMA copy.
-"""
+"""Frozen VGG-19 features and the per-layer normalised perceptual distance of DFC-VAE (Hou et al. 2017)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from genmodels.base import ResourceUnavailable
-from genmodels.data import dequantize, to_unit
-from genmodels.likelihood import kl_standard_normal
-from genmodels.vae import VAE, VAEConfig
+from genmodels.errors import ResourceUnavailable
 
 LAYER_SETS = {
     "123": ("relu1_1", "relu2_1", "relu3_1"),
@@ -159,59 +142,3 @@ class PerceptualLoss:
             target = self.features(x)
         return sum(0.5 * ((f - t.to(f.dtype)) ** 2).flatten(1).mean(1).float()
                    for f, t in zip(self.features(x_hat), target))
-
-
-@dataclasses.dataclass
-class DFCConfig(VAEConfig):
-    arch: str = "resnet"  # conv-small | conv | resnet (the DFC seed used the ResNet-VAE)
-    norm: str = "group"
-    learn_scale: bool = True  # fit the decoder sigma, so the likelihood metrics mean something with no pixel term
-    alpha: float = 0.5  # perceptual weight (Hou et al. 0.5)
-    layers: str = "123"  # 123 | 345 | seed
-    pixel_weight: float = 0.0  # weight of the Gaussian pixel NLL (Hou et al. 0)
-    vgg_weights: str = ""  # "" = torchvision IMAGENET1K_V1 (downloaded), a PATH to a state_dict, or "random"
-
-
-class DFCVAE(VAE):
-    Config = DFCConfig
-
-    def __init__(self, cfg: DFCConfig, channels: int):
-        super().__init__(cfg, channels)
-        # In __dict__, not registered: out of state_dict (checkpoints), parameters() (optimizer, EMA) and .to()
-        self.__dict__["perceptual"] = PerceptualLoss(cfg.layers, cfg.vgg_weights)
-
-    @classmethod
-    def prepare(cls, params: dict[str, Any], train_images: torch.Tensor | None = None) -> dict[str, Any]:
-        """Download or check the VGG-19 weights once, before any trial starts."""
-        weights = str(params.get("vgg_weights", cls.Config.vgg_weights))
-        if weights != "random":
-            vgg19_state_dict(weights)
-        return {}
-
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        xd = dequantize(x)
-        mu, logvar = self.encode(xd)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        mean = self.decode(z)
-        perceptual = self.perceptual(mean, to_unit(x))
-        kl = kl_standard_normal(mu.float(), logvar.float())
-        nll = -self.log_likelihood(xd, mean)
-        per_image = self.cfg.alpha * perceptual + self.cfg.beta * kl + self.cfg.pixel_weight * nll
-        if self.cfg.learn_scale:  # fits sigma only: the decoder mean is detached
-            per_image = per_image - self.log_likelihood(xd, mean.detach())
-        loss = per_image.mean() / self.dims
-        return loss, {"perceptual": perceptual.mean(), "kl": kl.mean(), "recon_nll": nll.mean()}
-
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """The VAE family's metrics (test_bpd, test_iwae_bpd, ...) plus the unweighted perceptual distance of
-        posterior-mean reconstructions."""
-        batches = list(batches)
-        metrics = super().evaluate(batches)
-        total, n = 0.0, 0
-        for x in batches:
-            target = to_unit(x)
-            total += self.perceptual(self.decode(self.encode(target)[0]), target).sum().item()
-            n += len(x)
-        metrics["test_perceptual"] = total / n
-        return metrics

@@ -1,21 +1,16 @@
 """The interface every model implements, so one engine trains them all."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 from torch import nn
 
+from genmodels.config import ModelConfig
 
-@dataclasses.dataclass
-class ModelConfig:
-    """Base for each model's config: a flat dataclass, so a sweep's flat dict maps onto it one key at a time."""
-
-
-class ResourceUnavailable(RuntimeError):
-    """Data or weights are missing and cannot be downloaded; the message is one line naming the flag that fixes it."""
+if TYPE_CHECKING:
+    from genmodels.config import TrialConfig
 
 
 class GenerativeModel(nn.Module):
@@ -31,11 +26,18 @@ class GenerativeModel(nn.Module):
         self.cfg, self.channels = cfg, channels
 
     @classmethod
-    def prepare(cls, params: dict[str, Any], train_images: torch.Tensor | None = None) -> dict[str, Any]:
-        """Run once by the driver before any trial: check the config, fetch or check external weights (raise
-        ResourceUnavailable with one line naming the flag), and derive values from the training data that every
-        trial needs (returned as config entries, e.g. NCSNv2's sigma_1), so no trial repeats the work."""
+    def prepare(cls, cfg: TrialConfig, train_images: torch.Tensor | None = None) -> dict[str, Any]:
+        """Run once before any training (by a sweep's driver, or by genmodels.train): fetch or check external
+        weights (raise ResourceUnavailable with one line naming the flag), and derive values from the training data
+        that every trial needs (returned as model-config fields, e.g. NCSNv2's sigma_1), so no trial repeats the
+        work. Without `train_images`, only the checks."""
         return {}
+
+    @classmethod
+    def training_plan(cls, cfg: TrialConfig) -> str:
+        """One line on what a run of `cfg` trains, where that is not obvious from the config (e.g. stages that the
+        epochs do not reach); "" otherwise."""
+        return ""
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss on a uint8 batch, and named scalar tensors to log (no host syncs)."""
@@ -47,8 +49,10 @@ class GenerativeModel(nn.Module):
         return {}
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """n images in [0, 1], float (n, C, 32, 32)."""
+    def sample(self, n: int, budget: float = 1.0) -> torch.Tensor:
+        """n images in [0, 1], float (n, C, 32, 32). `budget` in (0, 1] is the share of the model's full sampling
+        cost to spend (e.g. of the Langevin steps): the FID ladder's cheap rungs ask for less. Samplers without a
+        step count ignore it."""
         raise NotImplementedError(f"{type(self).__name__} cannot sample")
 
     @torch.no_grad()
@@ -58,6 +62,7 @@ class GenerativeModel(nn.Module):
 
     @property
     def can_sample(self) -> bool:
+        """Whether `sample` gives samples of the trained model (not, e.g., of a prior that was never trained)."""
         return type(self).sample is not GenerativeModel.sample
 
     @property
@@ -83,24 +88,3 @@ class GenerativeModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-
-def config_from_dict(cls: type[ModelConfig], values: dict[str, Any]) -> ModelConfig:
-    """Build `cls` from the keys of `values` that are its fields, casting to the field's type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key in fields:
-            kwargs[key] = _cast(value, fields[key].type)
-    return cls(**kwargs)
-
-
-def _cast(value: Any, type_name: Any) -> Any:
-    # Ray/Optuna hand back numpy scalars and sometimes strings from the CLI: normalise to the declared type.
-    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if t == "bool" and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    for name, fn in (("int", int), ("float", float), ("bool", bool), ("str", str)):
-        if t == name:
-            return fn(value)
-    return value

@@ -42,9 +42,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from genmodels.base import GenerativeModel, ResourceUnavailable
 from genmodels.engine import save_atomic
+from genmodels.errors import ResourceUnavailable
 from genmodels.fid_weights import NUM_CLASSES
+from genmodels.models.base import GenerativeModel
 
 NETWORKS = ("inception", "standin")
 INCEPTION_NAME = "tf-inception-2015-12-05"

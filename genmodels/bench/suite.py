@@ -176,11 +176,10 @@ def baseline_training(model_name: str, params: dict[str, Any], images: torch.Ten
     """Train the way the seeds did: fp32, NCHW, a DataLoader with worker processes making float tensors on the host,
     a pageable host-to-device copy per step, torch's default (unfused) Adam, a per-parameter EMA loop and a
     `loss.item()` per step. Same model, config and per-step work as the engine; `steps` images/s after `warmup`."""
-    from genmodels.base import config_from_dict
-    from genmodels.engine import TrainConfig, seed_everything
-    from genmodels.registry import build_model
+    from genmodels.engine import seed_everything
+    from genmodels.registry import build_model, trial_config
 
-    cfg = config_from_dict(TrainConfig, params)
+    cfg = trial_config(params, model_name).train
     _reset_memory(device)
     torch.backends.cudnn.benchmark = False  # torch's default, which the seeds kept
     seed_everything(cfg.seed)
@@ -216,7 +215,7 @@ def baseline_training(model_name: str, params: dict[str, Any], images: torch.Ten
 
     warmup_s = _timed(lambda: run(warmup), device)
     seconds = [_timed(lambda: run(steps), device) for _ in range(repeats)]
-    del batches  # stops the workers
+    batches = None  # stops the workers
     return _measurement(cfg.batch_size, steps, seconds, warmup_s, _peak_memory(device))
 
 
@@ -224,12 +223,12 @@ def fast_training(model_name: str, params: dict[str, Any], images: torch.Tensor,
                   steps: int, warmup: int, repeats: int, count_syncs: bool = True) -> dict[str, Any]:
     """Train through the engine (Trainer.train_epoch with steps_per_epoch), as every trial does; images/s of
     `steps`-step epochs after a `warmup`-step epoch (allocator, cuDNN autotuning, compilation)."""
-    from genmodels.engine import make_trainer
+    from genmodels.experiment import make_experiment
 
     _reset_memory(device)
     batch_size = int(params["batch_size"])
-    trainer = make_trainer(model_name, {**params, "steps_per_epoch": warmup, "eval_images": batch_size},
-                           images, images[:batch_size], device=device)
+    trainer = make_experiment(model_name, {**params, "steps_per_epoch": warmup, "eval_images": batch_size},
+                           images, images[:batch_size], device=device).trainer
     warmup_s = _timed(trainer.train_epoch, device)
     trainer.cfg.steps_per_epoch = steps
     seconds = [_timed(trainer.train_epoch, device) for _ in range(repeats)]
@@ -373,7 +372,8 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
                    run_fast: bool) -> list[dict[str, Any]]:
     """NCSN sampling: the seeds' way (fp32, NCHW model) against the model a trial samples from (the Trainer's EMA
     copy: channels_last on CUDA); on CUDA also a bf16-autocast run, which sample() does not use yet."""
-    from genmodels.engine import make_trainer, seed_everything
+    from genmodels.engine import seed_everything
+    from genmodels.experiment import make_experiment
     from genmodels.registry import build_model
 
     T, reps = args.sampling_steps, args.repeats
@@ -389,7 +389,7 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
         del model
     if run_fast:
         _reset_memory(device)
-        model = make_trainer("ncsn", params, images[:batch], images[:batch], device=device).eval_model.eval()
+        model = make_experiment("ncsn", params, images[:batch], images[:batch], device=device).trainer.eval_model.eval()
         gflops = gflops or score_flops_per_image(model, device) / 1e9
         fast = {**sampling_rate(model, device, batch, T, reps), "peak_memory_bytes": _peak_memory(device)}
     rows = [_sampling_row(name, "sampling (Langevin steps)", batch, gflops, peak, base, fast)]
@@ -527,14 +527,14 @@ def run_concurrent_trials(n: int, model_name: str, params: dict[str, Any], devic
 def _pack_worker(rank: int, model_name: str, params: dict[str, Any], device: str, steps: int, warmup: int,
                  threads: int, barrier, queue) -> None:
     try:
-        from genmodels.engine import make_trainer
+        from genmodels.experiment import make_experiment
 
         torch.set_num_threads(threads)
         dev = torch.device(device)
         bs = int(params["batch_size"])
         images = bench_images((warmup + steps + 1) * bs, seed=rank)
-        trainer = make_trainer(model_name, {**params, "steps_per_epoch": warmup, "seed": rank}, images,
-                               images[:bs], device=dev)
+        trainer = make_experiment(model_name, {**params, "steps_per_epoch": warmup, "seed": rank}, images,
+                               images[:bs], device=dev).trainer
         trainer.train_epoch()
         trainer.cfg.steps_per_epoch = steps
         _sync(dev)
@@ -547,27 +547,6 @@ def _pack_worker(rank: int, model_name: str, params: dict[str, Any], device: str
     except BaseException:  # noqa: BLE001 - every failure (OOM included) goes back to the parent as a row
         barrier.abort()
         queue.put(dict(rank=rank, error=traceback.format_exc()))
-
-
-def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Tensor, test_images: torch.Tensor,
-                 steps: int = 5) -> dict[str, int]:
-    """Peak CUDA memory of one trial at `params`: the dataset resident on the GPU, `steps` training steps and an
-    evaluation of two batches. For sweeps/run.py --gpus-per-trial auto; run it in a fresh process so the peak is
-    this trial's alone."""
-    from genmodels.engine import make_trainer
-
-    device = torch.device("cuda")
-    torch.cuda.empty_cache()  # a previous probe's cached blocks would count as this one's peak
-    torch.cuda.reset_peak_memory_stats(device)
-    bs = int(params["batch_size"])
-    trainer = make_trainer(model_name, {**params, "steps_per_epoch": steps, "eval_images": 2 * bs}, train_images,
-                           test_images, device=device)
-    trainer.train_epoch()
-    trainer.evaluate()
-    _sync(device)
-    return {"peak_allocated": torch.cuda.max_memory_allocated(device),
-            "peak_reserved": torch.cuda.max_memory_reserved(device),
-            "total": torch.cuda.get_device_properties(device).total_memory}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,7 +565,7 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_fid(args: argparse.Namespace) -> list[dict[str, Any]]:
     from genmodels.data import synthetic_images
-    from genmodels.fid import FIDScorer
+    from genmodels.metrics.fid import FIDScorer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -12,18 +12,31 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
-from genmodels.base import GenerativeModel, ModelConfig
+from genmodels.config import ModelConfig
 from genmodels.data import dequantize, to_unit
-from genmodels.likelihood import (diag_gaussian_log_prob, gaussian_log_prob, kl_standard_normal, nats_to_bpd, psnr,
-                                  standard_normal_log_prob)
+from genmodels.metrics.latent import latent_grids
+from genmodels.metrics.likelihood import (
+    diag_gaussian_log_prob,
+    gaussian_log_prob,
+    kl_standard_normal,
+    nats_to_bpd,
+    psnr,
+    standard_normal_log_prob,
+)
+from genmodels.models.base import GenerativeModel
+from genmodels.networks.convnets import (
+    ARCHS,
+    conv_decoder,
+    conv_encoder,
+    resnet_decoder,
+    resnet_encoder,
+)
 
-# (default first width, kernel, number of stride-2 stages); widths double per stage
-ARCHS = {"conv-small": (32, 3, 3), "conv": (64, 4, 4), "resnet": (32, 3, 3)}
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. 2016: unit i is active when Cov_x(E_q[z_i]) exceeds this
 
 
@@ -39,108 +52,15 @@ class VAEConfig(ModelConfig):
     norm: str = "batch"  # batch | group | none (IWAE training needs group or none; evaluation runs in eval mode)
     eval_k: int = 64  # importance samples of the test_iwae_bpd reported every epoch (same k for trials compared)
     final_eval_k: int = 1000  # importance samples of the end-of-trial NLL estimate (`iwae_bpd`, run by the trainable)
-
-
-def norm_layer(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; choose batch, group or none")
-
-
-def conv_encoder(arch: str, channels: int, width: int, norm: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Stride-2 conv stack; returns the module and its output shape (C, H, W)."""
-    default_width, k, stages = ARCHS[arch]
-    w = width or default_width
-    layers, c_in = [], channels
-    for i in range(stages):
-        c_out = w * 2 ** i
-        layers += [nn.Conv2d(c_in, c_out, k, 2, (k - 1) // 2), norm_layer(norm, c_out), nn.LeakyReLU(0.2)]
-        c_in = c_out
-    side = 32 // 2 ** stages
-    return nn.Sequential(*layers), (c_in, side, side)
-
-
-def conv_decoder(arch: str, channels: int, width: int, norm: str) -> nn.Module:
-    """Mirror of `conv_encoder` with transposed convs; the last layer outputs `channels` logits."""
-    default_width, _, stages = ARCHS[arch]
-    w = width or default_width
-    layers = []
-    for i in reversed(range(1, stages)):
-        c_in, c_out = w * 2 ** i, w * 2 ** (i - 1)
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), norm_layer(norm, c_out), nn.LeakyReLU(0.2)]
-    layers.append(nn.ConvTranspose2d(w, channels, 4, 2, 1))
-    return nn.Sequential(*layers)
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block: skip(x) + conv(act(norm(conv(act(norm(x)))))), resampling by 2 optionally.
-
-    Activations are out of place, so the skip path sees the block's input unchanged (one seed started its blocks
-    with an in-place ReLU and so computed ReLU(x) + F(ReLU(x))).
-    """
-
-    def __init__(self, c_in: int, c_out: int, norm: str, resample: str = "none"):
-        super().__init__()
-        if resample not in ("none", "down", "up"):
-            raise ValueError(f"resample must be none, down or up, not {resample!r}")
-        self.resample = resample
-        self.norm1, self.norm2 = norm_layer(norm, c_in), norm_layer(norm, c_out)
-        self.act = nn.LeakyReLU(0.2)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 2 if resample == "down" else 1, 1)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.norm1(x))
-        if self.resample == "up":
-            h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
-        h = self.conv2(self.act(self.norm2(self.conv1(h))))
-        skip = self.skip(x)  # a 1x1 conv commutes with nearest upsampling and with average pooling: resample after
-        if self.resample == "down":
-            skip = nn.functional.avg_pool2d(skip, 2)
-        elif self.resample == "up":
-            skip = nn.functional.interpolate(skip, scale_factor=2.0, mode="nearest")
-        return skip + h
-
-
-def resnet_encoder(channels: int, width: int, blocks: int, norm: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Stem conv, then per stage one strided ResBlock doubling the width and `blocks - 1` more; output (C, H, W).
-
-    With the default width 32 the stages are 64, 128, 256 channels at 16, 8, 4 pixels, as in the ResNet-VAE seed.
-    """
-    default_width, _, stages = ARCHS["resnet"]
-    w = width or default_width
-    layers: list[nn.Module] = [nn.Conv2d(channels, w, 3, 1, 1)]
-    c = w
-    for _ in range(stages):
-        layers.append(ResBlock(c, 2 * c, norm, "down"))
-        c *= 2
-        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
-    layers += [norm_layer(norm, c), nn.LeakyReLU(0.2)]  # pre-activation blocks leave the last sum un-normalised
-    side = 32 // 2 ** stages
-    return nn.Sequential(*layers), (c, side, side)
-
-
-def resnet_decoder(channels: int, width: int, blocks: int, norm: str) -> nn.Module:
-    """Mirror of `resnet_encoder`: per stage one upsampling ResBlock halving the width and `blocks - 1` more."""
-    default_width, _, stages = ARCHS["resnet"]
-    w = width or default_width
-    c = w * 2 ** stages
-    layers: list[nn.Module] = []
-    for _ in range(stages):
-        layers.append(ResBlock(c, c // 2, norm, "up"))
-        c //= 2
-        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
-    layers += [norm_layer(norm, c), nn.LeakyReLU(0.2), nn.Conv2d(c, channels, 3, 1, 1)]
-    return nn.Sequential(*layers)
+    choices: ClassVar = {"arch": tuple(ARCHS), "norm": ("batch", "group", "none")}
+    ranges: ClassVar = {"latent": (1, None), "width": (0, None), "blocks": (1, None), "beta": (0, None),
+                        "likelihood_scale": (0, None), "eval_k": (1, None), "final_eval_k": (1, None)}
+    open_low: ClassVar = ("likelihood_scale",)
 
 
 class VAE(GenerativeModel):
     Config = VAEConfig
+    importance_weighted: ClassVar[bool] = False  # trained on L_k (IWAE): final images show best-weight samples
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__(cfg, channels)
@@ -244,10 +164,9 @@ class VAE(GenerativeModel):
 
     @torch.no_grad()
     def final_images(self, test_images: torch.Tensor, out_dir: Path) -> dict[str, Path]:
-        """Interpolations (linear, spherical), traversals of the most active latents, best-weight reconstructions."""
-        from genmodels.latent import latent_grids
-
-        return latent_grids(self, test_images, out_dir)
+        """Interpolations (linear, spherical), traversals of the most active latents, and for models trained on an
+        importance-weighted bound, best-weight reconstructions."""
+        return latent_grids(self, test_images, out_dir, best_weight=self.importance_weighted)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
@@ -281,7 +200,7 @@ class VAE(GenerativeModel):
         return m
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, budget: float = 1.0) -> torch.Tensor:
         return self.decode(torch.randn(n, self.cfg.latent, device=self.device))
 
     @torch.no_grad()

@@ -1,0 +1,118 @@
+"""One experiment protocol, driven by the Ray trainable, `genmodels.train`, the benchmarks and bench_overhead:
+
+    exp = Experiment.setup(cfg, train_images, test_images)   # prepare (checks, derived values), then build
+    exp.restore(path)                                          # optional: continue a checkpointed run
+    exp.run(on_epoch)                                          # the epoch loop: train, evaluate, on_epoch(...)
+    final_metrics, images = exp.finish(folder)                 # once-per-run metrics and image grids
+
+`Experiment.from_checkpoint` rebuilds a finished run's model (optionally with some model settings changed, e.g.
+the sampler's) for evaluation without training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from genmodels.config import ConfigError, TrialConfig
+from genmodels.engine import Trainer, load_checkpoint, seed_everything
+from genmodels.registry import model_class, trial_config
+
+
+def prepare(cfg: TrialConfig, train_images: torch.Tensor | None = None) -> TrialConfig:
+    """The model's one-off checks and derived values (e.g. NCSNv2's sigma_1 from the data) folded into the config.
+    A sweep's driver calls this once for all its trials; `Experiment.setup` calls it for a run of its own."""
+    derived = model_class(cfg.model_name).prepare(cfg, train_images)
+    return cfg.replace("model", **derived) if derived else cfg
+
+
+class Experiment:
+    """A model and its trainer, built from a TrialConfig, stepped one epoch at a time."""
+
+    def __init__(self, cfg: TrialConfig, train_images: torch.Tensor, test_images: torch.Tensor,
+                 device: torch.device | str | None = None):
+        self.cfg = cfg
+        seed_everything(cfg.train.seed)
+        model = model_class(cfg.model_name)(cfg.model, channels=train_images.shape[1])
+        self.trainer = Trainer(model, cfg.train, train_images, test_images, device=device,
+                               model_name=cfg.model_name, config_record=cfg.flat())
+
+    @classmethod
+    def setup(cls, cfg: TrialConfig, train_images: torch.Tensor, test_images: torch.Tensor,
+              device: torch.device | str | None = None) -> Experiment:
+        """Prepare (checks and values derived from the training data), then build."""
+        return cls(prepare(cfg, train_images), train_images, test_images, device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, train_images: torch.Tensor, test_images: torch.Tensor,
+                        overrides: dict[str, Any] | None = None,
+                        device: torch.device | str | None = None) -> Experiment:
+        """The finished run saved at `path`, its config updated by `overrides` (flat keys, e.g. `model.init`),
+        ready to evaluate and sample (epoch = its last)."""
+        state = load_checkpoint(path)
+        flat = {**state["config"], **(overrides or {})}
+        exp = cls(trial_config(flat), train_images, test_images, device)
+        exp.trainer.load_weights(state)
+        return exp
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def eval_model(self):
+        return self.trainer.eval_model
+
+    @property
+    def epoch(self) -> int:
+        return self.trainer.epoch
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.epoch >= self.cfg.train.epochs
+
+    def restore(self, path: str | Path) -> None:
+        """Continue the run checkpointed at `path` (model, optimizer, EMA, RNG states, step, epoch). A checkpoint
+        of other model settings raises ConfigError naming the settings that differ."""
+        state = load_checkpoint(path)
+        try:
+            self.trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            saved = state.get("config", {}) if isinstance(state, dict) else {}
+            differ = [f"{k}={saved[k]!r} (now {v!r})" for k, v in self.cfg.flat().items()
+                      if k.startswith("model.") and k in saved and saved[k] != v]
+            raise ConfigError(f"{path} does not fit this model ({type(e).__name__}); it was trained with "
+                              f"{', '.join(differ) or 'another model'}") from None
+
+    def save(self, path: str | Path) -> Path:
+        return self.trainer.save(path)
+
+    def run_epoch(self) -> dict[str, float]:
+        """Train one epoch, then evaluate on the test split; raises engine.Diverged on a non-finite loss."""
+        metrics = self.trainer.train_epoch()
+        metrics.update(self.trainer.evaluate())
+        return {**metrics, "epoch": self.trainer.epoch, "step": self.trainer.step}
+
+    def run(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
+        """The epoch loop: until the configured epochs are done, one epoch of training and evaluation, then
+        `on_epoch(metrics)` (write grids, save, report: `self.done` says whether it was the last). Raises
+        engine.Diverged on a non-finite loss."""
+        while not self.done:
+            on_epoch(self.run_epoch())
+
+    def evaluate(self) -> dict[str, float]:
+        return self.trainer.evaluate()
+
+    def write_grids(self, out_dir: str | Path, budget: float = 1.0) -> dict[str, Path]:
+        return self.trainer.write_grids(out_dir, budget=budget)
+
+    def finish(self, out_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Path]]:
+        """The model's once-per-run metrics, and its final image grids in `out_dir`."""
+        return self.trainer.final_evaluate(out_dir)
+
+
+def make_experiment(model_name: str, settings: dict[str, Any], train_images: torch.Tensor,
+                    test_images: torch.Tensor, device: torch.device | str | None = None) -> Experiment:
+    """`Experiment.setup` from flat settings (qualified keys, or bare names that are unique), strictly checked."""
+    return Experiment.setup(trial_config(settings, model_name), train_images, test_images, device)

@@ -1,0 +1,101 @@
+"""The param space of a sweep: a space's searched domains and constants, its preset, and the command line's
+overrides, as one flat dict of `section.field` keys (Ray Tune's param space), every key and value checked against
+the model's and the training config's declared fields before Ray starts.
+
+A search domain is checked through the values it can produce: every choice of a `tune.choice`, both bounds of a
+range. So `--fixed beta=-1`, a typo in a preset or a space, and a choice outside a field's allowed values all
+fail at sweep start, in one line.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from ray.tune.search.sample import Categorical, Domain, Float, Integer
+
+from genmodels.config import SECTIONS, ConfigError, check_value, section_classes
+from genmodels.registry import model_class, qualified, trial_config
+from sweeps.spaces import Space
+
+
+def is_domain(value: Any) -> bool:
+    return isinstance(value, Domain)
+
+
+def parse_fixed(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs; values as Python literals where they parse (4, 1e-3, True), else as strings."""
+    fixed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--fixed takes KEY=VALUE, got {item!r}")
+        try:
+            fixed[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            fixed[key.strip()] = raw  # bare strings such as arch=conv
+    return fixed
+
+
+def build_param_space(space: Space, preset: str, fixed: dict[str, Any], overrides: dict[str, Any],
+                      seed: int) -> dict[str, Any]:
+    """Searched domains, then the preset's values, then `overrides` (from flags such as --dataset), then --fixed;
+    every key qualified (`model.beta`) and every value or domain checked. A pinned value replaces a domain."""
+    def qualify(values: dict[str, Any], where: str) -> dict[str, Any]:
+        try:
+            return qualified(space.model, values)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    param_space = {"model_name": space.model,
+                   **qualify(space.params, f"space {space.name!r}"),
+                   **qualify(space.presets[preset].config, f"preset {preset!r} of space {space.name!r}"),
+                   "train.seed": seed,
+                   **qualify(overrides, "command line"),
+                   **qualify(fixed, "--fixed")}
+    check_param_space(param_space)
+    return param_space
+
+
+def check_param_space(param_space: dict[str, Any]) -> None:
+    """ConfigError (one line) unless every constant, and every value a domain can produce, is valid; and the
+    constants together make a valid trial config."""
+    classes = section_classes(model_class(param_space["model_name"]).Config)
+    for key, value in param_space.items():
+        section, _, field = key.partition(".")
+        if section not in SECTIONS:
+            continue
+        for example in domain_values(value) if is_domain(value) else [value]:
+            check_value(classes[section], field, example, key)
+    trial_config(representative(param_space))
+
+
+def domain_values(domain: Domain) -> list[Any]:
+    """The values that bound what a domain produces: all choices, or the range's ends (upper end exclusive for
+    integers, as in tune.randint)."""
+    if isinstance(domain, Categorical):
+        return list(domain.categories)
+    if isinstance(domain, Integer):
+        return [domain.lower, domain.upper - 1]
+    if isinstance(domain, Float):
+        return [domain.lower, domain.upper]
+    return []
+
+
+def representative(param_space: dict[str, Any]) -> dict[str, Any]:
+    """One concrete point of the space (each domain's first value): for checks and values derived once per sweep."""
+    point = {}
+    for key, value in param_space.items():
+        if is_domain(value):
+            values = domain_values(value)
+            point[key] = values[0] if values else value.sample()
+        else:
+            point[key] = value
+    return point
+
+
+def searched_keys(param_space: dict[str, Any]) -> list[str]:
+    return [k for k, v in param_space.items() if is_domain(v)]
+
+
+def constants(param_space: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in param_space.items() if not is_domain(v)}
