@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.storage import SWEEP_FILE, join, read_sweep_info, resolve
+from sweeps.storage import SWEEP_FILE, default_storage, join, read_sweep_info, resolve
 
 
 def short(v: Any) -> str:
@@ -38,11 +38,12 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
 
     info = read_sweep_info(storage, name)
     analysis = ExperimentAnalysis(join(storage, name))
-    max_epochs = int(info["constants"].get("epochs", 0))
+    max_epochs = int(info["max_epochs"])
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
-        rows.append({"trial": f"{trial.config.get('model', '')}_{trial.trial_id}", "params": {k: trial.config.get(k) for k in info["searched"]},
+        rows.append({"trial": f"{trial.config.get('model_name', '')}_{trial.trial_id}",
+                     "params": {k: trial.config.get(k) for k in info["searched"]},
                      "value": last.get(info["metric"]), "best": last.get(f"best_{info['metric']}"),
                      "epochs": last.get("epoch", 0), "status": _status(last, max_epochs, trial.status),
                      "extra": _extra_columns(last)})
@@ -61,7 +62,8 @@ def wandb_rows(name: str, project: str, entity: str | None, metric: str, searche
         summary = dict(run.summary)
         state = {"finished": "TERMINATED", "running": "RUNNING", "crashed": "ERROR", "failed": "ERROR"}.get(
             run.state, "TERMINATED")
-        rows.append({"trial": f"{run.config.get('model', '')}_{run.id}", "params": {k: run.config.get(k) for k in searched},
+        rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",
+                     "params": {k: run.config.get(k) for k in searched},
                      "value": summary.get(metric), "best": summary.get(f"best_{metric}"),
                      "epochs": summary.get("epoch", 0), "status": _status(summary, max_epochs, state),
                      "extra": _extra_columns(summary)})
@@ -91,7 +93,7 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
     networks = sorted({str(r["extra"]["fid_network"]) for r in rows if "fid_network" in r["extra"]})
     if networks:
         title = f"{title}; FID network: {', '.join(networks)}" if title else f"FID network: {', '.join(networks)}"
-    header = ["rank", "trial", *params, f"{metric} ({mode})", f"best_{metric}", *extras, "epochs", "status"]
+    header = ["rank", "trial", *[k.split(".")[-1] for k in params], f"{metric} ({mode})", f"best_{metric}", *extras, "epochs", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
         table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], short(r["value"]),
@@ -108,8 +110,6 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
 
 def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
     """The flags that name a finished sweep, shared by leaderboard.py and report.py."""
-    from sweeps.run import default_storage
-
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
     p.add_argument("--storage-path", default=str(default_storage()),
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if source == "wandb":
         rows = wandb_rows(name, args.wandb_project, args.wandb_entity, info["metric"], info["searched"],
-                          int(info["constants"].get("epochs", 0)))
+                          int(info["max_epochs"]))
         if not rows:
             print(f"no W&B runs in group {name!r}; showing local results", file=sys.stderr)
             source = "local"

@@ -71,13 +71,14 @@ def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Te
     evaluation of two batches. For sweeps/run.py --gpus-per-trial auto; run it in a fresh process so the peak is
     this trial's alone."""
     from genmodels.experiment import make_experiment
+    from genmodels.registry import trial_config
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()  # a previous probe's cached blocks would count as this one's peak
     torch.cuda.reset_peak_memory_stats(device)
-    bs = int(params["batch_size"])
-    trainer = make_experiment(model_name, {**params, "steps_per_epoch": steps, "eval_images": 2 * bs}, train_images,
-                           test_images, device=device).trainer
+    bs = trial_config(params, model_name).train.batch_size
+    trainer = make_experiment(model_name, {**params, "train.steps_per_epoch": steps, "train.eval_images": 2 * bs},
+                              train_images, test_images, device=device).trainer
     trainer.train_epoch()
     trainer.evaluate()
     torch.cuda.synchronize(device)

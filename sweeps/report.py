@@ -33,7 +33,7 @@ def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[
     info = read_sweep_info(storage, name)
     analysis = ExperimentAnalysis(join(storage, name))
     frames = analysis.trial_dataframes
-    max_epochs = int(info["constants"].get("epochs", 0))
+    max_epochs = int(info["max_epochs"])
     trials = []
     for trial in analysis.trials:
         df = frames.get(trial.trial_id)
@@ -76,7 +76,7 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (xk, yk, xl, yl) in zip(axes[0], panels):
-        pts = [(t["last"][xk], t["last"][yk], t["config"].get("beta")) for t in trials
+        pts = [(t["last"][xk], t["last"][yk], t["config"].get("model.beta")) for t in trials
                if _num(t["last"].get(xk)) and _num(t["last"].get(yk))]
         xs, ys, betas = zip(*pts)
         if all(_num(b) and b > 0 for b in betas):

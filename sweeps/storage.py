@@ -3,10 +3,16 @@ node of a cluster can reach. Files are read and written through pyarrow.fs, as R
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 SWEEP_FILE = "gensweep_sweep.json"  # what --resume, the leaderboard and the report need to know about a sweep
+
+
+def default_storage() -> Path:
+    """Where sweeps go unless --storage-path says otherwise."""
+    return Path(os.environ.get("GENSWEEP_RESULTS", Path.home() / "gensweep-runs"))
 
 
 def is_uri(storage: str) -> bool:

@@ -9,10 +9,9 @@ reported only at milestones and at the end, so every value ASHA reads was comput
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
-from genmodels.engine import Trainer
+from genmodels.experiment import Experiment
 from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name
 
 
@@ -50,32 +49,27 @@ def _scorer(plan: FIDPlan, device) -> FIDScorer:
     return _scorers[key]
 
 
-def sample_kwargs_for_rung(plan: FIDPlan, model, rung: int) -> dict[str, Any]:
-    """Fewer sampler steps at low rungs, for models whose sample() takes a step count (e.g. NCSN's Langevin)."""
-    fraction = plan.step_fractions[min(rung, len(plan.step_fractions) - 1)]
-    if fraction >= 1 or "steps_per_level" not in inspect.signature(model.sample).parameters:
-        return {}
-    steps = int(getattr(model.cfg, "langevin_steps", 0))
-    return {"steps_per_level": max(1, round(steps * fraction))} if steps else {}
+def sampling_budget(plan: FIDPlan, rung: int) -> float:
+    """The share of a model's full sampling cost spent at `rung` (models without a step count ignore it)."""
+    return plan.step_fractions[min(rung, len(plan.step_fractions) - 1)]
 
 
-def fid_metrics(plan: FIDPlan, trainer: Trainer, final: bool) -> dict[str, Any]:
+def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
     """FID metrics due at this epoch: the rung's ladder FID at milestones, the full-budget FID at the end."""
-    rung = plan.rung(trainer.epoch)
+    rung = plan.rung(exp.epoch)
     if not final and (rung is None or plan.rank_by is None):  # ranked by something else: FID once, at the end
         return {}
-    scorer = _scorer(plan, trainer.device)
-    model = trainer.eval_model
+    scorer = _scorer(plan, exp.trainer.device)
+    model = exp.eval_model
     out: dict[str, Any] = {"fid_network": scorer.name}
-    seed = trainer.cfg.seed + 1  # the same noise for every trial and rung: differences come from the models
+    seed = exp.cfg.train.seed + 1  # the same noise for every trial and rung: differences come from the models
     if model.can_sample:
         if final:
-            n, kwargs = plan.final_n, {}
+            n, budget = plan.final_n, 1.0
         else:
-            n = plan.ladder[min(rung, len(plan.ladder) - 1)]
-            kwargs = sample_kwargs_for_rung(plan, model, rung)
+            n, budget = plan.ladder[min(rung, len(plan.ladder) - 1)], sampling_budget(plan, rung)
         scorer.kid_subsets = 100 if final else 0  # KID costs minutes on a CPU: once, at the end
-        r = scorer.sample_fid(model, n, plan.ref, seed=seed, **kwargs)
+        r = scorer.sample_fid(model, n, plan.ref, seed=seed, budget=budget)
         out[fid_metric_name(r["n"])] = r["fid"]
         if "kid" in r:
             out[fid_metric_name(r["n"], "kid")] = r["kid"]
@@ -83,7 +77,7 @@ def fid_metrics(plan: FIDPlan, trainer: Trainer, final: bool) -> dict[str, Any]:
             out["fid"] = r["fid"]
     if model.can_reconstruct and (final or plan.rank_by == "rfid"):
         scorer.kid_subsets = 0
-        test = trainer.test_images(plan.ref.num)
+        test = exp.trainer.test_images(plan.ref.num)
         r = scorer.reconstruction_fid(model, test, plan.ref)
         out[fid_metric_name(r["n"], "rfid")] = out["rfid"] = r["fid"]
     return out

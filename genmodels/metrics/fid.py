@@ -395,15 +395,15 @@ class FIDScorer:
         return self.score_features(self.features(fake), ref)
 
     def sample_fid(self, model: GenerativeModel, n: int, ref: RefStats, batch_size: int | None = None,
-                   seed: int | None = None, **sample_kwargs: Any) -> dict[str, Any]:
-        """FID/KID of n samples of `model`, drawn `batch_size` at a time with `model.sample(b, **sample_kwargs)`
+                   seed: int | None = None, budget: float = 1.0) -> dict[str, Any]:
+        """FID/KID of n samples of `model`, drawn `batch_size` at a time with `model.sample(b, budget=budget)`
         (e.g. steps_per_level for NCSN). With `seed`, the samples are reproducible and the caller's RNG state is
         left as it was."""
         bs = batch_size or self.batch_size
 
         def batches() -> Iterator[torch.Tensor]:
             for start in range(0, n, bs):
-                yield model.sample(min(bs, n - start), **sample_kwargs)
+                yield model.sample(min(bs, n - start), budget=budget)
 
         devices = [model.device] if model.device.type == "cuda" else []
         with _eval_mode(model), torch.random.fork_rng(devices=devices, enabled=seed is not None):

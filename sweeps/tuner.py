@@ -1,0 +1,154 @@
+"""What a sweep assembles around the trainable: Ray on this machine or a cluster, the FID plan, Optuna's sampler,
+ASHA, the W&B logger, and the Tuner that runs them (new, or restored for `--resume`)."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+from sweeps import storage as sweep_storage
+from sweeps.param_space import is_domain
+from sweeps.spaces import FID_BUDGETS, Space
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def configure_environment(local: bool) -> None:
+    """Ray and Tune settings, before Ray is imported by anything."""
+    # The classic reporter prints one compact table with the columns we choose; the new engine prints every metric.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # FID is reported only at ASHA milestones (the fidelity ladder) and a diverged trial's last report has no ranking
+    # metric at all: both are intended, so Tune must not insist on the metric in every result.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if local:
+        # Local Ray on one machine: makes Ray's node-IP lookup answer loopback instead of the external address
+        # (read when ray is first imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def check_address(address: str) -> None:
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or address, int(port or 6379)), timeout=5).close()
+    except (OSError, ValueError):
+        raise UsageError(f"cannot reach a Ray cluster at {address}; start one with `ray start --head` "
+                         f"or leave out --address to run locally") from None
+
+
+def init_ray(address: str | None, env: dict[str, str]) -> None:
+    import ray
+
+    runtime_env = {"env_vars": env}
+    if address:
+        check_address(address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # One machine: keep Ray on loopback, so it neither depends on nor exposes the external interface.
+        ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+
+
+def trial_name(trial) -> str:
+    """Readable run names for the progress table and W&B: model, trial id, searched values."""
+    from sweeps.leaderboard import short
+
+    parts = [f"{k.split('.')[-1]}={short(v)}" for k, v in getattr(trial, "evaluated_params", {}).items()]
+    return "_".join([trial_dirname(trial), ",".join(parts)]) if parts else trial_dirname(trial)
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial.config['model_name']}_{trial.trial_id}"
+
+
+def _optuna_search_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class MilestoneOptunaSearch(OptunaSearch):
+        """OptunaSearch that passes over results without the ranking metric (FID exists only at ASHA milestones;
+        a diverged trial has none); Optuna's intermediate values then hold only comparable points."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return MilestoneOptunaSearch
+
+
+def trial_resources(cpus: float, gpus: float | None) -> dict[str, float]:
+    return {"cpu": cpus, "gpu": gpus if gpus is not None else float(torch.cuda.is_available())}
+
+
+def resolve_fid(space: Space, preset: str, network: str | None, weights: str | None,
+                final_samples: int | None) -> dict[str, Any]:
+    """FID settings of the sweep: the preset's budget, overridden by the command line."""
+    budget = space.presets[preset].fid or FID_BUDGETS[preset]
+    network = "inception" if weights else (network or budget.network)
+    return {"network": network, "weights_path": weights, "ladder": list(budget.ladder),
+            "step_fractions": list(budget.step_fractions), "final": final_samples or budget.final}
+
+
+def make_fid_plan(fid: dict[str, Any], test_images: torch.Tensor, dataset: str, epochs: int, preset, metric: str):
+    """Load the feature network here, once (a missing one fails now, in one line), and compute the test split's
+    reference statistics (cached on disk) that every trial shares through the object store."""
+    from genmodels.metrics.fid import FIDScorer
+    from trainables.evaluation import FIDPlan, asha_milestones
+
+    scorer = FIDScorer(fid["network"], fid["weights_path"])
+    ref = scorer.reference(test_images, key=f"{dataset}-test")
+    del scorer
+    milestones = asha_milestones(epochs, min(preset.grace_period, epochs), preset.reduction_factor)
+    return FIDPlan(network=fid["network"], weights_path=fid["weights_path"], ref=ref, milestones=milestones,
+                   ladder=tuple(fid["ladder"]), step_fractions=tuple(fid["step_fractions"]), final_n=fid["final"],
+                   rank_by=metric if metric in ("fid", "rfid") else None)
+
+
+def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, storage: str, name: str, *,
+               metric: str, fid_plan, resources: dict[str, float], num_samples: int, max_concurrent: int,
+               seed: int, callbacks: list, resume: bool = False):
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from trainables.trainable import TrialSettings, train_trial
+
+    settings = TrialSettings(space=space.name, metric=metric, mode=space.mode, fid=fid_plan)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings), resources)
+    if resume:
+        # The saved tuner state holds the param space, searcher (Optuna history), scheduler and every trial's
+        # config; the callbacks are not saved with it and are passed again.
+        return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    p = space.presets[preset]
+    epochs = int(param_space["train.epochs"])
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
+                              reduction_factor=p.reduction_factor)
+    searched = [k for k, v in param_space.items() if is_domain(v)]
+    search_alg = _optuna_search_class()(sampler=TPESampler(seed=seed)) if searched else None
+    if search_alg and max_concurrent:
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
+    # milestones); the leaderboard at the end is ranked.
+    reporter = tune.CLIReporter(metric_columns={metric: metric, "epoch": "epoch"},
+                                parameter_columns={k: k.split(".")[-1] for k in searched}, max_report_frequency=15)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=max_concurrent or None,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=1,
+                                  callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=3),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # The image grids trials write on any node reach storage every 5 minutes and when
+                                  # the trial ends (not at every report: that would upload every grid again).
+                                  sync_config=tune.SyncConfig(sync_artifacts=True,
+                                                              sync_artifacts_on_checkpoint=False)))
