@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config["epochs"] = args.epochs or min(int(config["epochs"]), 10)
     if "stage1_epochs" in config:  # vqvae: both stages, in proportion
         config["stage1_epochs"] = max(1, config["epochs"] // 2)
-        config["prior_epochs"] = config["epochs"] - config["stage1_epochs"]
     per_step = step_seconds(config, data)
     config["steps_per_epoch"] = max(1, math.ceil(args.seconds / config["epochs"] / per_step))
     print(f"overhead: {space.model} at {config['epochs']} epochs x {config['steps_per_epoch']} steps "

@@ -79,11 +79,9 @@ VAE_SPACE = Space(
 
 def vqvae_preset(stage1_epochs: int, prior_epochs: int, config: dict[str, Any], num_samples: int,
                  reduction_factor: int = 2) -> Preset:
-    """A VQ-VAE preset: `epochs` is the sum of the two stages (VQVAE.prepare checks it again before a sweep), and
-    ASHA's first decision waits for the end of the first prior epoch, since sample FID before it measures an
-    untrained prior."""
-    config = {**config, "stage1_epochs": stage1_epochs, "prior_epochs": prior_epochs,
-              "epochs": stage1_epochs + prior_epochs}
+    """A VQ-VAE preset: `epochs` is the sum of the two stages, and ASHA's first decision waits for the end of the
+    first prior epoch, since sample FID before it measures an untrained prior."""
+    config = {**config, "stage1_epochs": stage1_epochs, "epochs": stage1_epochs + prior_epochs}
     return Preset(config=config, num_samples=num_samples, grace_period=stage1_epochs + 1,
                   reduction_factor=reduction_factor)
 
@@ -92,14 +90,14 @@ VQVAE_SPACE = Space(
     name="vqvae",
     model="vqvae",
     description="VQ-VAE (EMA codebook, dead-code restarts) + gated PixelCNN prior over the 8x8 codes, both stages in "
-                "one trial (epochs = stage1_epochs + prior_epochs; the prior trains on frozen codes). Ranked by the "
+                "one trial (the epochs after stage1_epochs train the prior on frozen codes). Ranked by the "
                 "FID of samples (prior codes, decoded); ASHA's grace period ends at the first prior epoch because "
                 "earlier milestones would score samples of an untrained prior. --metric can rank by reconstruction "
                 "FID instead.",
     params={
         "codebook_size": tune.choice([128, 256, 512, 1024]),
         "code_dim": tune.choice([16, 32, 64]),
-        "beta": tune.loguniform(0.1, 2.0),
+        "commitment": tune.loguniform(0.1, 2.0),
         "ema_decay_codebook": tune.choice([0.95, 0.99, 0.999]),
         "restarts": tune.choice([True, False]),
         "lr": tune.loguniform(1e-4, 1e-3),

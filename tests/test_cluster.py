@@ -131,20 +131,23 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
         monkeypatch.delenv(var, raising=False)  # run.py sets these on import; undone after the test
     monkeypatch.setenv("WANDB_MODE", "disabled")  # run.main sets it too
     import sweeps.run as run
+    import sweeps.tuner as tuner
 
-    args = run.parse_args(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5",
-                           "--storage-path", str(tmp_path)])
-    space = run.SPACES["vae"]
-    run.write_sweep(str(tmp_path), "old", space, "smoke", run.build_config(space, "smoke", args), args,
-                    space.metric, run.resolve_fid(space, "smoke", args))
     seen = {}
 
-    def make_tuner(space, preset, config, args, *a, **k):
-        seen.update(run.trial_resources(args), resume=k["resume"])
-        raise _Stop
+    class StartedTuner:
+        def fit(self):
+            raise _Stop
 
-    monkeypatch.setattr(run, "init_ray", lambda *a: None)
-    monkeypatch.setattr(run, "make_tuner", make_tuner)
+    def make_tuner(*a, resources, resume, **k):
+        seen.update(resources, resume=resume)
+        return StartedTuner()
+
+    monkeypatch.setattr(tuner, "init_ray", lambda *a: None)
+    monkeypatch.setattr(tuner, "make_tuner", make_tuner)
+    with pytest.raises(_Stop):  # the sweep starts (its settings are saved), then its driver stops
+        run.main(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5", "--name", "old",
+                  "--storage-path", str(tmp_path), "--no-wandb"])
     with pytest.raises(_Stop):
         run.main(["--resume", "old", "--storage-path", str(tmp_path), "--no-wandb", *resume_flags])
     assert seen == {**expected, "resume": True}
@@ -177,10 +180,11 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
     monkeypatch.setattr(tr.tune, "report", report)
     monkeypatch.chdir(tmp_path)  # Tune runs a trial in its own working directory
     monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: restore_from["checkpoint"])
-    config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "batch_size": 8, "steps_per_epoch": 2}
-    tr.train_trial({**config, "epochs": 1}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
+    config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
+              "train.batch_size": 8, "train.steps_per_epoch": 2}
+    tr.train_trial({**config, "train.epochs": 1}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
     restore_from["checkpoint"] = tr.tune.Checkpoint.from_directory(tmp_path / "checkpoint_1")
-    tr.train_trial({**config, "epochs": 3}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
+    tr.train_trial({**config, "train.epochs": 3}, data, tr.TrialSettings(space="vae", metric="test_bpd"))
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in reports] == [(1, 0), (2, 1), (3, 1)]
     assert all(r["node_id"] == "" for r in reports)  # not inside Ray here
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]

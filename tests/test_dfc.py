@@ -6,14 +6,15 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import make_trainer
 from torch import nn
 
-from genmodels import dfc
 from genmodels.data import synthetic_images
-from conftest import make_trainer
 from genmodels.errors import ResourceUnavailable
-from genmodels.models.dfc import (
-    DFCVAE,
+from genmodels.models.dfc import DFCVAE
+from genmodels.registry import trial_config
+from genmodels.networks import vgg as dfc
+from genmodels.networks.vgg import (
     LAYER_SETS,
     PerceptualLoss,
     load_vgg19,
@@ -89,22 +90,22 @@ def test_weights_from_a_path_load_and_missing_layers_fail(tmp_path):
     net = load_vgg19(str(path), 11)
     torch.testing.assert_close(net[10].weight, saved[10].weight)
     assert not any(p.requires_grad for p in net.parameters())
-    DFCVAE.prepare({"vgg_weights": str(path)})
+    DFCVAE.prepare(trial_config({"vgg_weights": str(path)}, "dfc"))
     with pytest.raises(ResourceUnavailable, match="lack 12.bias"):
         load_vgg19(str(path), 20)
 
 
 def test_missing_weights_fail_in_one_line_naming_the_flag(tmp_path, monkeypatch):
     with pytest.raises(ResourceUnavailable, match="--vgg-weights") as e:
-        DFCVAE.prepare({"vgg_weights": str(tmp_path / "nope.pth")})
+        DFCVAE.prepare(trial_config({"vgg_weights": str(tmp_path / "nope.pth")}, "dfc"))
     assert "\n" not in str(e.value)
     # default weights, no network: the download fails (a file:// URL that does not exist stands in for it)
     monkeypatch.setattr(dfc, "vgg19_weights_url", lambda: "file:///nonexistent/vgg19-dcbb9e9d.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(ResourceUnavailable, match="--vgg-weights") as e:
-        DFCVAE.prepare({"vgg_weights": ""})
+        DFCVAE.prepare(trial_config({"vgg_weights": ""}, "dfc"))
     assert "\n" not in str(e.value)
-    DFCVAE.prepare({"vgg_weights": "random"})  # nothing to fetch
+    DFCVAE.prepare(trial_config({"vgg_weights": "random"}, "dfc"))  # nothing to fetch
 
 
 def test_default_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
@@ -114,11 +115,11 @@ def test_default_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(dfc, "vgg19_weights_url", lambda: source.as_uri())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(ResourceUnavailable, match="--vgg-weights"):  # the hash in the name is checked
-        DFCVAE.prepare({})
+        DFCVAE.prepare(trial_config({}, "dfc"))
     good = source.with_name("vgg19-nohash.pth")
     source.rename(good)
     monkeypatch.setattr(dfc, "vgg19_weights_url", lambda: good.as_uri())
-    DFCVAE.prepare({})
+    DFCVAE.prepare(trial_config({}, "dfc"))
     assert (tmp_path / "hub" / "checkpoints" / "vgg19-nohash.pth").is_file()
     model = DFCVAE(DFCVAE.Config(**{**TINY, "vgg_weights": ""}), 3)
     torch.testing.assert_close(model.perceptual.net[0].weight, torch.load(good)["features.0.weight"])

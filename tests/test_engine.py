@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
+from conftest import make_trainer
 
 import genmodels.models.vae as vae_module
 from genmodels.data import synthetic_images
-from conftest import make_trainer
 from genmodels.engine import Diverged, load_checkpoint
 from genmodels.metrics.likelihood import nats_to_bpd
 

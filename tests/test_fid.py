@@ -17,8 +17,8 @@ import scipy.linalg
 import torch
 
 from genmodels.data import synthetic_images
-from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name, to_uint8
 from genmodels.errors import ResourceUnavailable
+from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name, to_uint8
 from genmodels.registry import build_model
 
 N = 128

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from genmodels.data import synthetic_images
-from conftest import make_trainer
-from genmodels.models.ncsn import NCSN, LogSigmaEmbedding, NCSNConfig, dsm_loss
+from genmodels.models.ncsn import NCSN, NCSNConfig, dsm_loss
+from genmodels.networks.unet import LogSigmaEmbedding
 from genmodels.samplers import sigmas as schedules
 from genmodels.samplers.langevin import annealed_langevin
 

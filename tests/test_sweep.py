@@ -1,6 +1,5 @@
 """End to end through Ray Tune: the smoke sweep, the leaderboard, and the CLI's one-line errors."""
 import json
-from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -54,7 +53,8 @@ def test_leaderboard_prints_again_after_the_sweep(smoke_sweep):
 @pytest.mark.parametrize("args, message", [
     (["--space", "nope"], "unknown space 'nope'"),
     (["--num-samples", "-3"], "--num-samples must be at least 1"),
-    (["--fixed", "bogus=1"], "--fixed bogus is not a setting"),
+    (["--fixed", "bogus=1"], "--fixed: unknown setting 'bogus' for model vae"),
+    (["--fixed", "bta=1"], "did you mean model.beta?"),
     (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
     (["--dataset", "cifar10"], "--data-dir"),
     (["--resume", "never-ran"], "no sweep named 'never-ran'"),
@@ -78,16 +78,12 @@ def test_diverged_trial_reports_and_ends_cleanly(monkeypatch, tmp_path):
     monkeypatch.setattr(tr.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
     monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_dir": lambda self: str(tmp_path)})())
-    real = tr.make_trainer
+    from genmodels.models.vae import VAE
 
-    def exploding(*a, **k):
-        t = real(*a, **k)
-        t.model.loss = lambda x: (torch.tensor(float("inf"), requires_grad=True), {})
-        return t
-
-    monkeypatch.setattr(tr, "make_trainer", exploding)
+    monkeypatch.setattr(VAE, "loss", lambda self, x: (torch.tensor(float("inf"), requires_grad=True), {}))
     data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
-    config = {"model": "vae", "arch": "conv-small", "width": 4, "latent": 4, "epochs": 3, "batch_size": 8}
+    config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
+              "train.epochs": 3, "train.batch_size": 8}
     tr.train_trial(config, data, tr.TrialSettings(space="vae", metric="test_bpd"))
     assert len(reports) == 1 and reports[0]["diverged"] == 1 and "test_bpd" not in reports[0]
 

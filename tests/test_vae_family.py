@@ -23,13 +23,8 @@ from genmodels.metrics.latent import (
 from genmodels.metrics.likelihood import gaussian_log_prob, kl_standard_normal
 from genmodels.models.base import GenerativeModel
 from genmodels.models.iwae import IWAE, IWAEConfig
-from genmodels.models.vae import (
-    VAE,
-    ResBlock,
-    VAEConfig,
-    resnet_decoder,
-    resnet_encoder,
-)
+from genmodels.models.vae import VAE, VAEConfig
+from genmodels.networks.convnets import PreActResBlock, resnet_decoder, resnet_encoder
 from genmodels.registry import build_model
 
 
@@ -170,11 +165,11 @@ def test_iwae_training_step_on_images_improves_the_bound():
 
 
 def test_iwae_rejects_batch_norm_and_bad_settings():
-    with pytest.raises(ValueError, match="norm=batch"):
+    with pytest.raises(ValueError, match="model.norm must be one of group, none"):
         tiny("iwae", norm="batch")
     with pytest.raises(ValueError, match="estimator"):
         tiny("iwae", estimator="vimco")
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(ValueError, match="model.beta must be >= 1"):
         tiny("iwae", beta=0.5)
     assert IWAEConfig().norm == "group"
 
@@ -215,7 +210,7 @@ def test_iwae_bpd_chunks_large_k_and_tightens():
 
 @pytest.mark.parametrize("c_in,c_out,resample", [(8, 8, "none"), (8, 16, "down"), (16, 8, "up")])
 def test_resblock_does_not_mutate_its_input(c_in, c_out, resample):
-    block = ResBlock(c_in, c_out, "group", resample)
+    block = PreActResBlock(c_in, c_out, "group", resample)
     x = torch.randn(2, c_in, 8, 8)  # negative values: an in-place (leaky) ReLU would change them
     before = x.clone()
     y = block(x)
@@ -225,7 +220,7 @@ def test_resblock_does_not_mutate_its_input(c_in, c_out, resample):
 
 
 def test_resblock_skip_carries_the_raw_input():
-    block = ResBlock(8, 8, "group")
+    block = PreActResBlock(8, 8, "group")
     nn.init.zeros_(block.conv2.weight)
     nn.init.zeros_(block.conv2.bias)
     x = torch.randn(2, 8, 4, 4)
@@ -236,7 +231,7 @@ def test_resnet_encoder_and_decoder_are_residual_and_sized_by_width_and_blocks()
     enc, shape = resnet_encoder(3, 8, 2, "group")
     dec = resnet_decoder(3, 8, 2, "group")
     assert shape == (64, 4, 4)
-    assert sum(isinstance(m, ResBlock) for m in enc) == 6 and sum(isinstance(m, ResBlock) for m in dec) == 6
+    assert sum(isinstance(m, PreActResBlock) for m in enc) == 6 and sum(isinstance(m, PreActResBlock) for m in dec) == 6
     z = enc(torch.rand(2, 3, 32, 32))
     assert z.shape == (2, *shape) and dec(z).shape == (2, 3, 32, 32)
     model = tiny("vae", arch="resnet", blocks=2)
@@ -298,7 +293,9 @@ def test_latent_grids_write_pngs_and_best_weight_reconstruction_for_iwae(tmp_pat
     images = synthetic_images(20, seed=6)
     vae_paths = latent_grids(tiny("vae", arch="resnet"), images, tmp_path / "vae", n_pairs=4, steps=6)
     assert set(vae_paths) == {"interp_linear", "interp_slerp", "traversal"}
-    iwae_paths = latent_grids(tiny("iwae"), images, tmp_path / "iwae", n_pairs=4, steps=6)
+    iwae = tiny("iwae")
+    iwae_paths = latent_grids(iwae, images, tmp_path / "iwae", n_pairs=4, steps=6,
+                              best_weight=iwae.importance_weighted)
     assert set(iwae_paths) == set(vae_paths) | {"best_weight_recon"}
     for p in [*vae_paths.values(), *iwae_paths.values()]:
         assert p.exists() and p.read_bytes()[:4] == b"\x89PNG"

@@ -7,12 +7,11 @@ import math
 import random
 
 import pytest
-import torch
+from conftest import make_trainer
 from ray import tune
 
-from genmodels.data import synthetic_images
-from conftest import make_trainer
 from genmodels.config import TrainConfig
+from genmodels.data import synthetic_images
 from genmodels.metrics.latent import latent_grids
 from genmodels.registry import model_class
 from sweeps.spaces import SMOKE_DATA, SPACES
@@ -67,7 +66,8 @@ def test_smoke_trial_config_trains_and_reports_the_metric(name, tmp_path):
     model = trainer.eval_model
     final = model.iwae_bpd(trainer.test_batches.epoch(), k=config["final_eval_k"])
     assert math.isfinite(final)
-    paths = latent_grids(model, trainer.test_images(16), tmp_path, n_pairs=2, steps=4)
+    paths = latent_grids(model, trainer.test_images(16), tmp_path, n_pairs=2, steps=4,
+                         best_weight=model.importance_weighted)
     assert all(p.exists() for p in paths.values())
     assert ("best_weight_recon" in paths) == (name == "iwae")
     # the same through the engine's end-of-trial hook, as the trainable calls it

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from genmodels.data import synthetic_images
-from conftest import make_trainer
-from genmodels.models.vqvae import (
-    VQVAE,
-    VectorQuantizer,
-    check_stage_epochs,
-    perplexity,
-)
+from genmodels.models.vqvae import VQVAE
+from genmodels.networks.quantizer import VectorQuantizer, perplexity
 from genmodels.networks.pixelcnn import GatedPixelCNN
 from genmodels.registry import build_model
 
@@ -57,6 +53,26 @@ def test_ema_with_restarts_finds_every_centre_from_the_default_init():
     assert nearest_code.max().item() < 0.1  # every centre has a code on it, not just the few nearest the origin
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_restarts_cover_every_cluster_from_a_codebook_far_from_the_data(seed):
+    """Codes start far from well-separated clusters: at first one code takes every vector (at their mean) and
+    all others are dead. Restarts drawn far from the nearest code (k-means++ style, one at a time) must leave a
+    code near every centre; re-seeding at random outputs of the batch lets two codes share one cluster while a
+    code serving several clusters at their mean stays "in use"."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.randn(12, 4, generator=g)  # pairwise ~14 apart, noise 0.1
+    torch.manual_seed(seed)
+    q = VectorQuantizer(16, 4, mode="ema", decay=0.9, restart_window=5).train()
+    with torch.no_grad():
+        q.codebook.add_(100.0)
+        q.code_sum.copy_(q.codebook)
+    for _ in range(200):
+        q(clustered(centres, 256, 0.1, g))
+        q.restart_dead_codes()
+    nearest_code = torch.cdist(centres, q.codebook).min(dim=1).values
+    assert nearest_code.max().item() < 0.5, nearest_code
+
+
 @pytest.mark.parametrize("mode", ["ema", "loss"])
 def test_restarts_revive_codes_where_a_plain_codebook_collapses(mode):
     g = torch.Generator().manual_seed(2)
@@ -88,7 +104,7 @@ def test_restarts_raise_codebook_usage_of_the_model():
     train, test = synthetic_images(256, 0), synthetic_images(64, 1)
     perplexities = {}
     for restarts in (False, True):
-        cfg = {**TINY, "codebook_size": 32, "restarts": restarts, "stage1_epochs": 1, "prior_epochs": 0,
+        cfg = {**TINY, "codebook_size": 32, "restarts": restarts, "stage1_epochs": 1,
                "epochs": 1, "steps_per_epoch": 40, "batch_size": 32, "lr": 2e-3}
         trainer = make_trainer("vqvae", cfg, train, test, device="cpu")
         before = trainer.evaluate()
@@ -123,7 +139,7 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert torch.allclose(z_e.grad, weights)  # backward: the identity
 
     torch.manual_seed(0)
-    model = build_model("vqvae", {**TINY, "beta": 0.0}, channels=3).train()  # beta 0: no commitment gradient
+    model = build_model("vqvae", {**TINY, "commitment": 0.0}, channels=3).train()  # no commitment gradient
     loss, _ = model.loss(synthetic_images(4))
     loss.backward()
     first_conv = model.encoder[0].weight.grad
@@ -176,7 +192,7 @@ def test_samples_are_valid_codes_and_images():
 
 @pytest.mark.parametrize("codebook", ["ema", "loss"])
 def test_stage_switch_freezes_the_autoencoder(codebook):
-    cfg = {**TINY, "codebook": codebook, "stage1_epochs": 1, "prior_epochs": 1, "epochs": 2, "steps_per_epoch": 3,
+    cfg = {**TINY, "codebook": codebook, "stage1_epochs": 1, "epochs": 2, "steps_per_epoch": 3,
            "batch_size": 16}
     trainer = make_trainer("vqvae", cfg, synthetic_images(64, 0), synthetic_images(16, 1), device="cpu")
     model = trainer.model
@@ -202,6 +218,7 @@ def test_stage_switch_freezes_the_autoencoder(codebook):
 def test_evaluate_reports_usage_and_prior_bits():
     torch.manual_seed(0)
     model = build_model("vqvae", TINY, channels=3).eval()
+    model.start_epoch(model.cfg.stage1_epochs)  # stage 2 begun: the prior's metrics are due
     m = model.evaluate([synthetic_images(8, 1)])
     for key in ("test_mse", "test_psnr", "test_perplexity", "test_dead_codes", "test_prior_bits_per_code",
                 "test_prior_bpd", "dead_codes", "codes_restarted"):
@@ -212,10 +229,19 @@ def test_evaluate_reports_usage_and_prior_bits():
     assert m["test_prior_bpd"] == pytest.approx(m["test_prior_bits_per_code"] * 64 / 3072)
 
 
-def test_epochs_must_be_the_sum_of_the_stages():
-    check_stage_epochs({"stage1_epochs": 3, "prior_epochs": 2, "epochs": 5})
-    with pytest.raises(ValueError, match="stage1_epochs"):
-        VQVAE.prepare({"stage1_epochs": 3, "prior_epochs": 2, "epochs": 4})
+def test_a_run_shorter_than_stage_1_says_so_and_reports_no_prior():
+    from genmodels.registry import trial_config
+
+    short = trial_config({**TINY, "stage1_epochs": 3, "epochs": 2}, "vqvae")
+    assert "no prior" in VQVAE.training_plan(short)
+    assert "prior for 2" in VQVAE.training_plan(trial_config({**TINY, "stage1_epochs": 3, "epochs": 5}, "vqvae"))
+    trainer = make_trainer("vqvae", {**TINY, "stage1_epochs": 3, "epochs": 2, "steps_per_epoch": 2, "batch_size": 8},
+                           synthetic_images(32, 0), synthetic_images(8, 1))
+    trainer.train_epoch()
+    trainer.train_epoch()
+    metrics = trainer.evaluate()
+    assert "test_mse" in metrics and not any("prior" in k for k in metrics)
+    assert not trainer.eval_model.can_sample  # an untrained prior draws nothing a grid or an FID should show
 
 
 def test_vqvae_space_presets_are_consistent():
@@ -225,12 +251,12 @@ def test_vqvae_space_presets_are_consistent():
     assert space.model == "vqvae" and space.metric == "fid"
     for preset in space.presets.values():
         config = {**space.params, **preset.config}
-        VQVAE.prepare(config)
+        assert config["epochs"] > config["stage1_epochs"]  # both stages run
         assert preset.grace_period == config["stage1_epochs"] + 1  # ASHA's first cut sees a trained prior
 
 
 def test_resume_inside_stage_1_and_across_the_boundary_is_exact(tmp_path):
-    cfg = {**TINY, "kmeans_init": True, "stage1_epochs": 2, "prior_epochs": 1, "epochs": 3, "steps_per_epoch": 4,
+    cfg = {**TINY, "kmeans_init": True, "stage1_epochs": 2, "epochs": 3, "steps_per_epoch": 4,
            "batch_size": 32, "ema_decay": 0.9}
     data = synthetic_images(128, 0), synthetic_images(32, 1)
     straight = make_trainer("vqvae", cfg, *data, device="cpu")

@@ -41,7 +41,7 @@ def conv_decoder(arch: str, channels: int, width: int, norm: str) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-class ResBlock(nn.Module):
+class PreActResBlock(nn.Module):
     """Pre-activation residual block: skip(x) + conv(act(norm(conv(act(norm(x)))))), resampling by 2 optionally.
 
     Activations are out of place, so the skip path sees the block's input unchanged (one seed started its blocks
@@ -73,7 +73,7 @@ class ResBlock(nn.Module):
 
 
 def resnet_encoder(channels: int, width: int, blocks: int, norm: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Stem conv, then per stage one strided ResBlock doubling the width and `blocks - 1` more; output (C, H, W).
+    """Stem conv, then per stage one strided PreActResBlock doubling the width and `blocks - 1` more; output (C, H, W).
 
     With the default width 32 the stages are 64, 128, 256 channels at 16, 8, 4 pixels, as in the ResNet-VAE seed.
     """
@@ -82,23 +82,23 @@ def resnet_encoder(channels: int, width: int, blocks: int, norm: str) -> tuple[n
     layers: list[nn.Module] = [nn.Conv2d(channels, w, 3, 1, 1)]
     c = w
     for _ in range(stages):
-        layers.append(ResBlock(c, 2 * c, norm, "down"))
+        layers.append(PreActResBlock(c, 2 * c, norm, "down"))
         c *= 2
-        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
+        layers += [PreActResBlock(c, c, norm) for _ in range(blocks - 1)]
     layers += [norm_layer(norm, c), nn.LeakyReLU(0.2)]  # pre-activation blocks leave the last sum un-normalised
     side = 32 // 2 ** stages
     return nn.Sequential(*layers), (c, side, side)
 
 
 def resnet_decoder(channels: int, width: int, blocks: int, norm: str) -> nn.Module:
-    """Mirror of `resnet_encoder`: per stage one upsampling ResBlock halving the width and `blocks - 1` more."""
+    """Mirror of `resnet_encoder`: per stage one upsampling PreActResBlock halving the width and `blocks - 1` more."""
     default_width, _, stages = ARCHS["resnet"]
     w = width or default_width
     c = w * 2 ** stages
     layers: list[nn.Module] = []
     for _ in range(stages):
-        layers.append(ResBlock(c, c // 2, norm, "up"))
+        layers.append(PreActResBlock(c, c // 2, norm, "up"))
         c //= 2
-        layers += [ResBlock(c, c, norm) for _ in range(blocks - 1)]
+        layers += [PreActResBlock(c, c, norm) for _ in range(blocks - 1)]
     layers += [norm_layer(norm, c), nn.LeakyReLU(0.2), nn.Conv2d(c, channels, 3, 1, 1)]
     return nn.Sequential(*layers)

@@ -30,7 +30,7 @@ class LogSigmaEmbedding(nn.Module):
         return torch.cat([phase.sin(), phase.cos()], dim=1)
 
 
-class ResBlock(nn.Module):
+class NoiseResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the noise embedding added in between; the residual branch starts at zero."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int):
@@ -64,17 +64,17 @@ class UNet(nn.Module):
         self.down, skips, c = nn.ModuleList(), [width], width
         for i, m in enumerate(self.mults):
             for _ in range(blocks):
-                self.down.append(ResBlock(c, width * m, emb_dim))
+                self.down.append(NoiseResBlock(c, width * m, emb_dim))
                 c = width * m
                 skips.append(c)
             if i < len(self.mults) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.middle = nn.ModuleList([ResBlock(c, c, emb_dim), ResBlock(c, c, emb_dim)])
+        self.middle = nn.ModuleList([NoiseResBlock(c, c, emb_dim), NoiseResBlock(c, c, emb_dim)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(self.mults))):
             for _ in range(blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), width * m, emb_dim))
+                self.up.append(NoiseResBlock(c + skips.pop(), width * m, emb_dim))
                 c = width * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -89,10 +89,10 @@ class UNet(nn.Module):
         hs = [self.stem(h)]
         h = hs[0]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb) if isinstance(layer, NoiseResBlock) else layer(h)
             hs.append(h)
         for layer in self.middle:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, NoiseResBlock) else layer(h)
         return self.out(h)
