@@ -177,11 +177,13 @@ def resolve_key(model_name: str, model_config: type[ModelConfig], key: str) -> t
         return owners[0], key
     if len(owners) > 1:
         raise ConfigError(f"{key} is ambiguous for model {model_name}: say {' or '.join(f'{s}.{key}' for s in owners)}")
-    bare = {k.split(".", 1)[1]: k for k in known}
-    close = difflib.get_close_matches(key, sorted(known), n=3) or [bare[m] for m in
-                                                                   difflib.get_close_matches(key, sorted(bare), n=3)]
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; `python -m genmodels.train --model " \
-                                                                 f"{model_name} --help` lists every setting"
+    field = key.split(".", 1)[-1]
+    by_field: dict[str, list[str]] = {}
+    for k in sorted(known):
+        by_field.setdefault(k.split(".", 1)[1], []).append(k)
+    close = [q for f in difflib.get_close_matches(field, sorted(by_field), n=3) for q in by_field[f]]
+    hint = f"; did you mean {' or '.join(close[:3])}?" if close else \
+        f"; `python -m genmodels.train --model {model_name} --help` lists every setting"
     raise ConfigError(f"unknown setting {key!r} for model {model_name}{hint}")
 
 

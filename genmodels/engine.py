@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from genmodels.config import TrainConfig
 from genmodels.data import Batches
 from genmodels.images import save_grid
-from genmodels.config import TrainConfig
 from genmodels.models.base import GenerativeModel
 
 CHECKPOINT_FILE = "state.pt"

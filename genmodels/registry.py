@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-
 from typing import Any
 
 from genmodels.config import ConfigError, TrialConfig, qualify

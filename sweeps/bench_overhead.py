@@ -4,7 +4,7 @@
     python sweeps/bench_overhead.py --space vae --preset smoke --seconds 60      # CPU
 
 Both runs do the same work per epoch: train, evaluate, write the sample grids, save a checkpoint, and the
-model's final evaluation at the end. The Tune run goes through sweeps/run.py's own make_tuner (ASHA, the
+model's final evaluation at the end. The Tune run goes through the sweep's own make_tuner (sweeps/tuner.py) (ASHA, the
 trainable, checkpoints handed to Tune every epoch, the progress reporter; W&B and FID off), on a Ray started for it
 alone. The searched hyperparameters are pinned to one point (the largest numeric choices, the first string
 choices), so both runs train the same config; Optuna's suggestion, a few milliseconds per trial, is left out.
@@ -28,9 +28,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable, as sweeps/run.py's users expect
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps.ray_env import configure_environment  # noqa: E402
+
+configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import
+
 from genmodels.bench.suite import write_json  # noqa: E402
-from sweeps import run  # noqa: E402  (sets the same Ray/Tune environment variables as a real sweep)
+from genmodels.registry import model_class, trial_config  # noqa: E402
 from sweeps.packing import worst_case_configs  # noqa: E402
+from sweeps.param_space import build_param_space  # noqa: E402
+from sweeps.run import load_data  # noqa: E402
+from sweeps.spaces import SPACES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,27 +53,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def direct_run(config: dict[str, Any], data: dict, out_dir: Path) -> float:
-    """The trial's work without Tune (what genmodels.train does): wall seconds from building the trainer."""
-    from genmodels.engine import CHECKPOINT_FILE, make_trainer
+    """The trial's work without Tune, as genmodels.train does it: wall seconds from building the experiment."""
+    from genmodels.experiment import Experiment
+    from genmodels.registry import trial_config
+    from genmodels.train import train_to_end
 
     start = time.perf_counter()
-    trainer = make_trainer(config["model"], config, data["train"], data["test"])
-    while trainer.epoch < trainer.cfg.epochs:
-        trainer.train_epoch()
-        trainer.evaluate()
-        images = out_dir / f"epoch_{trainer.epoch:04d}"
-        if trainer.epoch == trainer.cfg.epochs:
-            trainer.final_evaluate(images)
-        trainer.write_grids(images)
-        trainer.save(out_dir / CHECKPOINT_FILE)
+    train_to_end(Experiment(trial_config(config), data["train"], data["test"]), out_dir, log=lambda line: None)
     return time.perf_counter() - start
 
 
 def step_seconds(config: dict[str, Any], data: dict, steps: int = 10) -> float:
     """Seconds per training step at this config (after a warm-up epoch)."""
-    from genmodels.engine import make_trainer
+    from genmodels.experiment import make_experiment
 
-    trainer = make_trainer(config["model"], {**config, "steps_per_epoch": 3}, data["train"], data["test"])
+    trainer = make_experiment(config["model_name"], {**config, "train.steps_per_epoch": 3}, data["train"],
+                              data["test"]).trainer
     trainer.train_epoch()
     trainer.cfg.steps_per_epoch = steps
     start = time.perf_counter()
@@ -76,21 +78,20 @@ def step_seconds(config: dict[str, Any], data: dict, steps: int = 10) -> float:
 
 def tune_run(space, preset: str, config: dict[str, Any], args: argparse.Namespace, data: dict,
              storage: Path) -> dict[str, float]:
-    """One trial through sweeps/run.py's make_tuner on a fresh local Ray; wall seconds of ray.init and fit()."""
+    """One trial through the sweep's own make_tuner on a fresh local Ray; wall seconds of ray.init and fit()."""
     import ray
 
-    run_args = run.parse_args(["--space", space.name, "--preset", preset, "--num-samples", "1", "--no-wandb",
-                               *(["--gpus-per-trial", str(args.gpus_per_trial)] if args.gpus_per_trial is not None
-                                 else [])])
+    from sweeps.tuner import make_tuner, trial_resources
+
     start = time.perf_counter()
     # address="local": always a new Ray of our own (never a cluster another process started on this machine)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"WANDB_MODE": "disabled"}}, _temp_dir=tempfile.mkdtemp(prefix="gsray"))
     init_s = time.perf_counter() - start
     try:
-        metric = run.resolve_metric(space, None)
-        tuner = run.make_tuner(space, preset, config, run_args, data, str(storage), "overhead", "disabled", metric,
-                               None)
+        tuner = make_tuner(space, preset, config, data, str(storage), "overhead", metric=space.metric, fid_plan=None,
+                           resources=trial_resources(1.0, args.gpus_per_trial), num_samples=1, max_concurrent=0,
+                           seed=0, callbacks=[])
         start = time.perf_counter()
         results = tuner.fit()
         fit_s = time.perf_counter() - start
@@ -108,27 +109,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Ray runs a trial with OMP_NUM_THREADS = its CPUs (1 here): the direct run uses as many threads
     torch.set_num_threads(1)
-    space = run.SPACES[args.space]
-    config = run.build_config(space, args.preset, run.parse_args(["--space", args.space, "--preset", args.preset]
-                                                                  + (["--data-dir", args.data_dir]
-                                                                     if args.data_dir else [])))
-    config = worst_case_configs(config)[0]  # one point of the space, the same for both runs
-    model = run.model_class(space.model)
-    data = run.load_data(config)
-    config.update(model.prepare(config, data["train"]))
-    config["epochs"] = args.epochs or min(int(config["epochs"]), 10)
-    if "stage1_epochs" in config:  # vqvae: both stages, in proportion
-        config["stage1_epochs"] = max(1, config["epochs"] // 2)
+    space = SPACES[args.space]
+    overrides = {"data.data_dir": str(Path(args.data_dir).expanduser().resolve())} if args.data_dir else {}
+    param_space = build_param_space(space, args.preset, {}, overrides, seed=0)
+    config = worst_case_configs(param_space)[0]  # one point of the space, the same for both runs
+    exp_cfg = trial_config(config)
+    data = load_data(exp_cfg.data)
+    config.update({f"model.{k}": v for k, v in model_class(space.model).prepare(exp_cfg, data["train"]).items()})
+    config["train.epochs"] = args.epochs or min(exp_cfg.train.epochs, 10)
+    if "model.stage1_epochs" in config:  # vqvae: both stages, in proportion
+        config["model.stage1_epochs"] = max(1, config["train.epochs"] // 2)
     per_step = step_seconds(config, data)
-    config["steps_per_epoch"] = max(1, math.ceil(args.seconds / config["epochs"] / per_step))
-    print(f"overhead: {space.model} at {config['epochs']} epochs x {config['steps_per_epoch']} steps "
+    config["train.steps_per_epoch"] = max(1, math.ceil(args.seconds / config["train.epochs"] / per_step))
+    print(f"overhead: {space.model} at {config['train.epochs']} epochs x {config['train.steps_per_epoch']} steps "
           f"({per_step * 1000:.1f} ms/step, ~{args.seconds:.0f} s of training)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         direct_s = direct_run(config, data, Path(tmp) / "direct")
         print(f"direct: {direct_s:.1f} s", flush=True)
         tuned = tune_run(space, args.preset, config, args, data, Path(tmp) / "tune")
-    report = {"space": args.space, "preset": args.preset, "epochs": config["epochs"],
-              "steps_per_epoch": config["steps_per_epoch"], "step_ms": per_step * 1000, "direct_s": direct_s,
+    report = {"space": args.space, "preset": args.preset, "epochs": config["train.epochs"],
+              "steps_per_epoch": config["train.steps_per_epoch"], "step_ms": per_step * 1000, "direct_s": direct_s,
               **tuned, "overhead": (tuned["fit_s"] - direct_s) / direct_s,
               "overhead_with_ray_init": (tuned["fit_s"] + tuned["ray_init_s"] - direct_s) / direct_s,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -15,6 +15,7 @@ from sweeps.storage import SWEEP_FILE, default_storage, join, read_sweep_info, r
 
 
 def short(v: Any) -> str:
+    """A table cell: floats to 3 significant digits."""
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
@@ -32,19 +33,38 @@ def _status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
     return "stopped (ASHA)" if last else "no result"
 
 
+def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The ranking value of a trial from its results (oldest first): `value` from the last result that has the
+    metric, `n` the FID sample count it was computed with (`fid_n`; None for non-FID metrics) and `best` the best
+    value at that same count (`best_fid_1k`), since FIDs at different counts are not comparable. A diverged trial
+    has no value: its model is gone, whatever it scored before."""
+    if not results or results[-1].get("diverged"):
+        return {"value": None, "n": None, "best": None}
+    scored = next((r for r in reversed(results) if _num(r.get(metric))), {})
+    n = int(scored[f"{metric}_n"]) if _num(scored.get(f"{metric}_n")) else None
+    if n is None:
+        return {"value": scored.get(metric), "n": None, "best": scored.get(f"best_{metric}")}
+    from genmodels.metrics.fid import fid_metric_name
+
+    return {"value": scored[metric], "n": n, "best": scored.get(f"best_{fid_metric_name(n, metric)}")}
+
+
 def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
-    """One row per trial from the Ray Tune experiment folder (configs, last results, statuses)."""
+    """One row per trial from the Ray Tune experiment folder (configs, ranking values, statuses)."""
     from ray.tune import ExperimentAnalysis
 
     info = read_sweep_info(storage, name)
     analysis = ExperimentAnalysis(join(storage, name))
+    frames = analysis.trial_dataframes  # every result: the last one may lack an FID computed only at rungs
     max_epochs = int(info["max_epochs"])
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
+        df = frames.get(trial.trial_id)
+        history = df.to_dict("records") if df is not None and len(df) else [last]
         rows.append({"trial": f"{trial.config.get('model_name', '')}_{trial.trial_id}",
                      "params": {k: trial.config.get(k) for k in info["searched"]},
-                     "value": last.get(info["metric"]), "best": last.get(f"best_{info['metric']}"),
+                     **ranking_fields(history, info["metric"]),
                      "epochs": last.get("epoch", 0), "status": _status(last, max_epochs, trial.status),
                      "extra": _extra_columns(last)})
     return rows
@@ -59,12 +79,12 @@ def wandb_rows(name: str, project: str, entity: str | None, metric: str, searche
     path = f"{entity or api.default_entity}/{project}"
     rows = []
     for run in api.runs(path, filters={"group": name}):
-        summary = dict(run.summary)
+        summary = dict(run.summary)  # the last value of each key: fid, fid_n and best_fid_<n> are logged together
         state = {"finished": "TERMINATED", "running": "RUNNING", "crashed": "ERROR", "failed": "ERROR"}.get(
             run.state, "TERMINATED")
         rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",
                      "params": {k: run.config.get(k) for k in searched},
-                     "value": summary.get(metric), "best": summary.get(f"best_{metric}"),
+                     **ranking_fields([summary], metric),
                      "epochs": summary.get("epoch", 0), "status": _status(summary, max_epochs, state),
                      "extra": _extra_columns(summary)})
     return rows
@@ -75,30 +95,44 @@ EXTRA_KEYS = ("test_bpd", "test_iwae_bpd", "test_psnr", "test_perplexity", "test
 
 def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
     """Metrics worth a glance beside the ranking metric, when a model reports them (FIDs named by sample count)."""
-    fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k != "fid_network"]
+    fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k not in ("fid_network", "fid_n", "rfid_n")]
     return {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
 
 
-def _sort_key(row: dict[str, Any], mode: str) -> tuple:
-    v = row["value"]
-    ok = isinstance(v, (int, float)) and math.isfinite(v)
-    return (not ok, (v if mode == "min" else -v) if ok else 0.0)
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Rows best first: trials with a value before those without; FIDs by sample count first (the deepest rung a
+    trial reached: a 128-sample FID is biased upward against a 256-sample one, and marks an earlier stop), then
+    by value. Non-FID rows have no count and rank by value alone."""
+    def key(r: dict[str, Any]) -> tuple:
+        v = r["value"]
+        if not _num(v):
+            return (True, 0, 0.0)
+        return (False, -(r.get("n") or 0), v if mode == "min" else -v)
+
+    return sorted(rows, key=key)
 
 
 def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=sys.stdout) -> None:
-    rows = sorted(rows, key=lambda r: _sort_key(r, mode))
+    """The ranked table; for FID metrics with the sample count `n` of each value and the best at that count."""
+    rows = rank_rows(rows, mode)
+    with_n = any(r.get("n") for r in rows)
     params = sorted({k for r in rows for k in r["params"]})
     extras = sorted({k for r in rows for k in r["extra"] if k != metric and k != "fid_network"},
                     key=lambda k: (k not in EXTRA_KEYS, k))
     networks = sorted({str(r["extra"]["fid_network"]) for r in rows if "fid_network" in r["extra"]})
     if networks:
         title = f"{title}; FID network: {', '.join(networks)}" if title else f"FID network: {', '.join(networks)}"
-    header = ["rank", "trial", *[k.split(".")[-1] for k in params], f"{metric} ({mode})", f"best_{metric}", *extras, "epochs", "status"]
+    ranking = [f"{metric} ({mode})", "n", f"best_{metric} at n"] if with_n else [f"{metric} ({mode})", f"best_{metric}"]
+    header = ["rank", "trial", *[k.split(".")[-1] for k in params], *ranking, *extras, "epochs", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
-        table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], short(r["value"]),
-                      short(r["best"]), *[short(r["extra"].get(k, "")) for k in extras], str(r["epochs"]),
-                      r["status"]])
+        values = [short(r["value"]), *([short(r.get("n") or "")] if with_n else []), short(r["best"])]
+        table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], *values,
+                      *[short(r["extra"].get(k, "")) for k in extras], str(r["epochs"]), r["status"]])
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     if title:
         print(title, file=file)
@@ -133,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sweep_arguments("leaderboard.py", __doc__)
     p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
     args = p.parse_args(argv)
+    if args.source == "wandb" and not is_logged_in():
+        print("leaderboard.py: error: W&B is not logged in: run `wandb login` (or set WANDB_API_KEY), "
+              "or pass --source local", file=sys.stderr)
+        return 2
     try:
         storage, name = resolve_sweep(args)
     except FileNotFoundError as e:
@@ -142,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source or ("wandb" if is_logged_in() else "local")
     rows = []
     if source == "wandb":
-        rows = wandb_rows(name, args.wandb_project, args.wandb_entity, info["metric"], info["searched"],
-                          int(info["max_epochs"]))
+        try:
+            rows = wandb_rows(name, args.wandb_project, args.wandb_entity, info["metric"], info["searched"],
+                              int(info["max_epochs"]))
+        except Exception as e:  # CommError, UsageError, requests' errors...: whichever, one line, not a traceback
+            message = (str(e).strip().splitlines() or [""])[0]
+            print(f"leaderboard.py: error: W&B API failed ({type(e).__name__}: {message}); "
+                  "check the network and `wandb login`, or pass --source local", file=sys.stderr)
+            return 2
         if not rows:
             print(f"no W&B runs in group {name!r}; showing local results", file=sys.stderr)
             source = "local"

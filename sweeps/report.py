@@ -2,10 +2,11 @@
 
     python sweeps/report.py --name NAME
 
-- the ranking metric against epochs for every trial (a marker where each ended: ASHA stops are visible);
+- the ranking metric against epochs for every trial, named in a legend (a marker where each ended: ASHA stops are
+  visible); an FID gets one series per sample count, since FIDs at different counts are not comparable;
 - the trade-offs across trials: rate (KL, nats) against distortion (reconstruction MSE), coloured by beta where
   searched (the seeds' blurry-versus-sharp beta experiment, over a whole sweep), and FID against bits/dim;
-- the last sample grids of the five best trials side by side.
+- the last sample and reconstruction grids of the five best trials (ranked as the leaderboard ranks them).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import matplotlib
 
+from sweeps.leaderboard import _num, rank_rows, ranking_fields, short
 from sweeps.storage import is_uri, join
 
 matplotlib.use("Agg")
@@ -24,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The sweep's info and, per trial, its config, status and per-epoch results."""
+    """The sweep's info and, per trial, its id, legend label, config, status and per-epoch results."""
     from ray.tune import ExperimentAnalysis
 
     from sweeps.leaderboard import _status
@@ -39,27 +41,67 @@ def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[
         df = frames.get(trial.trial_id)
         history = df.to_dict("records") if df is not None else []
         last = trial.last_result or {}
-        trials.append({"name": str(trial), "dir": Path(trial.path) if "://" not in trial.path else None,
+        trials.append({"name": str(trial), "id": trial.trial_id, "label": trial_label(trial.trial_id, trial.config,
+                                                                                      info["searched"]),
+                       "dir": Path(trial.path) if "://" not in trial.path else None,
                        "config": trial.config, "history": history, "last": last,
                        "status": _status(last, max_epochs, trial.status)})
     return info, trials
 
 
+def trial_label(trial_id: str, config: dict[str, Any], searched: list[str]) -> str:
+    """Short name of a trial for legends: its id and searched values, e.g. `ab12_00003 beta=0.5 lr=0.001`."""
+    return " ".join([trial_id, *(f"{k.split('.')[-1]}={short(config.get(k))}" for k in searched)])
+
+
+def metric_series(history: list[dict[str, Any]], metric: str) -> dict[int | None, list[tuple[float, float]]]:
+    """(epoch, value) points of the metric, one series per FID sample count (`fid_n`; None for other metrics)."""
+    series: dict[int | None, list[tuple[float, float]]] = {}
+    for r in history:
+        if _num(r.get(metric)) and _num(r.get("epoch")):
+            n = r.get(f"{metric}_n")
+            series.setdefault(int(n) if _num(n) else None, []).append((r["epoch"], r[metric]))
+    return series
+
+
 def plot_curves(info: dict[str, Any], trials: list[dict[str, Any]], path: Path) -> Path:
+    """The ranking metric per epoch, a colour per trial (legend: id and searched values) and, for an FID, a line
+    style per sample count; a figure saying so when no trial has reported the metric yet."""
+    from matplotlib.lines import Line2D
+
+    from genmodels.metrics.fid import fid_metric_name
+
     metric = info["metric"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in trials:
-        pts = [(r["epoch"], r[metric]) for r in t["history"] if _num(r.get(metric)) and _num(r.get("epoch"))]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        line, = ax.plot(xs, ys, lw=1, alpha=0.8)
-        ax.plot(xs[-1], ys[-1], "x" if "ASHA" in t["status"] else "o", color=line.get_color())
+    per_trial = [(t, metric_series(t["history"], metric)) for t in trials]
+    per_trial = [(t, s) for t, s in per_trial if s]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    if not per_trial:
+        ax.text(0.5, 0.5, f"no trial reported {metric} yet", ha="center", va="center", fontsize=14)
+        ax.axis("off")
+        return _save(fig, path)
+    counts = sorted({n for _, s in per_trial for n in s}, key=lambda n: n or 0)
+    styles = dict(zip(counts, ["-", "--", ":", "-."] * len(counts)))
+    colours = plt.get_cmap("tab10" if len(per_trial) <= 10 else "tab20").colors
+    trial_handles, values = [], []
+    for i, (t, series) in enumerate(per_trial):
+        colour = colours[i % len(colours)]
+        for n, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, styles[n], color=colour, marker="o", ms=3, lw=1, alpha=0.8)
+            values += ys
+        xs, ys = zip(*series[max(series, key=lambda n: n or 0)])  # where the trial ended: its deepest count
+        ax.plot(xs[-1], ys[-1], "x" if "ASHA" in t["status"] else "o", color=colour, ms=8, mfc="none")
+        trial_handles.append(Line2D([], [], color=colour, marker="o", ms=3, label=t["label"]))
+    legend = ax.legend(handles=trial_handles, title="trial", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if counts != [None]:  # which line style is which sample count
+        ax.add_artist(legend)
+        ax.legend(handles=[Line2D([], [], color="grey", ls=styles[n], label=fid_metric_name(n, metric))
+                           for n in counts if n], title="sample count", fontsize=7, loc="lower left",
+                  bbox_to_anchor=(1.01, 0))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_title(f"{info['metric']} per trial (x: stopped by ASHA, o: ran to the end)")
-    if info["mode"] == "min" and all(_num(r.get(metric)) and r[metric] > 0 for t in trials for r in t["history"]
-                                     if metric in r):
+    ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end)")
+    if info["mode"] == "min" and all(v > 0 for v in values):
         ax.set_yscale("log")
     return _save(fig, path)
 
@@ -90,30 +132,62 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+RECONSTRUCTION_COLUMNS = 16  # engine.write_grids: 16 images a row, alternating input, reconstruction, input, ...
+
+
 def plot_best_samples(info: dict[str, Any], trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
-    metric, sign = info["metric"], 1 if info["mode"] == "min" else -1
-    ranked = sorted((t for t in trials if _num(t["last"].get(metric)) and t["dir"]),
-                    key=lambda t: sign * t["last"][metric])[:k]
-    grids = [(t, sorted(t["dir"].glob("images/epoch_*/samples.png"))) for t in ranked]
-    grids = [(t, g[-1]) for t, g in grids if g]
+    """The last sample and reconstruction grids of the k best trials, one row each, best first."""
+    metric = info["metric"]
+    rows = [{**ranking_fields(t["history"] or [t["last"]], metric), "t": t} for t in trials if t["dir"]]
+    ranked = [r for r in rank_rows(rows, info["mode"]) if _num(r["value"])]
+    grids = [(r, _last_grids(r["t"]["dir"])) for r in ranked]
+    grids = [(r, g) for r, g in grids if g][:k]
     if not grids:
         return None
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
-    for ax, (t, png) in zip(axes[0], grids):
-        ax.imshow(plt.imread(png))
-        ax.set_title(f"{t['name'].split('_')[1]}\n{metric}={t['last'][metric]:.4g}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"samples of the {len(grids)} best trials", y=1.0)
+    kinds = [kind for kind in ("samples", "reconstructions") if any(kind in g for _, g in grids)]
+    widths = {"samples": 1.0, "reconstructions": 2.6}
+    fig, axes = plt.subplots(len(grids), len(kinds), figsize=(3.2 * sum(widths[kd] for kd in kinds),
+                                                                 2.8 * len(grids)),
+                             gridspec_kw={"width_ratios": [widths[kd] for kd in kinds]}, squeeze=False)
+    for row, (r, g) in zip(axes, grids):
+        n = f" (n={r['n']})" if r["n"] else ""
+        for j, (ax, kind) in enumerate(zip(row, kinds)):
+            ax.axis("off")
+            if kind not in g:
+                continue
+            image = plt.imread(g[kind])
+            ax.imshow(image)
+            ax.set_title(f"{r['t']['label']}\n{metric}={r['value']:.4g}{n}: {kind}" if j == 0 else kind, fontsize=7)
+            if kind == "reconstructions":
+                _label_columns(ax, image.shape[1])
+    fig.suptitle(f"last grids of the {len(grids)} best trials, best first", y=1.0)
     return _save(fig, path)
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+def _last_grids(trial_dir: Path) -> dict[str, Path]:
+    """The grids of the trial's last images folder that has any (epoch_0004 sorts before final)."""
+    for d in sorted(trial_dir.glob("images/*/"), reverse=True):
+        grids = {kind: d / f"{kind}.png" for kind in ("samples", "reconstructions") if (d / f"{kind}.png").exists()}
+        if grids:
+            return grids
+    return {}
+
+
+def _label_columns(ax, width: int) -> None:
+    """Mark each column of a reconstruction grid as input or reconstruction (they alternate within each row)."""
+    cell = (width - 1) / RECONSTRUCTION_COLUMNS  # image plus its 1-pixel padding (save_grid)
+    ax.axis("on")
+    ax.set_xticks([1 + (j + 0.5) * cell for j in range(RECONSTRUCTION_COLUMNS)],
+                  ["in", "rec"] * (RECONSTRUCTION_COLUMNS // 2), fontsize=6)
+    ax.set_yticks([])
+    ax.tick_params(length=0, labeltop=True, labelbottom=False)
+    ax.set_xlabel("columns alternate: input, its reconstruction", fontsize=7)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": keeps legends placed beside the axes
     plt.close(fig)
     return path
 
@@ -129,13 +203,16 @@ def write_report(storage: str, name: str) -> list[Path]:
     return [p for p in paths if p]
 
 
-def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None, storage: str) -> None:
+def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None, storage: str) -> str | None:
+    """Log the plots as one W&B run of the sweep's group; returns the `wandb sync` command when it ran offline."""
     import wandb
 
     run = wandb.init(project=project, entity=entity, group=name, name=f"{name}-report", job_type="report",
                      dir=str(paths[0].parent), settings=wandb.Settings(silent=True))
     run.log({p.stem: wandb.Image(str(p)) for p in paths})
+    offline, sync_dir = run.offline, run.settings.sync_dir
     run.finish()
+    return f"wandb sync {sync_dir}" if offline else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
     if not args.no_wandb:
         os.environ.setdefault("WANDB_MODE", "online" if is_logged_in() else "offline")
-        log_to_wandb(paths, name, args.wandb_project, args.wandb_entity, storage)
+        sync = log_to_wandb(paths, name, args.wandb_project, args.wandb_entity, storage)
+        if sync:
+            print(f"W&B is offline: upload the report with `{sync}`")
     return 0
 
 

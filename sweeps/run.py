@@ -9,7 +9,10 @@ Every value is checked before Ray starts: bad input gets one line and exit code 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Ray cluster address (host:port or 'auto'); default: $RAY_ADDRESS (set inside a Ray job), "
                         "else start Ray in-process")
     p.add_argument("--name", help="sweep name: W&B group and results folder (default SPACE-PRESET-TIME)")
-    p.add_argument("--storage-path", help=f"results root, local path or s3:// / gs:// URI (default {default_storage()})")
+    p.add_argument("--storage-path",
+                   help=f"results root, local path or s3:// / gs:// URI (default {default_storage()})")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable; "
@@ -104,14 +108,68 @@ def _gpus_per_trial(text: str) -> float | str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from sweeps.tuner import UsageError, configure_environment
+    from sweeps.ray_env import configure_environment
 
     configure_environment(local=not any(a.startswith("--address") for a in argv) and not os.environ.get("RAY_ADDRESS"))
+    from sweeps.tuner import UsageError
+
+    if not sys.stdout.isatty():  # Ray colours the lines it forwards from trials: keep escape codes out of log files
+        import colorama
+
+        colorama.init(strip=True)
     try:
         return _main(argv)
     except (UsageError, ConfigError, ResourceUnavailable) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A sweep as the driver runs it: new from the command line, or read back from storage for --resume."""
+    space: Any  # sweeps.spaces.Space
+    preset: str
+    name: str
+    param_space: dict[str, Any]  # flat section.field keys; search domains for a new sweep, constants on resume
+    metric: str
+    fid: dict[str, Any]
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def resolve_sweep(args: argparse.Namespace, storage: str) -> tuple[Sweep, argparse.Namespace]:
+    """The sweep to run and the arguments it runs with; UsageError (one line) for a name that is unsafe, in use,
+    or (with --resume) unknown."""
+    import torch
+
+    from sweeps import param_space as ps
+    from sweeps.spaces import SPACES
+    from sweeps.tuner import UsageError, resolve_fid
+
+    if args.resume:
+        info = read_sweep(storage, args.resume)
+        # Trials that start after the resume get the resources the sweep started with, unless given again now
+        # (a driver on a CPU-only head would otherwise default new trials to no GPU).
+        resources = info.get("resources", {})
+        kept = [f"--{flag}-per-trial={resources[key]}" for flag, key in [("cpus", "cpu"), ("gpus", "gpu")]
+                if key in resources]
+        args = parse_args([*kept, *args.argv])
+        return Sweep(SPACES[info["space"]], info["preset"], args.resume, info["param_space_constants"],
+                     info["metric"], info["fid"]), args
+    space = SPACES[args.space]
+    preset = args.preset if args.preset != "auto" else ("full" if torch.cuda.is_available() else "smoke")
+    name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not SAFE_NAME.fullmatch(name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, not starting with "
+                         f"'.' or '-'), so the printed --resume and wandb sync commands can be pasted as they are")
+    if sweep_exists(storage, name):
+        raise UsageError(f"a sweep named {name!r} already exists under {storage}; continue it with --resume {name}, "
+                         f"or start a new one with another --name")
+    param_space = ps.build_param_space(space, preset, ps.parse_fixed(args.fixed), cli_overrides(space, args),
+                                       args.seed)
+    fid = resolve_fid(space, preset, args.fid_network, _path(args.fid_weights), args.final_fid_samples)
+    return Sweep(space, preset, name, param_space, resolve_metric(space, args.metric), fid), args
 
 
 def _main(argv: list[str]) -> int:
@@ -120,41 +178,23 @@ def _main(argv: list[str]) -> int:
     from genmodels.registry import model_class, trial_config
     from sweeps import param_space as ps
     from sweeps import storage as sweep_storage
-    from sweeps.spaces import SPACES
-    from sweeps.tuner import (
-        init_ray,
-        make_fid_plan,
-        make_tuner,
-        resolve_fid,
-        trial_resources,
-    )
+    from sweeps.tuner import UsageError, check_gpus, make_fid_plan
 
     args = parse_args(argv)
     storage = sweep_storage.resolve(args.storage_path or str(default_storage()))
-    if args.resume:
-        sweep = read_sweep(storage, args.resume)
-        # Trials that start after the resume get the resources the sweep started with, unless given again now
-        # (a driver on a CPU-only head would otherwise default new trials to no GPU).
-        resources = sweep.get("resources", {})
-        kept = [f"--{flag}-per-trial={resources[key]}" for flag, key in [("cpus", "cpu"), ("gpus", "gpu")]
-                if key in resources]
-        args = parse_args([*kept, *args.argv])
-        space, preset, name = SPACES[sweep["space"]], sweep["preset"], args.resume
-        param_space = sweep["param_space_constants"]
-        metric, fid = sweep["metric"], sweep["fid"]
-    else:
-        space = SPACES[args.space]
-        preset = args.preset if args.preset != "auto" else ("full" if torch.cuda.is_available() else "smoke")
-        param_space = ps.build_param_space(space, preset, ps.parse_fixed(args.fixed), cli_overrides(space, args),
-                                           args.seed)
-        name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        metric = resolve_metric(space, args.metric)
-        fid = resolve_fid(space, preset, args.fid_network, _path(args.fid_weights), args.final_fid_samples)
+    try:
+        sweep_storage.check_writable(storage)
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    sweep, args = resolve_sweep(args, storage)
+    space, param_space, metric, fid = sweep.space, sweep.param_space, sweep.metric, sweep.fid
     if args.address and not args.resume and not torch.cuda.is_available() and (
             args.preset == "auto" or args.gpus_per_trial is None):
         # The defaults look at this machine, and a cluster's driver usually runs on a CPU-only head node.
         print("gensweep: note: this driver sees no GPU, so --preset auto means smoke and trials request no GPU "
               "by default; on a GPU cluster pass --preset full --gpus-per-trial 1 (or a fraction)")
+    if not args.address and isinstance(args.gpus_per_trial, float):
+        check_gpus(args.gpus_per_trial, torch.cuda.device_count())
     point = trial_config(ps.representative(param_space))
     model = model_class(space.model)
     model.prepare(point)  # checks and weights first: fail before loading data
@@ -165,37 +205,84 @@ def _main(argv: list[str]) -> int:
 
         args.gpus_per_trial = auto_gpus_per_trial(space.model, param_space, data)
     epochs = point.train.epochs
-    plan = make_fid_plan(fid, data["test"], point.data.dataset, epochs, space.presets[preset], metric)
-    print(f"gensweep: space={space.name} preset={preset} model={space.model} dataset={point.data.dataset} "
+    plan = make_fid_plan(fid, data["test"], point.data.dataset, epochs, space.presets[sweep.preset], metric)
+    print(f"gensweep: space={space.name} preset={sweep.preset} model={space.model} dataset={point.data.dataset} "
           f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {metric} ({space.mode}); "
           f"FID network: {fid['network']}" + ("" if fid["network"] == "inception" else
                                                 " (smoke stand-in: not comparable to published FIDs)"))
+    lock = sweep_storage.SweepLock(storage, sweep.name)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return run_locked(sweep, args, storage, data, plan, epochs)
+    finally:
+        lock.release()
+
+
+def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan, epochs: int) -> int:
+    """Start Ray, run (or resume) the sweep, print the leaderboard; the exit code says how it ended."""
+    from sweeps import param_space as ps
+    from sweeps.tuner import init_ray, make_tuner, trial_resources
+
+    space, name, metric, param_space = sweep.space, sweep.name, sweep.metric, sweep.param_space
     wandb_mode = configure_wandb(args)
     os.environ["WANDB_MODE"] = wandb_mode
     resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
     init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
-    callbacks = wandb_callbacks(args, wandb_mode, name, space, preset, point.data.dataset, epochs, metric)
-    tuner = make_tuner(space, preset, param_space, data, storage, name, metric=metric, fid_plan=plan,
-                       resources=resources, num_samples=args.num_samples or space.presets[preset].num_samples,
+    callbacks = wandb_callbacks(args, wandb_mode, name, space, sweep.preset, str(param_space.get("data.dataset")),
+                                epochs, metric)
+    tuner = make_tuner(space, sweep.preset, param_space, data, storage, name, metric=metric, fid_plan=plan,
+                       resources=resources, num_samples=args.num_samples or space.presets[sweep.preset].num_samples,
                        max_concurrent=args.max_concurrent, seed=args.seed, callbacks=callbacks,
                        resume=bool(args.resume))
     if not args.resume:
         write_sweep(storage, name, {
-            "space": space.name, "preset": preset, "metric": metric, "mode": space.mode, "fid": fid,
+            "space": space.name, "preset": sweep.preset, "metric": metric, "mode": space.mode, "fid": sweep.fid,
             "max_epochs": epochs, "param_space_constants": ps.constants(param_space),
             "searched": ps.searched_keys(param_space), "fixed": ps.parse_fixed(args.fixed), "resources": resources,
             "argv": args.argv})
-    print(f"gensweep: if this driver stops, continue the sweep with: python sweeps/run.py --resume {name} "
-          f"--storage-path {storage}" + (" --address ADDRESS" if args.address else ""))
-    tuner.fit()
+    resume = f"python sweeps/run.py --resume {name} --storage-path {shlex.quote(storage)}" + (
+        f" --address {shlex.quote(args.address)}" if args.address else "")
+    print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune saves its state: stop now, resume from what is saved
+        interrupted = True
+    finally:
+        from trainables.wandb_logging import WandbLogger
+
+        # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
+        WandbLogger.close_all(timeout_s=10)
 
     from sweeps.leaderboard import local_rows, print_table
 
+    rows = local_rows(storage, name)
     print()
-    print_table(local_rows(storage, name), metric, space.mode, title=f"Leaderboard of {name} (local results)")
-    print(f"\nresults: {storage}/{name}")
+    print_table(rows, metric, space.mode, title=f"Leaderboard of {name} (local results)")
+    print(f"\nresults: {storage}/{name} (image grids: {storage}/{name}/<trial>/images/)")
     if wandb_mode == "offline":
-        print(f"W&B runs were logged offline; upload them with `wandb sync {storage}/{name}/*/wandb/offline-run-*`")
+        print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{name}/*/wandb/"
+              f"offline-run-*`")
+    return exit_status(rows, interrupted, resume)
+
+
+def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> int:
+    """0 when at least one trial completed; 130 when the sweep was interrupted (unfinished trials); 1 when no
+    trial completed. The last line says why."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    unfinished = sum(counts.get(s, 0) for s in ("running", "pending", "paused", "no result"))
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    if interrupted or unfinished:
+        print(f"gensweep: interrupted ({summary}); continue with: {resume}")
+        return 130
+    if not any(row["status"] in ("completed", "stopped (ASHA)") for row in rows):
+        print(f"gensweep: no trial completed ({summary or 'no trials'}); see the errors above")
+        return 1
     return 0
 
 
@@ -265,6 +352,12 @@ def resolve_metric(space, requested: str | None) -> str:
     if requested and requested not in allowed:
         raise UsageError(f"--metric {requested} is not offered by space {space.name!r}; choose {', '.join(allowed)}")
     return requested or space.metric
+
+
+def sweep_exists(storage: str, name: str) -> bool:
+    from sweeps import storage as sweep_storage
+
+    return sweep_storage.read_text(sweep_storage.join(storage, name, sweep_storage.SWEEP_FILE)) is not None
 
 
 def write_sweep(storage: str, name: str, info: dict[str, Any]) -> None:

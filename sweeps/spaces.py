@@ -13,7 +13,7 @@ from ray import tune
 
 
 @dataclasses.dataclass(frozen=True)
-class FIDBudget:
+class FIDLadder:
     """Sample FID budgets: `ladder[i]` samples (and `step_fractions[i]` of a sampler's steps) at ASHA rung i, and
     `final` samples at the end of every completed trial. FID is biased by n: only equal-n values are compared."""
     ladder: tuple[int, ...]
@@ -22,9 +22,9 @@ class FIDBudget:
     step_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
 
 
-FID_BUDGETS = {
-    "smoke": FIDBudget(ladder=(128, 256), final=256, network="standin"),
-    "full": FIDBudget(ladder=(1000, 5000, 10000), final=10000, network="inception"),
+FID_LADDERS = {
+    "smoke": FIDLadder(ladder=(128, 256), final=256, network="standin"),
+    "full": FIDLadder(ladder=(1000, 5000, 10000), final=10000, network="inception"),
 }
 
 
@@ -34,7 +34,7 @@ class Preset:
     num_samples: int  # trials
     grace_period: int = 1  # ASHA: epochs before the first stop decision
     reduction_factor: int = 2
-    fid: FIDBudget | None = None  # None: FID_BUDGETS[preset name]
+    fid: FIDLadder | None = None  # None: FID_LADDERS[preset name]
 
 
 @dataclasses.dataclass

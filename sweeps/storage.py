@@ -60,3 +60,57 @@ def read_sweep_info(storage: str, name: str) -> dict[str, Any]:
     if text is None:
         raise FileNotFoundError(f"no sweep named {name!r} under {storage}; pass --storage-path if it lives elsewhere")
     return json.loads(text)
+
+
+def check_writable(storage: str) -> None:
+    """OSError (one line) unless the local results root can hold sweeps; URIs are checked by Ray when it writes."""
+    if is_uri(storage):
+        return
+    root = Path(storage)
+    if root.exists() and not root.is_dir():
+        raise OSError(f"--storage-path {root} is a file, not a folder; pass a folder for the results")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".gensweep-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"--storage-path {root} is not writable ({e.strerror or type(e).__name__}); pass a folder "
+                      f"you can write to") from None
+
+
+class SweepLock:
+    """One driver per sweep: an exclusive lock on `<sweep>/.driver.lock`, held while the driver runs (released by
+    the OS when its process dies, so a killed driver never leaves a stale lock). Local storage only: on a cloud
+    URI two drivers cannot be told apart, and README says so."""
+
+    def __init__(self, storage: str, name: str):
+        self.path = None if is_uri(storage) else Path(storage) / name / ".driver.lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        """OSError (one line) when another driver holds the sweep."""
+        if self.path is None:
+            return
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            self._file = None
+            raise OSError(f"sweep {self.path.parent.name!r} is being run by another driver ({holder}); wait for it "
+                          f"or stop it, or start a new sweep with another --name") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

@@ -2,7 +2,8 @@
 ASHA, the W&B logger, and the Tuner that runs them (new, or restored for `--resume`)."""
 from __future__ import annotations
 
-import os
+import logging
+import math
 import socket
 from typing import Any
 
@@ -10,26 +11,11 @@ import torch
 
 from sweeps import storage as sweep_storage
 from sweeps.param_space import is_domain
-from sweeps.spaces import FID_BUDGETS, Space
+from sweeps.spaces import FID_LADDERS, Space
 
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
-
-
-def configure_environment(local: bool) -> None:
-    """Ray and Tune settings, before Ray is imported by anything."""
-    # The classic reporter prints one compact table with the columns we choose; the new engine prints every metric.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # FID is reported only at ASHA milestones (the fidelity ladder) and a diverged trial's last report has no ranking
-    # metric at all: both are intended, so Tune must not insist on the metric in every result.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if local:
-        # Local Ray on one machine: makes Ray's node-IP lookup answer loopback instead of the external address
-        # (read when ray is first imported).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def check_address(address: str) -> None:
@@ -45,15 +31,19 @@ def check_address(address: str) -> None:
 
 
 def init_ray(address: str | None, env: dict[str, str]) -> None:
+    import optuna
     import ray
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": noise on every start
     runtime_env = {"env_vars": env}
+    # WARNING: Ray's and Tune's INFO lines (started, wrote results) say nothing the progress table does not.
     if address:
         check_address(address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # One machine: keep Ray on loopback, so it neither depends on nor exposes the external interface.
-        ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
 
 
 def trial_name(trial) -> str:
@@ -82,14 +72,23 @@ def _optuna_search_class():
     return MilestoneOptunaSearch
 
 
+def check_gpus(gpus_per_trial: float, visible: int) -> None:
+    """UsageError unless this machine can ever give a trial `gpus_per_trial` GPUs (a fraction needs one GPU)."""
+    needed = math.ceil(gpus_per_trial)
+    if needed > visible:
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g} needs {needed} GPU{'s' * (needed > 1)} per trial and "
+                         f"this machine has {visible}: every trial would wait forever; pass --gpus-per-trial "
+                         f"{min(visible, 1) if visible else 0} or run on a machine (or --address a cluster) with GPUs")
+
+
 def trial_resources(cpus: float, gpus: float | None) -> dict[str, float]:
     return {"cpu": cpus, "gpu": gpus if gpus is not None else float(torch.cuda.is_available())}
 
 
 def resolve_fid(space: Space, preset: str, network: str | None, weights: str | None,
                 final_samples: int | None) -> dict[str, Any]:
-    """FID settings of the sweep: the preset's budget, overridden by the command line."""
-    budget = space.presets[preset].fid or FID_BUDGETS[preset]
+    """FID settings of the sweep: the preset's ladder, overridden by the command line."""
+    budget = space.presets[preset].fid or FID_LADDERS[preset]
     network = "inception" if weights else (network or budget.network)
     return {"network": network, "weights_path": weights, "ladder": list(budget.ladder),
             "step_fractions": list(budget.step_fractions), "final": final_samples or budget.final}
@@ -118,10 +117,10 @@ def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, sto
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from trainables.trainable import TrialSettings, train_trial
+    from trainables.trainable import SweepContext, train_trial
 
-    settings = TrialSettings(space=space.name, metric=metric, mode=space.mode, fid=fid_plan)
-    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings), resources)
+    sweep = SweepContext(space=space.name, metric=metric, mode=space.mode, fid=fid_plan)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, sweep=sweep), resources)
     if resume:
         # The saved tuner state holds the param space, searcher (Optuna history), scheduler and every trial's
         # config; the callbacks are not saved with it and are passed again.

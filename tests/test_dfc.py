@@ -12,7 +12,6 @@ from torch import nn
 from genmodels.data import synthetic_images
 from genmodels.errors import ResourceUnavailable
 from genmodels.models.dfc import DFCVAE
-from genmodels.registry import trial_config
 from genmodels.networks import vgg as dfc
 from genmodels.networks.vgg import (
     LAYER_SETS,
@@ -21,6 +20,7 @@ from genmodels.networks.vgg import (
     vgg19_features,
     vgg19_layer_names,
 )
+from genmodels.registry import trial_config
 
 TINY = {"arch": "conv-small", "width": 4, "latent": 8, "eval_k": 2, "vgg_weights": "random"}
 
@@ -79,7 +79,8 @@ def test_perceptual_loss_is_zero_for_equal_images_and_normalised_per_layer():
 def test_imagenet_normalisation_is_applied():
     loss = PerceptualLoss("123", "random")
     x = torch.rand(1, 3, 32, 32)
-    normalised = (x - torch.tensor(dfc.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(dfc.IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(dfc.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(dfc.IMAGENET_STD).view(1, 3, 1, 1)
+    normalised = (x - mean) / std
     torch.testing.assert_close(loss.features(x)[0], loss.net[:2](normalised))
 
 

@@ -7,8 +7,8 @@ from conftest import make_trainer
 
 from genmodels.data import synthetic_images
 from genmodels.models.vqvae import VQVAE
-from genmodels.networks.quantizer import VectorQuantizer, perplexity
 from genmodels.networks.pixelcnn import GatedPixelCNN
+from genmodels.networks.quantizer import VectorQuantizer, perplexity
 from genmodels.registry import build_model
 
 TINY = dict(width=8, res_blocks=1, codebook_size=16, code_dim=8, prior_width=8, prior_layers=4, restart_window=5)

@@ -74,10 +74,11 @@ def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
         if "kid" in r:
             out[fid_metric_name(r["n"], "kid")] = r["kid"]
         if plan.rank_by == "fid" or final:
-            out["fid"] = r["fid"]
+            out["fid"], out["fid_n"] = r["fid"], r["n"]
     if model.can_reconstruct and (final or plan.rank_by == "rfid"):
         scorer.kid_subsets = 0
         test = exp.trainer.test_images(plan.ref.num)
         r = scorer.reconstruction_fid(model, test, plan.ref)
         out[fid_metric_name(r["n"], "rfid")] = out["rfid"] = r["fid"]
+        out["rfid_n"] = r["n"]
     return out

@@ -6,6 +6,7 @@ into a typed TrialConfig here, at the Ray boundary.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,29 +18,33 @@ from ray import tune
 
 from genmodels.engine import CHECKPOINT_FILE, Diverged
 from genmodels.experiment import Experiment
+from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
 from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
 from trainables.wandb_logging import IMAGES_DIR
 
 
 @dataclasses.dataclass
-class TrialSettings:
-    """Per-sweep settings that are not hyperparameters (kept out of the trial config, so out of the search)."""
+class SweepContext:
+    """What a trial knows of its sweep that is not a hyperparameter (kept out of the trial config, so out of the
+    search): the ranking metric and its direction, and the FID plan."""
     space: str
     metric: str
     mode: str = "min"
     fid: FIDPlan | None = None
 
 
-def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings: TrialSettings) -> None:
+def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: SweepContext) -> None:
     """Train one trial: report every epoch with a checkpoint; resume from Tune's checkpoint if there is one.
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
     Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
     `run.py --resume`, the epoch of the checkpoint it restored) and on which Ray node it runs.
     """
+    # Ray logs "Checkpoint successfully created" at every report, from every trial, to the driver's screen.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     if config.get("checkpoint"):
-        return evaluate_checkpoint(config, data, settings)
+        return evaluate_checkpoint(config, data, sweep)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     checkpoint = tune.get_checkpoint()
@@ -54,8 +59,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
 
     def on_epoch(metrics: dict[str, float]) -> None:
         images_dir = trial_dir / IMAGES_DIR / f"epoch_{exp.epoch:04d}"
-        extra, final_images = evaluate_extra(exp, settings, exp.done, images_dir)
-        report_with_checkpoint(exp, {**metrics, **extra}, settings, images_dir, exp.done, final_images)
+        extra, final_images = evaluate_extra(exp, sweep, exp.done, images_dir)
+        report_with_checkpoint(exp, {**metrics, **extra}, sweep, images_dir, exp.done, final_images)
 
     try:
         exp.run(on_epoch)
@@ -65,14 +70,14 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], settings:
         tune.report({"diverged": 1, "epoch": exp.epoch, "error": str(e), "done": True})
 
 
-def evaluate_extra(exp: Experiment, settings: TrialSettings, final: bool,
+def evaluate_extra(exp: Experiment, sweep: SweepContext, final: bool,
                    images_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.trainer.step, "diverged": 0, "node_id": node_id,
                                "resumed_from_epoch": exp.trainer.extra.get("resumed_from_epoch", 0)}
-    if settings.fid:
-        metrics.update(fid_metrics(settings.fid, exp, final))
+    if sweep.fid:
+        metrics.update(fid_metrics(sweep.fid, exp, final))
     images: dict[str, Path] = {}
     if final:
         final_metrics, images = exp.finish(images_dir)
@@ -80,17 +85,13 @@ def evaluate_extra(exp: Experiment, settings: TrialSettings, final: bool,
     return metrics, images
 
 
-def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], settings: TrialSettings, images_dir: Path,
+def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], sweep: SweepContext, images_dir: Path,
                            final: bool, final_images: dict[str, Path]) -> None:
     """Track the best ranking value, write this epoch's grids, and report with a checkpoint holding the trainer
     state and the grids (the W&B callback logs those from there)."""
-    value, best = metrics.get(settings.metric), exp.trainer.extra.get("best")
-    if value is not None and (best is None or (value < best if settings.mode == "min" else value > best)):
-        exp.trainer.extra["best"] = best = value
-    if best is not None:
-        metrics[f"best_{settings.metric}"] = best
+    metrics.update(track_best(exp.trainer.extra.setdefault("best", {}), metrics, sweep.metric, sweep.mode))
     # Sample grids between rungs at the first rung's sampler budget: a full Langevin chain every epoch costs minutes.
-    budget = 1.0 if final or not settings.fid else sampling_budget(settings.fid, 0)
+    budget = 1.0 if final or not sweep.fid else sampling_budget(sweep.fid, 0)
     images = {**exp.write_grids(images_dir, budget=budget), **final_images}
     with tempfile.TemporaryDirectory() as d:
         exp.save(Path(d) / CHECKPOINT_FILE)
@@ -100,12 +101,24 @@ def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], settings: T
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], settings: TrialSettings) -> None:
+def track_best(best: dict[str, float], metrics: dict[str, Any], metric: str, mode: str) -> dict[str, float]:
+    """Update `best` (kept in the checkpoint) with this report's ranking value and return the `best_` entries due.
+    An FID is biased by its sample count, so its best is kept per count (`best_fid_1k`), never across counts."""
+    value = metrics.get(metric)
+    if value is None:
+        return {}
+    key = f"best_{fid_metric_name(metrics[f'{metric}_n'], metric)}" if f"{metric}_n" in metrics else f"best_{metric}"
+    if key not in best or (value < best[key] if mode == "min" else value > best[key]):
+        best[key] = value
+    return {key: best[key]}
+
+
+def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: SweepContext) -> None:
     """No training: the model of a finished run, with the trial's model settings (the searched sampler values and
     any --fixed ones) and seed overriding its saved config, scored once at the final FID budget. What `ncsn-sampling`
     sweeps. The overrides are read from the trial's own config, so a resumed sweep applies them as well."""
     overrides = {k: v for k, v in config.items() if k.startswith("model.") or k == "train.seed"}
     exp = Experiment.from_checkpoint(config["checkpoint"], data["train"], data["test"], overrides)
     images_dir = Path.cwd() / IMAGES_DIR / "final"
-    extra, final_images = evaluate_extra(exp, settings, True, images_dir)
-    report_with_checkpoint(exp, {**exp.evaluate(), **extra}, settings, images_dir, True, final_images)
+    extra, final_images = evaluate_extra(exp, sweep, True, images_dir)
+    report_with_checkpoint(exp, {**exp.evaluate(), **extra}, sweep, images_dir, True, final_images)

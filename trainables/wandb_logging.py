@@ -1,8 +1,8 @@
 """One W&B run per trial, opened and fed by a Ray Tune callback in the driver process, on one worker thread.
 
 Why the driver: ASHA stops a trial by killing its actor right after a report, so a run opened inside the trial would
-never be finished. The driver sees every trial start, result, checkpoint and end, and ends each run itself. W&B (>= 0.19)
-holds several live runs in one process (`wandb.init(reinit="create_new")`), so no logging actors are needed.
+never be finished. The driver sees every trial start, result, checkpoint and end, and ends each run itself. W&B
+(>= 0.19) holds several live runs in one process (`wandb.init(reinit="create_new")`), so no logging actors are needed.
 
 Why a worker thread: each W&B call (init, log with images, artifact upload, finish) takes from milliseconds to many
 seconds, and Tune calls its callbacks in its driver loop: a callback that does the work itself stalls the whole sweep
@@ -14,7 +14,8 @@ CLI) finishes every open run, waiting at most `timeout_s` seconds in all. Runs t
 abandoned: their data is already in W&B's files on disk (`wandb sync` uploads offline runs), and W&B's own exit hook
 finishes them when the process ends.
 
-Only public APIs of Ray (`ray.tune.Callback`, `ray.tune.Checkpoint`, the `Trial` attributes Tune documents) and W&B.
+Only public APIs: Ray's `ray.tune.Callback` hooks, the `ray.tune.Checkpoint` and Trial objects they receive, and W&B's
+`wandb.setup/init/Image/Artifact` and Run methods (no private Ray classes, no Ray actors).
 """
 from __future__ import annotations
 
@@ -137,6 +138,7 @@ class WandbLogger(Callback):
         self._runs: dict[str, Any] = {}  # trial_id -> wandb Run
         self._steps: dict[str, int] = {}  # trial_id -> last step logged
         self._warned: set[str] = set()
+        self._set_up = False
 
     # ---- Tune's hooks: each only enqueues -------------------------------------------------------------------------
 
@@ -279,8 +281,9 @@ class WandbLogger(Callback):
     def _start_run(self, key: str, init_kwargs: dict[str, Any]) -> None:
         import wandb
 
-        if not self._runs:
+        if not self._set_up:
             wandb.setup(wandb.Settings(silent=True))  # also quiets messages such as "Adding directory to artifact"
+            self._set_up = True
         if init_kwargs.get("dir"):
             os.makedirs(init_kwargs["dir"], exist_ok=True)
         try:

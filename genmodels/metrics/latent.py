@@ -96,6 +96,7 @@ def latent_grids(model: VAE, test_images_uint8: torch.Tensor, out_dir: str | Pat
     paths["traversal"] = save_grid(decoded.flatten(0, 1), out_dir / "traversal.png", nrow=steps)
     if best_weight:
         x = images[:2 * n_pairs]
-        rows = torch.stack([to_unit(x), model.reconstruct(x), best_weight_reconstruction(model, x, model.cfg.eval_k)], 1)
+        best = best_weight_reconstruction(model, x, model.cfg.eval_k)
+        rows = torch.stack([to_unit(x), model.reconstruct(x), best], 1)
         paths["best_weight_recon"] = save_grid(rows.flatten(0, 1), out_dir / "best_weight_recon.png", nrow=6)
     return paths

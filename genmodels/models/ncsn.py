@@ -11,15 +11,15 @@ Sigma schedules (`sigma_schedule`):
 - `geometric`: sigma_1 -> sigma_L in `num_levels` levels, or, with num_levels = 0, in as many as the ratio `gamma`
   = sigma_(i+1)/sigma_i asks for.
 - `ncsnv2`: sigma_1 = `data_sigma_1`, the training data's maximum pairwise distance (the model never sees the
-  training set, so the sweep driver computes it with genmodels.samplers.sigmas.cached_max_pairwise_distance and puts it in
+  training set, so `prepare` computes it once, with genmodels.samplers.sigmas.cached_max_pairwise_distance, into
   the config); the ratio from the NCSNv2 rule for D = C*32*32 and L from sigma_1, sigma_L and the ratio. `sigma_1`,
   `num_levels` and `gamma` are not used.
 The sigmas are a buffer, so they travel with every checkpoint.
 
-Sampling: annealed Langevin (genmodels.samplers.langevin) with T = `langevin_steps` and eps = `langevin_eps` in NCSN's step
-convention, in which NCSNv2's eps is doubled (its CIFAR-10 6.2e-6 is 1.24e-5 here); langevin_eps = 0 takes the
-NCSNv2 criterion's eps for T and the schedule. `sample(n, steps_per_level=k)` runs k < T steps per level (the FID
-ladder's cheap rungs) with a larger step, see `NCSN.step_size`.
+Sampling: annealed Langevin (genmodels.samplers.langevin) with T = `langevin_steps` and eps = `langevin_eps` in
+NCSN's step convention, in which NCSNv2's eps is doubled (its CIFAR-10 6.2e-6 is 1.24e-5 here); langevin_eps = 0
+takes the NCSNv2 criterion's eps for T and the schedule. `sample(n, budget=b)` runs a share b < 1 of T steps per
+level (the FID ladder's cheap rungs) with a larger step, see `NCSN.step_size`.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def make_sigmas(cfg: NCSNConfig, dims: int) -> list[float]:
     if cfg.sigma_schedule == "ncsnv2":
         if cfg.data_sigma_1 <= 0:
             raise ValueError("sigma_schedule=ncsnv2 needs data_sigma_1, the training images' maximum pairwise "
-                             "distance (genmodels.samplers.sigmas.cached_max_pairwise_distance); the sweep driver sets it")
+                             "distance; NCSN.prepare sets it from the training data")
         return schedules.ncsnv2(cfg.data_sigma_1, cfg.sigma_L, dims)
     raise ValueError(f"unknown sigma_schedule {cfg.sigma_schedule!r}; choose geometric or ncsnv2")
 

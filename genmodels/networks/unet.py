@@ -1,4 +1,5 @@
-"""U-Net score network conditioned on log(sigma): residual blocks, GroupNorm, SiLU, unit-variance inputs at every sigma."""
+"""U-Net score network conditioned on log(sigma): residual blocks, GroupNorm, SiLU, unit-variance inputs at every
+sigma."""
 from __future__ import annotations
 
 import math
