@@ -73,16 +73,19 @@ class Experiment:
         return self.trainer.epoch >= self.cfg.train.epochs
 
     def restore(self, path: str | Path) -> None:
-        """Continue the run checkpointed at `path` (model, optimizer, EMA, RNG states, step, epoch). A checkpoint
-        of other model settings raises ConfigError naming the settings that differ."""
-        state = load_checkpoint(path)
+        """Continue the run checkpointed at `path` (model, optimizer, EMA, RNG states, step, epoch)."""
+        self.restore_state(load_checkpoint(path), str(path))
+
+    def restore_state(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Continue from a loaded checkpoint. One of other model settings raises ConfigError naming the settings
+        that differ."""
         try:
             self.trainer.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             saved = state.get("config", {}) if isinstance(state, dict) else {}
             differ = [f"{k}={saved[k]!r} (now {v!r})" for k, v in self.cfg.flat().items()
                       if k.startswith("model.") and k in saved and saved[k] != v]
-            raise ConfigError(f"{path} does not fit this model ({type(e).__name__}); it was trained with "
+            raise ConfigError(f"{where} does not fit this model ({type(e).__name__}); it was trained with "
                               f"{', '.join(differ) or 'another model'}") from None
 
     def save(self, path: str | Path) -> Path:

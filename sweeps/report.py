@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,7 @@ def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None,
     run.log({p.stem: wandb.Image(str(p)) for p in paths})
     offline, sync_dir = run.offline, run.settings.sync_dir
     run.finish()
-    return f"wandb sync {sync_dir}" if offline else None
+    return f"wandb sync {shlex.quote(sync_dir)}" if offline else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,10 +304,33 @@ def cli_overrides(space, args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.checkpoint).expanduser().resolve()
         if not path.is_file():
             raise UsageError(f"--checkpoint {args.checkpoint} is not a file; pass a trial's checkpoint_*/state.pt")
+        check_checkpoint(path, space.model)
         overrides["checkpoint"] = str(path)
     elif space.needs_checkpoint:
         raise UsageError(f"space {space.name!r} evaluates a trained model: pass --checkpoint PATH/state.pt")
     return overrides
+
+
+def check_checkpoint(path: Path, model_name: str) -> None:
+    """UsageError (one line) unless `path` loads (weights only) as a finished run of `model_name` with a config that
+    this version reads: checked here, once, not in every trial."""
+    from genmodels.engine import load_checkpoint
+    from genmodels.registry import trial_config
+    from sweeps.tuner import UsageError
+
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, or not weights-only: one line, whatever it was
+        raise UsageError(f"--checkpoint {path} cannot be read as a gensweep checkpoint ({type(e).__name__}); pass "
+                         f"a trial's checkpoint_*/state.pt") from None
+    found = state.get("model_name") if isinstance(state, dict) else None
+    if found != model_name or "config" not in state:
+        raise UsageError(f"--checkpoint {path} holds {'a ' + repr(found) + ' model' if found else 'no gensweep run'}; "
+                         f"this space evaluates {model_name} checkpoints")
+    try:
+        trial_config(state["config"])
+    except ConfigError as e:
+        raise UsageError(f"--checkpoint {path}: its config does not load ({e})") from None
 
 
 def _path(text: str | None) -> str | None:

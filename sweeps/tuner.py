@@ -55,7 +55,9 @@ def trial_name(trial) -> str:
 
 
 def trial_dirname(trial) -> str:
-    return f"{trial.config['model_name']}_{trial.trial_id}"
+    from trainables.checkpoints import trial_dirname as dirname
+
+    return dirname(trial.config["model_name"], trial.trial_id)
 
 
 def _optuna_search_class():
@@ -117,18 +119,23 @@ def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, sto
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from trainables.checkpoints import TrialEndRecorder
     from trainables.trainable import SweepContext, train_trial
 
-    sweep = SweepContext(space=space.name, metric=metric, mode=space.mode, fid=fid_plan)
+    folder = sweep_storage.join(storage, name)
+    sweep = SweepContext(space=space.name, metric=metric, mode=space.mode, fid=fid_plan, folder=folder)
+    callbacks = [*callbacks, TrialEndRecorder(folder)]
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, sweep=sweep), resources)
     if resume:
-        # The saved tuner state holds the param space, searcher (Optuna history), scheduler and every trial's
-        # config; the callbacks are not saved with it and are passed again.
+        # The saved tuner state holds the param space, searcher (Optuna history), scheduler, every trial's config
+        # and the callbacks the sweep started with.
         return tune.Tuner.restore(sweep_storage.join(storage, name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     p = space.presets[preset]
     epochs = int(param_space["train.epochs"])
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(p.grace_period, epochs),
+    # ASHA counts epochs as the trial reports them: Tune's training_iteration restarts from its own (possibly older)
+    # checkpoint after a resume, and decisions must stay on the epoch milestones the FID ladder uses.
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(p.grace_period, epochs),
                               reduction_factor=p.reduction_factor)
     searched = [k for k, v in param_space.items() if is_domain(v)]
     search_alg = _optuna_search_class()(sampler=TPESampler(seed=seed)) if searched else None

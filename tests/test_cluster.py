@@ -145,6 +145,7 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
 
     monkeypatch.setattr(tuner, "init_ray", lambda *a: None)
     monkeypatch.setattr(tuner, "make_tuner", make_tuner)
+    monkeypatch.setattr(tuner, "check_gpus", lambda *a: None)  # as if on a GPU cluster
     with pytest.raises(_Stop):  # the sweep starts (its settings are saved), then its driver stops
         run.main(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5", "--name", "old",
                   "--storage-path", str(tmp_path), "--no-wandb"])

@@ -20,6 +20,7 @@ from genmodels.engine import CHECKPOINT_FILE, Diverged
 from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
+from trainables.checkpoints import has_ended, newest_state, trial_dirname
 from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
 from trainables.wandb_logging import IMAGES_DIR
 
@@ -32,6 +33,7 @@ class SweepContext:
     metric: str
     mode: str = "min"
     fid: FIDPlan | None = None
+    folder: str = ""  # the sweep's folder in storage (local path or URI), where each trial finds its checkpoints
 
 
 def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: SweepContext) -> None:
@@ -45,12 +47,15 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: Sw
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     if config.get("checkpoint"):
         return evaluate_checkpoint(config, data, sweep)
+    folder = f"{sweep.folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
+        if sweep.folder else None
+    if folder and has_ended(folder):
+        return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            exp.restore(Path(d) / CHECKPOINT_FILE)
+    newest = newest_state(folder, tune.get_checkpoint())
+    if newest:
+        exp.restore_state(newest[0])
     exp.trainer.extra["resumed_from_epoch"] = exp.epoch
     # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,

@@ -1,0 +1,268 @@
+"""Leaderboard ranking by FID sample count, its W&B errors, and the report's plots (legends, FID series per count,
+empty sweeps, labelled reconstruction grids, the `wandb sync` hint)."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from sweeps import leaderboard, report
+
+
+def fid_row(trial: str, value: float | None, n: int | None, best: float | None = None) -> dict:
+    return {"trial": trial, "params": {"model.beta": 1.0}, "value": value, "n": n, "best": best, "epochs": 2,
+            "status": "completed", "extra": {}}
+
+
+def table(rows: list[dict], metric: str = "fid", mode: str = "min") -> list[list[str]]:
+    import io
+
+    out = io.StringIO()
+    leaderboard.print_table(rows, metric, mode, file=out)
+    return [line.split() for line in out.getvalue().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. ranking by the deepest FID sample count, then by value
+
+
+def test_fid_at_fewer_samples_ranks_below_fid_at_more_samples():
+    rows = [fid_row("vae_early", 5.0, 128, 5.0), fid_row("vae_deep", 9.0, 256, 8.5), fid_row("vae_none", None, None),
+            fid_row("vae_deep2", 7.0, 256, 7.0)]
+    order = ["vae_deep2", "vae_deep", "vae_early", "vae_none"]
+    assert [r["trial"] for r in leaderboard.rank_rows(rows, "min")] == order
+    header, _, *body = table(rows)
+    assert header[3:6] == ["fid", "(min)", "n"] and "best_fid" in header
+    assert [r[1] for r in body] == order
+    assert body[1][3:6] == ["9", "256", "8.5"]  # value, its count, the best at that count
+    assert body[2][3:6] == ["5", "128", "5"]
+
+
+def test_max_mode_also_ranks_the_deeper_count_first():
+    rows = [fid_row("a", 50.0, 128), fid_row("b", 10.0, 1000)]
+    assert [r["trial"] for r in leaderboard.rank_rows(rows, "max")] == ["b", "a"]
+
+
+def test_non_fid_metrics_keep_their_columns_and_order():
+    rows = [fid_row("a", 7.9, None, 7.9), fid_row("b", 7.8, None, 7.8)]
+    header, _, *body = table(rows, "test_bpd")
+    assert header == ["rank", "trial", "beta", "test_bpd", "(min)", "best_test_bpd", "epochs", "status"]
+    assert [r[1] for r in body] == ["b", "a"]
+
+
+def test_ranking_fields_take_the_last_result_with_the_metric_and_the_best_at_its_count():
+    history = [
+        {"epoch": 1, "fid": 9.0, "fid_n": 128, "best_fid_128": 9.0, "fid_128": 9.0},
+        {"epoch": 2, "fid": 8.0, "fid_n": 256, "best_fid_256": 8.0, "fid_256": 8.0},
+        {"epoch": 3, "fid": float("nan"), "fid_n": float("nan")},  # between rungs: no FID (NaN in Ray's frame)
+    ]
+    assert leaderboard.ranking_fields(history, "fid") == {"value": 8.0, "n": 256, "best": 8.0}
+    assert leaderboard.ranking_fields([{"rfid": 3.0, "rfid_n": 1000, "best_rfid_1k": 2.5}], "rfid") == {
+        "value": 3.0, "n": 1000, "best": 2.5}
+    assert leaderboard.ranking_fields([*history, {"diverged": 1}], "fid")["value"] is None
+    assert leaderboard.ranking_fields([{"test_bpd": 7.0, "best_test_bpd": 6.5}], "test_bpd") == {
+        "value": 7.0, "n": None, "best": 6.5}
+
+
+def test_wandb_rows_rank_by_count_from_run_summaries(monkeypatch):
+    import wandb
+
+    class Run:
+        def __init__(self, rid, summary):
+            self.id, self.summary, self.state, self.config = rid, summary, "finished", {"model_name": "ncsn"}
+
+    runs = [Run("early", {"epoch": 1, "fid": 5.0, "fid_n": 128, "best_fid_128": 5.0, "fid_128": 5.0}),
+            Run("deep", {"epoch": 2, "fid": 9.0, "fid_n": 256, "best_fid_256": 9.0, "best_fid_128": 4.0})]
+    api = type("Api", (), {"default_entity": "me", "runs": lambda self, path, filters: runs})
+    monkeypatch.setattr(wandb, "Api", lambda: api())
+    rows = leaderboard.wandb_rows("sweep", "proj", None, "fid", ["model.sigma"], max_epochs=2)
+    assert [(r["trial"], r["n"], r["best"]) for r in leaderboard.rank_rows(rows, "min")] == [
+        ("ncsn_deep", 256, 9.0), ("ncsn_early", 128, 5.0)]
+    assert all("fid_n" not in r["extra"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. --source wandb without a login, or with a failing W&B API: one line, exit 2
+
+
+@pytest.fixture
+def fid_sweep(tmp_path):
+    """A sweep folder with only its settings file: enough for the leaderboard to get to W&B."""
+    info = {"space": "ncsn", "preset": "smoke", "metric": "fid", "mode": "min", "max_epochs": 2,
+            "searched": ["model.sigma_max"], "fixed": {}}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "gensweep_sweep.json").write_text(json.dumps(info))
+    return tmp_path
+
+
+def no_login_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    return {**env, "HOME": str(home), "NETRC": str(home / ".netrc")}
+
+
+def test_source_wandb_without_login_is_one_line_and_exit_2(fid_sweep, tmp_path):
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    r = subprocess.run([sys.executable, "sweeps/leaderboard.py", "--source", "wandb", "--name", "s",
+                        "--storage-path", str(fid_sweep)], cwd=Path(__file__).parents[1], env=no_login_env(home),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "not logged in" in lines[0] and "wandb login" in lines[0] and "--source local" in lines[0]
+
+
+def test_wandb_api_error_is_one_line_and_exit_2(fid_sweep, monkeypatch, capsys):
+    import wandb
+
+    import trainables.wandb_logging
+
+    def unreachable():
+        raise ConnectionError("api.wandb.ai unreachable\n(retries exhausted)")
+
+    monkeypatch.setattr(trainables.wandb_logging, "is_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "Api", unreachable)
+    assert leaderboard.main(["--source", "wandb", "--name", "s", "--storage-path", str(fid_sweep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "W&B API failed" in err[0] and "unreachable" in err[0], err
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_server_is_one_line_and_exit_2(fid_sweep, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**no_login_env(home), "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    r = run_cli(["sweeps/leaderboard.py", "--source", "wandb", "--name", "s", "--storage-path", str(fid_sweep)],
+                env=env, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "W&B API failed" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. report plots, on synthetic histories
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the report saves, by file name (still inspectable after they are closed)."""
+    figures = {}
+    save = report._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def synthetic_trial(tid: str, history: list[dict], status: str = "completed") -> dict:
+    config = {"model.sigma_max": 50.0, "train.lr": 1e-3}
+    return {"name": f"ncsn_{tid}", "id": tid, "label": report.trial_label(tid, config, ["model.sigma_max", "train.lr"]),
+            "dir": None, "config": config, "history": history, "last": history[-1] if history else {},
+            "status": status}
+
+
+def test_fid_curves_have_one_series_per_sample_count_and_a_legend(tmp_path, saved_figures):
+    nan = float("nan")
+    trials = [
+        synthetic_trial("t1", [{"epoch": 1, "fid": 90.0, "fid_n": 128}, {"epoch": 2, "fid": nan, "fid_n": nan},
+                               {"epoch": 3, "fid": 40.0, "fid_n": 256}, {"epoch": 4, "fid": 30.0, "fid_n": 256}]),
+        synthetic_trial("t2", [{"epoch": 1, "fid": 80.0, "fid_n": 128}], status="stopped (ASHA)"),
+    ]
+    report.plot_curves({"metric": "fid", "mode": "min"}, trials, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    ax = saved_figures["curves.png"].axes[0]
+    for line in ax.get_lines():  # no line joins a 128-sample FID to a 256-sample one
+        ys = set(line.get_ydata())
+        assert not (ys & {90.0, 80.0} and ys & {40.0, 30.0}), ys
+    legend_texts = [t.get_text() for legend in [*ax.artists, ax.get_legend()] for t in legend.get_texts()]
+    assert "t1 sigma_max=50 lr=0.001" in legend_texts and any(t.startswith("t2 ") for t in legend_texts)
+    assert {"fid_128", "fid_256"} <= set(legend_texts)
+
+
+def test_curves_without_any_metric_say_so(tmp_path, saved_figures):
+    trials = [synthetic_trial("t1", [{"epoch": 1, "loss": 3.0}]), synthetic_trial("t2", [])]
+    path = report.plot_curves({"metric": "fid", "mode": "min"}, trials, tmp_path / "curves.png")
+    assert path.exists()
+    texts = [t.get_text() for t in saved_figures["curves.png"].axes[0].texts]
+    assert texts == ["no trial reported fid yet"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. report plots and the leaderboard on a real smoke sweep
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--no-wandb", "--storage-path", str(storage),
+                 "--name", "smoke", "--num-samples", "4"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return storage
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke_sweep):
+    """write_report on the smoke sweep, with the figures it saved."""
+    figures = {}
+    save = report._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "_save", keep)
+        paths = report.write_report(str(smoke_sweep), "smoke")
+    return paths, figures
+
+
+@pytest.mark.slow
+def test_report_curves_name_every_trial(smoke_sweep, smoke_report):
+    paths, figures = smoke_report
+    assert {p.name for p in paths} == {"metric_per_epoch.png", "tradeoffs.png", "best_samples.png"}
+    trial_ids = [p.name.split("_", 1)[1] for p in (smoke_sweep / "smoke").iterdir() if p.name.startswith("vae_")]
+    assert len(trial_ids) == 4
+    texts = [t.get_text() for t in figures["metric_per_epoch.png"].axes[0].get_legend().get_texts()]
+    assert sorted(t.split()[0] for t in texts) == sorted(trial_ids)
+    assert all(re.search(r"beta=\S+ latent=\d+ lr=\S+ likelihood_scale=\S+", t) for t in texts), texts
+
+
+@pytest.mark.slow
+def test_best_samples_label_inputs_and_reconstructions(smoke_report):
+    _, figures = smoke_report
+    fig = figures["best_samples.png"]
+    recon = [ax for ax in fig.axes if ax.get_title() == "reconstructions"
+             or ax.get_title().endswith(": reconstructions")]
+    assert recon, [ax.get_title() for ax in fig.axes]
+    for ax in recon:
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == ["in", "rec"] * 8  # write_grids: 16 columns a row, each input beside its reconstruction
+        assert "input" in ax.get_xlabel() and "reconstruction" in ax.get_xlabel()
+    samples = [ax for ax in fig.axes if ax.get_title().endswith(": samples")]
+    assert samples and "test_bpd=" in samples[0].get_title()
+
+
+@pytest.mark.slow
+def test_offline_report_prints_the_wandb_sync_command(smoke_sweep, tmp_path):
+    env = {**no_login_env(tmp_path), "WANDB_MODE": "offline"}
+    r = run_cli(["sweeps/report.py", "--name", "smoke", "--storage-path", str(smoke_sweep)], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sync = re.search(r"`wandb sync (\S+)`", r.stdout)
+    assert sync, r.stdout
+    assert Path(sync.group(1)).is_dir() and Path(sync.group(1)).name.startswith("offline-run-")
+
+
+@pytest.mark.slow
+def test_local_leaderboard_of_a_non_fid_sweep_is_unchanged(smoke_sweep):
+    rows = leaderboard.local_rows(str(smoke_sweep), "smoke")
+    assert len(rows) == 4 and all(r["n"] is None for r in rows)  # ranked by test_bpd: no sample count
+    ranked = [r["value"] for r in leaderboard.rank_rows(rows, "min")]
+    assert ranked == sorted(ranked)

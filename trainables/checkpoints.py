@@ -1,0 +1,81 @@
+"""What a trial finds in its folder in storage when it starts again: the newest checkpoint that loads, and whether
+the trial had already ended.
+
+Tune saves its experiment state every few seconds, so a driver killed between two saves leaves a state that lags
+what the trials wrote: a trial's newest checkpoint may be newer than the one the state names (or the state may
+name none), and a trial that ASHA stopped or that finished may still be listed as running. `run.py --resume`
+restores that state; a trial then looks in its own folder instead of trusting it, so no finished epoch is trained
+twice and no ended trial is trained again. Paths may be local folders or cloud URIs (read through pyarrow.fs).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+from ray import tune
+
+from genmodels.engine import CHECKPOINT_FILE, load_checkpoint
+
+ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
+
+
+def trial_dirname(model_name: str, trial_id: str) -> str:
+    """The trial's folder name under the sweep's folder (what Tune's trial_dirname_creator gives it)."""
+    return f"{model_name}_{trial_id}"
+
+
+def _fs(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
+def has_ended(trial_folder: str) -> bool:
+    fs, root = _fs(trial_folder)
+    return fs.get_file_info(f"{root}/{ENDED_FILE}").type == pyarrow.fs.FileType.File
+
+
+def record_end(trial_folder: str, info: dict[str, Any]) -> None:
+    fs, root = _fs(trial_folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{ENDED_FILE}") as f:
+        f.write(json.dumps(info).encode())
+
+
+def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tuple[dict[str, Any], str] | None:
+    """(state, path) of the newest checkpoint of the trial that loads: those in its folder, newest first, and the one
+    Tune handed back. An unreadable one (e.g. truncated by a crash) is passed over, and that is said on stderr."""
+    candidates: list[tune.Checkpoint] = []
+    if trial_folder:
+        fs, root = _fs(trial_folder)
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(root))
+        except (FileNotFoundError, OSError):
+            infos = []
+        names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_")), reverse=True)
+        candidates = [tune.Checkpoint(f"{root}/{name}", filesystem=fs) for name in names]
+    if given is not None and all(c.path != given.path for c in candidates):
+        candidates.append(given)
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as d:
+                return load_checkpoint(Path(d) / CHECKPOINT_FILE), checkpoint.path
+        except Exception as e:  # noqa: BLE001 - truncated, missing or foreign: try the one before
+            print(f"gensweep: checkpoint {checkpoint.path} does not load ({type(e).__name__}: {e}); trying the one "
+                  f"before it", file=sys.stderr)
+    return None
+
+
+class TrialEndRecorder(tune.Callback):
+    """Driver side: records in each trial's folder that it ended (completed, stopped by ASHA, diverged), at once,
+    so a resumed sweep never trains it again even if Tune's saved state still lists it as running."""
+
+    def __init__(self, sweep_folder: str):
+        self.sweep_folder = sweep_folder
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = trial.last_result or {}
+        record_end(f"{self.sweep_folder}/{trial_dirname(trial.config['model_name'], trial.trial_id)}",
+                   {"epoch": last.get("epoch"), "diverged": last.get("diverged", 0)})
