@@ -246,3 +246,16 @@ def test_ema_checkpoint_round_trip_samples_identically(tmp_path):
     assert samples.shape == (4, 3, 32, 32) and 0 <= samples.min() and samples.max() <= 1
     assert torch.equal(draw(restored.eval_model), samples)
     assert not torch.equal(draw(restored.model), samples)  # the EMA weights, not the raw ones, were sampled
+
+
+def test_a_searched_eps_changes_the_step_at_every_rung():
+    """Two trials whose eps differ take different steps with fewer Langevin steps too. (A cap at the criterion's
+    eps once gave both the same step, so their rung-0 samples and grids were identical.)"""
+    def step(eps: float, steps: int) -> float:
+        return NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5, "langevin_eps": eps}), 3).step_size(steps)
+
+    c1 = NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5}), 3).criterion_step_size(1)
+    low, high = 0.3 * c1, 0.6 * c1  # both 5x above the one-step criterion: the old cap made them equal
+    assert step(low, 1) != step(high, 1)
+    assert step(high, 1) / step(low, 1) == pytest.approx(2.0)  # the rung keeps the trials' own ratio
+    assert step(low, 5) == low

@@ -135,15 +135,17 @@ class NCSN(GenerativeModel):
     def step_size(self, steps_per_level: int | None = None) -> float:
         """The step constant eps for `steps_per_level` Langevin steps (default: the config's T).
 
-        With fewer steps than T (the FID ladder's cheap rungs) eps grows by T / steps, so each level's chain still
-        covers the same Langevin time T * alpha_i, but at most up to the NCSNv2 criterion's eps for that many
-        steps (or the configured eps, if larger): beyond it a bigger step only adds discretisation error.
+        With fewer steps than T (the FID ladder's cheap rungs) eps grows by the factor min(T / steps, c(steps) /
+        c(T)), where c(n) is the NCSNv2 criterion's eps for n steps: each level's chain covers as much of the same
+        Langevin time T * alpha_i as the criterion allows for that few steps (a bigger step only adds
+        discretisation error). The factor is the same for every trial with the same schedule and T, so trials keep
+        the order of their own eps: a searched eps changes every rung's samples, not only the last rung's.
         """
         T = self.cfg.langevin_steps
         eps = self.cfg.langevin_eps if self.cfg.langevin_eps > 0 else self.criterion_step_size(T)
         if steps_per_level is None or steps_per_level >= T:
             return eps
-        return min(eps * T / steps_per_level, max(eps, self.criterion_step_size(steps_per_level)))
+        return eps * min(T / steps_per_level, self.criterion_step_size(steps_per_level) / self.criterion_step_size(T))
 
     def criterion_step_size(self, steps_per_level: int) -> float:
         return schedules.ncsnv2_step_size(steps_per_level, self.sigmas[-1].item(), self.gamma)
