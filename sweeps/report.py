@@ -93,12 +93,9 @@ def plot_curves(info: dict[str, Any], trials: list[dict[str, Any]], path: Path) 
         xs, ys = zip(*series[max(series, key=lambda n: n or 0)])  # where the trial ended: its deepest count
         ax.plot(xs[-1], ys[-1], "x" if "ASHA" in t["status"] else "o", color=colour, ms=8, mfc="none")
         trial_handles.append(Line2D([], [], color=colour, marker="o", ms=3, label=t["label"]))
-    legend = ax.legend(handles=trial_handles, title="trial", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    if counts != [None]:  # which line style is which sample count
-        ax.add_artist(legend)
-        ax.legend(handles=[Line2D([], [], color="grey", ls=styles[n], label=fid_metric_name(n, metric))
-                           for n in counts if n], title="sample count", fontsize=7, loc="lower left",
-                  bbox_to_anchor=(1.01, 0))
+    count_handles = [Line2D([], [], color="grey", ls=styles[n], label=fid_metric_name(n, metric)) for n in counts if n]
+    ax.legend(handles=trial_handles + count_handles, title="trial" + (", sample count" if count_handles else ""),
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end)")

@@ -63,7 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable; "
                         "section.field keys such as model.beta or train.epochs work too)")
-    p.add_argument("--metric", help="ranking metric, where the space offers a choice (e.g. vqvae: fid or rfid)")
+    p.add_argument("--metric", help="ranking metric, where the space offers a choice (e.g. vqvae: fid or rfid; "
+                                    "vae: test_bpd, test_iwae_bpd or fid)")
+    p.add_argument("--seed-defaults", action="store_true",
+                   help="pin every searched value to the seed project's own configuration (one trial by default), "
+                        "to compare a sweep with it at the same preset; --fixed still overrides")
+    p.add_argument("--no-rfid", action="store_true",
+                   help="skip the reconstruction FID at the end of each trial (it doubles the Inception cost); "
+                        "not with --metric rfid")
     p.add_argument("--fid-network", choices=["inception", "standin"],
                    help="FID features: inception (TF 2015-12-05, comparable to papers; the full preset's) or standin "
                         "(a small fixed random network, only for smoke runs; the smoke preset's)")
@@ -166,10 +173,16 @@ def resolve_sweep(args: argparse.Namespace, storage: str) -> tuple[Sweep, argpar
     if sweep_exists(storage, name):
         raise UsageError(f"a sweep named {name!r} already exists under {storage}; continue it with --resume {name}, "
                          f"or start a new one with another --name")
-    param_space = ps.build_param_space(space, preset, ps.parse_fixed(args.fixed), cli_overrides(space, args),
-                                       args.seed)
+    fixed = {**(space.seed_defaults if args.seed_defaults else {}), **ps.parse_fixed(args.fixed)}
+    param_space = ps.build_param_space(space, preset, fixed, cli_overrides(space, args), args.seed)
+    if args.seed_defaults and args.num_samples is None:
+        args.num_samples = 1  # nothing is left to search
     fid = resolve_fid(space, preset, args.fid_network, _path(args.fid_weights), args.final_fid_samples)
-    return Sweep(space, preset, name, param_space, resolve_metric(space, args.metric), fid), args
+    metric = resolve_metric(space, args.metric)
+    if args.no_rfid and metric == "rfid":
+        raise UsageError("--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")
+    fid["rfid"] = not args.no_rfid
+    return Sweep(space, preset, name, param_space, metric, fid), args
 
 
 def _main(argv: list[str]) -> int:
@@ -237,6 +250,8 @@ def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan,
                        resources=resources, num_samples=args.num_samples or space.presets[sweep.preset].num_samples,
                        max_concurrent=args.max_concurrent, seed=args.seed, callbacks=callbacks,
                        resume=bool(args.resume))
+    warn_if_asha_is_serial(space.presets[sweep.preset].reduction_factor, resources,
+                           args.num_samples or space.presets[sweep.preset].num_samples, args.max_concurrent)
     if not args.resume:
         write_sweep(storage, name, {
             "space": space.name, "preset": sweep.preset, "metric": metric, "mode": space.mode, "fid": sweep.fid,
@@ -267,6 +282,25 @@ def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan,
         print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{name}/*/wandb/"
               f"offline-run-*`")
     return exit_status(rows, interrupted, resume)
+
+
+def warn_if_asha_is_serial(reduction_factor: int, resources: dict[str, float], num_samples: int,
+                           max_concurrent: int) -> None:
+    """Say so when fewer trials run at once than ASHA's reduction factor: an asynchronous rung then compares a trial
+    with the few that happened to report before it, so its cuts depend on arrival order."""
+    import ray
+
+    available = ray.cluster_resources()
+    limits = [num_samples, max_concurrent or num_samples,
+              int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else num_samples]
+    if resources["gpu"]:
+        limits.append(int(available.get("GPU", 0) // resources["gpu"]))
+    at_once = max(1, min(limits))
+    if at_once < reduction_factor:
+        print(f"gensweep: warning: {at_once} trial(s) at a time, fewer than ASHA's reduction factor "
+              f"{reduction_factor}: its early cuts then depend on which trials reported first. Run more at once "
+              f"(pack trials on a GPU with --gpus-per-trial 0.5, fewer --cpus-per-trial, or a cluster); see README, "
+              f"'One GPU'.")
 
 
 def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> int:

@@ -48,6 +48,9 @@ class Space:
     needs_checkpoint: bool = False  # evaluates a trained model (--checkpoint) instead of training one
     presets: dict[str, Preset] = dataclasses.field(default_factory=dict)
     description: str = ""
+    # The seed project's own configuration of this model (../shared/SEED-NOTES.md): every searched value pinned, for
+    # one comparison trial at any preset's budget (run.py --seed-defaults).
+    seed_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def searched(self) -> list[str]:
@@ -66,9 +69,14 @@ VAE_SPACE = Space(
         "beta": tune.loguniform(0.05, 16.0),
         "latent": tune.choice([32, 64, 128, 256]),
         "lr": tune.loguniform(1e-4, 3e-3),
-        "likelihood_scale": tune.loguniform(0.02, 0.3),
+        # up to 1: the seeds' "SSE + beta * KL" is a Gaussian decoder with scale sqrt(0.5) = 0.707
+        "likelihood_scale": tune.loguniform(0.02, 1.0),
+        "learn_scale": tune.choice([False, True]),  # learned: likelihood_scale is where sigma starts
     },
     metric="test_bpd",
+    metrics=("test_bpd", "test_iwae_bpd", "fid"),
+    # the beta-VAE seed (the full preset's conv arch): beta 1, Adam 1e-4, latent 128, "SSE + KL"
+    seed_defaults={"beta": 1.0, "lr": 1e-4, "latent": 128, "likelihood_scale": 0.707, "learn_scale": False},
     presets={
         "smoke": Preset(config={**SMOKE_DATA, "arch": "conv-small", "width": 8, "epochs": 4, "steps_per_epoch": 8,
                                 "batch_size": 64, "eval_k": 8, "final_eval_k": 32}, num_samples=8),
@@ -104,6 +112,10 @@ VQVAE_SPACE = Space(
     },
     metric="fid",
     metrics=("fid", "rfid"),
+    # the VQ-VAE seed: K=512, D=64, commitment 0.25, a codebook trained by its loss (the seed's "EMA" had none), no
+    # dead-code restarts, Adam 1e-3
+    seed_defaults={"codebook_size": 512, "code_dim": 64, "commitment": 0.25, "codebook": "loss", "restarts": False,
+                   "ema_decay_codebook": 0.99, "lr": 1e-3},  # (the decay is unused by a loss-trained codebook)
     presets={
         # Tiny model, small codebooks (K is still searched), ~9 s of CPU per trial before FID.
         "smoke": vqvae_preset(6, 4, {**SMOKE_DATA, "codebook_size": tune.choice([16, 32, 64, 128]), "width": 32,
@@ -141,6 +153,11 @@ NCSN_SPACE = Space(
         "width": tune.choice([64, 128]),
     },
     metric="fid",
+    # the NCSN seed: geometric 1 -> 0.01 in L=50, T=100, eps 2e-5, start N(0, I), no final denoising, Adam 1e-3,
+    # EMA 0.999, grad clip 1, the U-Net at width 128
+    seed_defaults={"sigma_schedule": "geometric", "sigma_1": 1.0, "sigma_L": 0.01, "num_levels": 50, "gamma": 0.0,
+                   "langevin_steps": 100, "langevin_eps": 2e-5, "init": "gaussian", "denoise": False, "lr": 1e-3,
+                   "ema_decay": 0.999, "grad_clip": 1.0, "arch": "unet", "width": 128},
     presets={
         # geometric only: an ncsnv2 schedule for D = 3072 has ~230 levels, minutes of Langevin on a CPU
         "smoke": Preset(config={**SMOKE_DATA, "sigma_schedule": "geometric", "num_levels": 3, "gamma": 0.0,
@@ -165,6 +182,7 @@ NCSN_SAMPLING_SPACE = Space(
         "init": tune.choice(["uniform", "gaussian"]),
     },
     metric="fid",
+    seed_defaults={"langevin_steps": 100, "langevin_eps": 2e-5, "init": "gaussian", "denoise": False},
     needs_checkpoint=True,
     presets={
         # One evaluation per trial (epochs=1): nothing for ASHA to stop early.
@@ -193,6 +211,9 @@ RESNET_VAE_SPACE = Space(
         "width": tune.choice([16, 32, 64]),
     },
     metric="test_iwae_bpd",
+    metrics=("test_iwae_bpd", "fid"),
+    # the ResNet-VAE seed: beta 0.1, Adam 1e-3, latent 128, stem width 32, "SSE + beta * KL"
+    seed_defaults={"beta": 0.1, "lr": 1e-3, "latent": 128, "width": 32, "likelihood_scale": 0.707},
     presets={
         "smoke": Preset(config={**VAE_FAMILY_SMOKE, "width": 8}, num_samples=6),
         "full": Preset(config={**FULL_DATA, "epochs": 100, "batch_size": 128, "eval_k": 64, "final_eval_k": 1000},
@@ -215,6 +236,8 @@ DFC_SPACE = Space(
     },
     metric="fid",
     metrics=("fid", "test_iwae_bpd"),
+    # the DFC seed: perceptual weight 0.5 at relu1_2, relu2_2, relu3_4 plus the pixel SSE, beta 0.1
+    seed_defaults={"alpha": 0.5, "beta": 0.1, "layers": "seed", "pixel_weight": 1.0},
     presets={
         "smoke": Preset(config={**VAE_FAMILY_SMOKE, "width": 8, "batch_size": 16, "steps_per_epoch": 4,
                                 "vgg_weights": "random"}, num_samples=6),
@@ -235,6 +258,9 @@ IWAE_SPACE = Space(
         "estimator": tune.choice(["iwae", "dreg"]),
     },
     metric="test_iwae_bpd",
+    metrics=("test_iwae_bpd", "fid"),
+    # the IWAE seed: k 5, Adam 1e-4, latent 128, the IWAE gradient
+    seed_defaults={"k": 5, "lr": 1e-4, "latent": 128, "estimator": "iwae"},
     presets={
         "smoke": Preset(config={**VAE_FAMILY_SMOKE, "arch": "conv-small", "width": 8, "steps_per_epoch": 6},
                         num_samples=6),

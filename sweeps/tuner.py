@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 from typing import Any
 
@@ -108,7 +109,28 @@ def make_fid_plan(fid: dict[str, Any], test_images: torch.Tensor, dataset: str, 
     milestones = asha_milestones(epochs, min(preset.grace_period, epochs), preset.reduction_factor)
     return FIDPlan(network=fid["network"], weights_path=fid["weights_path"], ref=ref, milestones=milestones,
                    ladder=tuple(fid["ladder"]), step_fractions=tuple(fid["step_fractions"]), final_n=fid["final"],
-                   rank_by=metric if metric in ("fid", "rfid") else None)
+                   rank_by=metric if metric in ("fid", "rfid") else None, rfid=fid.get("rfid", True))
+
+
+def sweep_reporter(results: str, mode: str, **kwargs: Any):
+    """Tune's CLIReporter, saying where the results are (not the driver's staging folder) and showing ASHA's rung
+    cut-offs as the metric reads: ASHA negates a metric that is minimised, and its debug string shows that."""
+    import contextlib
+    import io
+
+    from ray import tune
+
+    class SweepReporter(tune.CLIReporter):
+        def report(self, trials, done: bool, *sys_info: str) -> None:
+            if mode == "min":
+                sys_info = tuple(re.sub(r"(Iter [\d.]+: )(-?)(\d)", lambda m: m[1] + ("" if m[2] else "-") + m[3],
+                                        line) if line.startswith("Bracket") else line for line in sys_info)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                super().report(trials, done, *sys_info)
+            print(re.sub(r"(?m)^Result logdir: .*$", f"Results: {results} (image grids: <trial>/images/)",
+                         out.getvalue()), end="", flush=True)
+
+    return SweepReporter(**kwargs)
 
 
 def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, storage: str, name: str, *,
@@ -143,8 +165,8 @@ def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, sto
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
     # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
     # milestones); the leaderboard at the end is ranked.
-    reporter = tune.CLIReporter(metric_columns={metric: metric, "epoch": "epoch"},
-                                parameter_columns={k: k.split(".")[-1] for k in searched}, max_report_frequency=15)
+    reporter = sweep_reporter(folder, space.mode, metric_columns={metric: metric, "epoch": "epoch"},
+                              parameter_columns={k: k.split(".")[-1] for k in searched}, max_report_frequency=15)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,

@@ -194,12 +194,14 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
 @pytest.mark.slow
 def test_diverged_trials_end_as_diverged_and_the_sweep_finishes(tmp_path):
     """A NaN loss ends its trial with a report that has no ranking metric: Tune must neither reject that report
-    nor crash sorting its progress table on it, and Optuna records the trial as pruned."""
+    nor crash sorting its progress table on it, and Optuna records the trial as pruned. With no trial completed,
+    the exit code is 1 and the last line says why."""
     from conftest import run_cli
 
     r = run_cli(["sweeps/run.py", "--preset", "smoke", "--num-samples", "2", "--fixed", "lr=1e10", "--fixed",
                  "epochs=2", "--no-wandb", "--storage-path", str(tmp_path), "--name", "nan"], timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "gensweep: no trial completed (2 diverged); see the errors above"
     rows = leaderboard_rows(r.stdout, "nan")
     assert len(rows) == 2 and all(row.endswith("diverged") for row in rows), r.stdout[-3000:]
     searcher = pickle.loads(sorted(tmp_path.glob("nan/searcher-state-*.pkl"))[-1].read_bytes())

@@ -72,3 +72,11 @@ def test_fixed_values_replace_domains_and_keep_their_section():
 def test_every_model_builds_from_its_defaults(model):
     cfg = trial_config({}, model)
     assert isinstance(cfg, TrialConfig) and cfg.model_name == model
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_seed_defaults_pin_every_searched_value_to_a_valid_one(name):
+    space = SPACES[name]
+    assert space.seed_defaults, f"space {name} has no seed configuration"
+    param_space = build_param_space(space, "full", space.seed_defaults, {}, seed=0)
+    assert not [k for k, v in param_space.items() if hasattr(v, "sample")], "a searched value is left unpinned"

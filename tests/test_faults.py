@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_trainer, run_cli
+from conftest import ROOT, make_trainer
 
 from genmodels.data import synthetic_images
 
@@ -165,15 +165,6 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_no_trial_completed_exits_1_and_says_why(tmp_path):
-    r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--num-samples", "2", "--no-wandb",
-                 "--fixed", "lr=1e6", "--fixed", "epochs=2", "--storage-path", str(tmp_path), "--name", "nan"],
-                timeout=300)
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "gensweep: no trial completed (2 diverged); see the errors above"
-
-
-@pytest.mark.slow
 def test_driver_killed_at_random_moments_resumes_without_training_an_epoch_twice(tmp_path, capsys):
     """SIGKILL the driver at random points of one sweep, three times, `--resume` after each; then every trial's
     epochs appear once each in its results (no epoch trained twice but the one in progress, which never reported),
@@ -193,10 +184,11 @@ def test_driver_killed_at_random_moments_resumes_without_training_an_epoch_twice
             for attempt in range(3):
                 driver = cluster.popen(start if attempt == 0 else [*command, "--resume", name],
                                        tmp_path / f"driver{attempt}.log")
-                deadline = time.time() + 120
-                while time.time() < deadline and not stored_rows(storage, name):
+                seen = sum(map(len, stored_rows(storage, name).values()))
+                deadline = time.time() + 120  # until this driver's trials report, then at a random moment
+                while time.time() < deadline and sum(map(len, stored_rows(storage, name).values())) <= seen:
                     time.sleep(0.2)
-                time.sleep(rng.uniform(1.0, 6.0))
+                time.sleep(rng.uniform(0.5, 5.0))
                 if driver.poll() is not None:
                     break
                 driver.send_signal(signal.SIGKILL)

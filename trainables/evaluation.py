@@ -34,6 +34,7 @@ class FIDPlan:
     step_fractions: tuple[float, ...]  # sampler steps per rung, as fractions of the trial's own
     final_n: int  # samples for the final FID of a completed trial
     rank_by: str | None = None  # "fid" or "rfid" when the sweep ranks by FID; None: final FID only
+    rfid: bool = True  # reconstruction FID at the end of a trial (models that reconstruct)
 
     def rung(self, epoch: int) -> int | None:
         return self.milestones.index(epoch) if epoch in self.milestones else None
@@ -75,7 +76,7 @@ def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
             out[fid_metric_name(r["n"], "kid")] = r["kid"]
         if plan.rank_by == "fid" or final:
             out["fid"], out["fid_n"] = r["fid"], r["n"]
-    if model.can_reconstruct and (final or plan.rank_by == "rfid"):
+    if model.can_reconstruct and ((final and plan.rfid) or plan.rank_by == "rfid"):
         scorer.kid_subsets = 0
         test = exp.trainer.test_images(plan.ref.num)
         r = scorer.reconstruction_fid(model, test, plan.ref)

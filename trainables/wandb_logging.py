@@ -1,8 +1,9 @@
 """One W&B run per trial, opened and fed by a Ray Tune callback in the driver process, on one worker thread.
 
 Why the driver: ASHA stops a trial by killing its actor right after a report, so a run opened inside the trial would
-never be finished. The driver sees every trial start, result, checkpoint and end, and ends each run itself. W&B
-(>= 0.19) holds several live runs in one process (`wandb.init(reinit="create_new")`), so no logging actors are needed.
+never be finished. The driver sees every trial start, result, checkpoint and end, and ends each run itself.
+W&B (>= 0.19) holds several live runs in one process (`wandb.init(reinit="create_new")`), so no logging actors are
+needed.
 
 Why a worker thread: each W&B call (init, log with images, artifact upload, finish) takes from milliseconds to many
 seconds, and Tune calls its callbacks in its driver loop: a callback that does the work itself stalls the whole sweep
@@ -35,6 +36,9 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from ray.tune import Callback
+
+from genmodels.config import ConfigError
+from genmodels.registry import trial_config
 
 IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable
 
@@ -72,6 +76,17 @@ def run_id(group: str, trial_id: str) -> str:
     if len(rid) > 64:  # long sweep names: keep it readable, and unique through a hash of the whole
         rid = rid[:55] + "-" + hashlib.sha1(f"{group}/{trial_id}".encode()).hexdigest()[:8]
     return rid
+
+
+def resolved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Every field the trial runs with, defaults included (W&B's table then compares trials on all of them). A
+    trial that evaluates a checkpoint runs with that checkpoint's settings: its own keys are what it changes."""
+    if config.get("checkpoint"):
+        return dict(config)
+    try:
+        return {**config, **trial_config(config).flat()}
+    except (ConfigError, KeyError):  # not a gensweep trial config: log it as it is
+        return dict(config)
 
 
 def loggable_metrics(result: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +166,7 @@ class WandbLogger(Callback):
             self._unfinished.add(key)
         init_kwargs = dict(
             project=self.project, entity=self.entity, group=self.group, job_type="trial", name=str(trial),
-            id=run_id(self.group, key), resume="allow", tags=list(self.tags), config=dict(trial.config),
+            id=run_id(self.group, key), resume="allow", tags=list(self.tags), config=resolved_config(trial.config),
         )
         local_dir = self._local_trial_dir(trial)
         if local_dir:

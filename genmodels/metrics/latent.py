@@ -11,15 +11,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from genmodels.data import dequantize, to_unit
 from genmodels.images import save_grid
-
-if TYPE_CHECKING:
-    from genmodels.models.vae import VAE
+from genmodels.models.base import GenerativeModel  # VAE-family models: encode, decode, log_weights
 
 
 def linear_path(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
@@ -46,7 +43,8 @@ def slerp_path(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(model: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int, kind: str = "linear") -> torch.Tensor:
+def interpolate(model: GenerativeModel, x0: torch.Tensor, x1: torch.Tensor, steps: int,
+                kind: str = "linear") -> torch.Tensor:
     """Decodings (N, steps, C, H, W) along the path between the posterior means of uint8 images x0 and x1."""
     path_fn = {"linear": linear_path, "slerp": slerp_path}[kind]
     z0, z1 = model.encode(to_unit(x0))[0], model.encode(to_unit(x1))[0]
@@ -55,7 +53,7 @@ def interpolate(model: VAE, x0: torch.Tensor, x1: torch.Tensor, steps: int, kind
 
 
 @torch.no_grad()
-def traversal(model: VAE, images: torch.Tensor, n_dims: int = 8, steps: int = 10,
+def traversal(model: GenerativeModel, images: torch.Tensor, n_dims: int = 8, steps: int = 10,
               span: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodings (n_dims, steps, C, H, W) moving each of the n_dims most active units over [-span, span] from the
     encoding of images[0]; and the indices of those units, most active first."""
@@ -68,7 +66,7 @@ def traversal(model: VAE, images: torch.Tensor, n_dims: int = 8, steps: int = 10
 
 
 @torch.no_grad()
-def best_weight_reconstruction(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def best_weight_reconstruction(model: GenerativeModel, x: torch.Tensor, k: int) -> torch.Tensor:
     """Decoding of the posterior sample with the largest importance weight out of k, per uint8 image."""
     xd = dequantize(x)
     mu, logvar = model.encode(xd)
@@ -78,7 +76,7 @@ def best_weight_reconstruction(model: VAE, x: torch.Tensor, k: int) -> torch.Ten
 
 
 @torch.no_grad()
-def latent_grids(model: VAE, test_images_uint8: torch.Tensor, out_dir: str | Path, n_pairs: int = 8,
+def latent_grids(model: GenerativeModel, test_images_uint8: torch.Tensor, out_dir: str | Path, n_pairs: int = 8,
                  steps: int = 10, best_weight: bool = False) -> dict[str, Path]:
     """Write the latent-space grids of `model` (in eval mode) for some test images; returns {name: PNG path}.
     `best_weight` adds the best-weight reconstructions (for models trained on an importance-weighted bound)."""
