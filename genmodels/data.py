@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -54,19 +55,51 @@ def _torchvision_images(cls_name: str, root: Path, split: str, download: bool) -
     train = split == "train"
     try:
         ds = cls(str(root), train=train, download=False)
-    except RuntimeError:
-        if not download:
-            raise DataUnavailable(f"{cls_name} not found under {root}; point --data-dir at a folder that holds it")
+    except Exception:  # missing, failing torchvision's md5 check, or unreadable: sorted out below
+        ds = None
+    problem = f"{cls_name} not found under {root}"
+    if ds is None and download:
         try:
-            ds = cls(str(root), train=train, download=True)
+            ds = cls(str(root), train=train, download=True)  # also repairs a damaged CIFAR copy
         except Exception as e:  # URLError, socket errors, checksum failures: all mean "not obtainable here"
-            raise DataUnavailable(f"could not download {cls_name} into {root} ({type(e).__name__}: {e}); "
-                                  f"point --data-dir at a folder that holds it") from None
+            problem = f"could not download {cls_name} into {root} ({type(e).__name__}: {' '.join(str(e).split())})"
+    if ds is None:
+        folder = root / getattr(cls, "base_folder", f"{cls_name}/raw")
+        damage = _damage(cls, folder) if folder.is_dir() else None
+        if damage:
+            raise DataUnavailable(f"the {cls_name} copy in {folder} is corrupt: {damage}; delete that folder (the "
+                                  f"next run downloads it again) or point --data-dir at a good copy")
+        raise DataUnavailable(f"{problem}; point --data-dir at a folder that holds it")
     data = torch.as_tensor(ds.data)
     if data.ndim == 4:  # CIFAR: (N, H, W, C) numpy
         return data.permute(0, 3, 1, 2).contiguous()
     pad = (IMAGE_SIZE - data.shape[-1]) // 2  # Fashion-MNIST: 28x28 -> 32x32, one channel
     return F.pad(data, (pad, pad, pad, pad)).unsqueeze(1).contiguous()
+
+
+def _damage(cls: type, folder: Path) -> str | None:
+    """What is wrong with the first bad file in `folder`, the on-disk copy of torchvision dataset `cls`: missing,
+    failing torchvision's md5 (CIFAR lists one per file) or unreadable; None when every file is fine."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+    from torchvision.datasets.utils import check_md5
+
+    if hasattr(cls, "base_folder"):  # CIFAR: pickled batches
+        files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+        read = lambda path: pickle.loads(path.read_bytes(), encoding="latin1")  # noqa: E731
+    else:  # the MNIST family: the md5s are of the .gz downloads, not of the raw files read here
+        files = [(Path(gz).stem, None) for gz, _ in cls.resources]
+        read = read_sn3_pascalvincent_tensor
+    for name, md5 in files:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if md5 and not check_md5(path, md5):
+            return f"{name} does not match its md5 checksum"
+        try:
+            read(path)
+        except Exception as e:  # noqa: BLE001 - truncated or garbage: pickle, assertion, reshape errors alike
+            return f"{name} cannot be read ({type(e).__name__})"
+    return None
 
 
 def synthetic_images(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:

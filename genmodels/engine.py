@@ -2,9 +2,10 @@
 
 The inner loop never waits for the GPU: batches come from a uint8 tensor resident on the device (genmodels.data),
 logged values are summed on the device and read once per epoch, and the divergence check reads a loss copied to
-the host one check interval earlier. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is
-fused, and `compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says
-what each of these buys and when compiling pays for itself.
+the host one check interval earlier; progress lines (off unless `Trainer.progress` is set) use the host's step
+count and clock only. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is fused, and
+`compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says what each of
+these buys and when compiling pays for itself.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import copy
 import os
 import random
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ CHECKPOINT_FILE = "state.pt"
 
 MEMORY_FORMATS = TrainConfig.choices["memory_format"]
 DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each reads a loss copied one interval earlier)
+PROGRESS_EVERY_S = 10.0  # default seconds between progress lines within an epoch
 
 
 class Diverged(RuntimeError):
@@ -71,14 +75,31 @@ def use_channels_last(memory_format: str, device: torch.device) -> bool:
     return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
 
 
+@contextmanager
+def timed(progress: Callable[[str], None] | None, what: str) -> Iterator[None]:
+    """Report `what` as it starts and, with its seconds, as it ends; nothing when `progress` is None."""
+    if progress is None:
+        yield
+        return
+    progress(f"{what} ...")
+    start = time.perf_counter()
+    yield
+    progress(f"{what}: done in {time.perf_counter() - start:.1f} s")
+
+
 class Trainer:
-    """Trains `model` on uint8 images; `train_epoch`, `evaluate`, `save` and `load` are the whole API."""
+    """Trains `model` on uint8 images; `train_epoch`, `evaluate`, `save` and `load` are the whole API.
+
+    `progress`, when set, gets a line every `progress_every` seconds of an epoch and as evaluation starts and ends;
+    None (the default) keeps sweeps' trials quiet."""
 
     def __init__(self, model: GenerativeModel, cfg: TrainConfig, train_images: torch.Tensor,
                  test_images: torch.Tensor, device: torch.device | str | None = None, model_name: str = "",
-                 config_record: dict[str, Any] | None = None):
+                 config_record: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+                 progress_every: float = PROGRESS_EVERY_S):
         # config_record: the run's whole flat config, stored in every checkpoint (what from_checkpoint rebuilds)
         self.cfg, self.model_name, self.config_record = cfg, model_name, dict(config_record or {})
+        self.progress, self.progress_every = progress, progress_every
         self.device = torch.device(device) if device else default_device()
         self.channels_last = use_channels_last(cfg.memory_format, self.device)
         # Only 4-d weights change layout; values, parameter names and state_dict keys stay the same. Batches stay
@@ -120,7 +141,10 @@ class Trainer:
         sums: torch.Tensor | None = None  # every logged value, summed on the device: no host sync per step
         n = 0
         pending: int | None = None  # step of the loss last sent to the host for the divergence check
-        for x in self.train_batches.epoch(self.cfg.steps_per_epoch or None):
+        steps = self.cfg.steps_per_epoch or len(self.train_batches)
+        start = time.perf_counter()
+        next_report = start + self.progress_every
+        for x in self.train_batches.epoch(steps):
             with self._autocast():
                 loss, logs = (self.compiled_loss or self.model.loss)(x)
             self.optimizer.zero_grad(set_to_none=True)
@@ -146,6 +170,9 @@ class Trainer:
                     self._check_finite(pending)
                 self._send_loss_to_host(loss)
                 pending = self.step
+            if self.progress and (now := time.perf_counter()) >= next_report:
+                next_report = now + self.progress_every
+                self._report_steps(n, steps, now - start)
         if pending is not None:
             self._check_finite(pending)
         self.epoch += 1
@@ -154,6 +181,12 @@ class Trainer:
         if not all(map(_finite, metrics.values())):
             raise Diverged(f"non-finite training metrics at epoch {self.epoch}: {metrics}")
         return metrics
+
+    def _report_steps(self, done: int, steps: int, seconds: float) -> None:
+        # Steps the host has queued: on CUDA it runs ahead of the device by a bounded queue, close enough for an ETA.
+        rate = done / seconds
+        self.progress(f"epoch {self.epoch + 1}: step {done}/{steps} ({done / steps:.0%}), {rate:.1f} steps/s, "
+                      f"{(steps - done) / rate:.1f} s left")
 
     def _send_loss_to_host(self, loss: torch.Tensor) -> None:
         """Start copying the loss to the host without waiting for it (CUDA); `_check_finite` reads it later."""
@@ -179,7 +212,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Test-split metrics of the eval model (EMA weights when used), in fp32."""
-        return self.eval_model.eval().evaluate(self.test_batches.epoch())
+        with timed(self.progress, f"epoch {self.epoch}: evaluating on {len(self.test_batches.images)} test images"):
+            return self.eval_model.eval().evaluate(self.test_batches.epoch())
 
     @torch.no_grad()
     def final_evaluate(self, out_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Path]]:

@@ -6,19 +6,23 @@
 
 Every field of the data, training and model config sections is a flag, checked for type and range before anything
 runs. Checkpoints, sample grids and a metrics log go to --out; `--resume` continues from the checkpoint there.
+Progress lines come every 10 s of an epoch ($GENSWEEP_PROGRESS_S sets the seconds) and as each other phase
+(loading, evaluation, grids, final evaluation) starts and ends.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from genmodels.config import SECTIONS, ConfigError, fields_of, section_classes
 from genmodels.data import load_images
-from genmodels.engine import CHECKPOINT_FILE, Diverged, load_checkpoint
+from genmodels.engine import CHECKPOINT_FILE, PROGRESS_EVERY_S, Diverged, load_checkpoint, timed
 from genmodels.errors import ResourceUnavailable
 from genmodels.experiment import Experiment, prepare
 from genmodels.registry import MODELS, model_class, trial_config
@@ -56,29 +60,34 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    log = lambda line: print(line, flush=True)  # noqa: E731 - flushed, so `| tee` shows progress as it comes
     try:
         args, settings = parse_args(argv)
+        every = progress_every()
         out = Path(args.out or f"runs/{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
         if args.resume:  # the run's own settings, changed only where a flag says so
             settings = {**saved_settings(out / CHECKPOINT_FILE, args.model), **settings}
         cfg = trial_config(settings, args.model)
         prepare(cfg)  # checks that need no data (e.g. weights files) before loading any
+        output_folder(out)
         limit = {"train": cfg.data.train_size or None, "test": cfg.data.test_size or None}
-        data = {split: load_images(cfg.data.dataset, split, cfg.data.data_dir or None, limit=limit[split])
-                for split in ("train", "test")}
-        exp = Experiment.setup(cfg, data["train"], data["test"])
-        if args.resume:
-            exp.restore(out / CHECKPOINT_FILE)
+        with timed(log, f"loading {cfg.data.dataset} and building the model"):
+            data = {split: load_images(cfg.data.dataset, split, cfg.data.data_dir or None, limit=limit[split])
+                    for split in ("train", "test")}
+            exp = Experiment.setup(cfg, data["train"], data["test"])
+            if args.resume:
+                exp.restore(out / CHECKPOINT_FILE)
     except (ConfigError, ResourceUnavailable, ValueError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    exp.trainer.progress, exp.trainer.progress_every = log, every
     print(f"training {args.model} on {cfg.data.dataset} ({len(data['train'])} train / {len(data['test'])} test "
           f"images) on {exp.trainer.device}; writing to {out}", flush=True)
     plan = model_class(args.model).training_plan(exp.cfg)
     if plan:
         print(plan, flush=True)
     try:
-        train_to_end(exp, out)
+        train_to_end(exp, out, log)
     except Diverged as e:
         print(f"train: diverged: {e}; the last good checkpoint is {out / CHECKPOINT_FILE}", file=sys.stderr)
         return 1
@@ -95,7 +104,8 @@ def train_to_end(exp: Experiment, out: Path, log: Callable[[str], None] = print)
     def on_epoch(metrics: dict[str, float]) -> None:
         nonlocal last
         seconds, last = time.perf_counter() - last, time.perf_counter()
-        exp.write_grids(out / "images" / f"epoch_{exp.epoch:04d}")
+        with timed(exp.trainer.progress, f"epoch {exp.epoch}: sampling grids"):
+            exp.write_grids(out / "images" / f"epoch_{exp.epoch:04d}")
         exp.save(out / CHECKPOINT_FILE)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -103,10 +113,36 @@ def train_to_end(exp: Experiment, out: Path, log: Callable[[str], None] = print)
         log(f"epoch {exp.epoch}/{exp.cfg.train.epochs} ({seconds:.1f} s): {shown}")
 
     exp.run(on_epoch)
-    final, _ = exp.finish(out / "images" / "final")
+    with timed(exp.trainer.progress, "final evaluation and images"):
+        final, _ = exp.finish(out / "images" / "final")
     if final:
         log("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return final
+
+
+def progress_every() -> float:
+    """Seconds between progress lines within an epoch: $GENSWEEP_PROGRESS_S, else the engine's default."""
+    value = os.environ.get("GENSWEEP_PROGRESS_S", "")
+    try:
+        seconds = float(value) if value else PROGRESS_EVERY_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also rejects nan
+        raise ConfigError(f"GENSWEEP_PROGRESS_S must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def output_folder(out: Path) -> Path:
+    """`out`, created if need be; a one-line ConfigError unless it is a folder this process can write to."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pass the path of a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # the sure test: root ignores permission bits, mounts may be read-only
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); pass a folder you can "
+                          f"write to") from None
+    return out
 
 
 def saved_settings(checkpoint: Path, model_name: str) -> dict[str, object]:
@@ -119,6 +155,9 @@ def saved_settings(checkpoint: Path, model_name: str) -> dict[str, object]:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so in one line
         raise ConfigError(f"cannot load {checkpoint} ({type(e).__name__}); it is truncated or not a gensweep "
                           f"checkpoint: start a new run with another --out") from None
+    if not isinstance(state, dict):  # e.g. a tensor or list saved with torch.save
+        raise ConfigError(f"{checkpoint} holds a {type(state).__name__}, not a gensweep checkpoint: start a new run "
+                          f"with another --out")
     if state.get("model_name") != model_name:
         raise ConfigError(f"{checkpoint} holds a {state.get('model_name')!r} run, not {model_name!r}; pass "
                           f"--model {state.get('model_name')} or another --out")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
     metric, `n` the FID sample count it was computed with (`fid_n`; None for non-FID metrics) and `best` the best
     value at that same count (`best_fid_1k`), since FIDs at different counts are not comparable. A diverged trial
     has no value: its model is gone, whatever it scored before."""
-    if not results or results[-1].get("diverged"):
+    if not results or results[-1].get("diverged") == 1:  # == 1: NaN where a frame lacks the key
         return {"value": None, "n": None, "best": None}
     scored = next((r for r in reversed(results) if _num(r.get(metric))), {})
     n = int(scored[f"{metric}_n"]) if _num(scored.get(f"{metric}_n")) else None
@@ -100,7 +101,8 @@ def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number (numpy's included: results come from pandas frames), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -126,11 +128,11 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
     networks = sorted({str(r["extra"]["fid_network"]) for r in rows if "fid_network" in r["extra"]})
     if networks:
         title = f"{title}; FID network: {', '.join(networks)}" if title else f"FID network: {', '.join(networks)}"
-    ranking = [f"{metric} ({mode})", "n", f"best_{metric} at n"] if with_n else [f"{metric} ({mode})", f"best_{metric}"]
+    ranking = [f"{metric} ({mode})", "n", f"best_{metric}@n"] if with_n else [f"{metric} ({mode})", f"best_{metric}"]
     header = ["rank", "trial", *[k.split(".")[-1] for k in params], *ranking, *extras, "epochs", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
-        values = [short(r["value"]), *([short(r.get("n") or "")] if with_n else []), short(r["best"])]
+        values = [short(r["value"]), *([short(r.get("n") or "-")] if with_n else []), short(r["best"])]
         table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], *values,
                       *[short(r["extra"].get(k, "")) for k in extras], str(r["epochs"]), r["status"]])
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]

@@ -51,7 +51,7 @@ def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[
 
 
 def trial_label(trial_id: str, config: dict[str, Any], searched: list[str]) -> str:
-    """Short name of a trial for legends: its id and searched values, e.g. `ab12_00003 beta=0.5 lr=0.001`."""
+    """Short name of a trial for legends: its id and searched values, e.g. `dbb3c202 beta=0.5 lr=0.001`."""
     return " ".join([trial_id, *(f"{k.split('.')[-1]}={short(config.get(k))}" for k in searched)])
 
 
@@ -149,13 +149,15 @@ def plot_best_samples(info: dict[str, Any], trials: list[dict[str, Any]], path: 
                              gridspec_kw={"width_ratios": [widths[kd] for kd in kinds]}, squeeze=False)
     for row, (r, g) in zip(axes, grids):
         n = f" (n={r['n']})" if r["n"] else ""
-        for j, (ax, kind) in enumerate(zip(row, kinds)):
+        first = next(kind for kind in kinds if kind in g)  # the panel that names the trial
+        for ax, kind in zip(row, kinds):
             ax.axis("off")
             if kind not in g:
                 continue
             image = plt.imread(g[kind])
             ax.imshow(image)
-            ax.set_title(f"{r['t']['label']}\n{metric}={r['value']:.4g}{n}: {kind}" if j == 0 else kind, fontsize=7)
+            ax.set_title(f"{r['t']['label']}\n{metric}={r['value']:.4g}{n}: {kind}" if kind == first else kind,
+                         fontsize=7)
             if kind == "reconstructions":
                 _label_columns(ax, image.shape[1])
     fig.suptitle(f"last grids of the {len(grids)} best trials, best first", y=1.0)

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "section.field keys such as model.beta or train.epochs work too)")
     p.add_argument("--metric", help="ranking metric, where the space offers a choice (e.g. vqvae: fid or rfid; "
                                     "vae: test_bpd, test_iwae_bpd or fid)")
+    p.add_argument("--objectives", metavar="M1,M2",
+                   help="search several ranking metrics at once (e.g. fid,test_iwae_bpd): Optuna's multi-objective "
+                        "TPE gets all, ASHA stops trials on the first, the leaderboard shows the Pareto front")
     p.add_argument("--seed-defaults", action="store_true",
                    help="pin every searched value to the seed project's own configuration (one trial by default), "
                         "to compare a sweep with it at the same preset; --fixed still overrides")
@@ -138,8 +141,9 @@ class Sweep:
     preset: str
     name: str
     param_space: dict[str, Any]  # flat section.field keys; search domains for a new sweep, constants on resume
-    metric: str
+    metric: str  # what ASHA stops on and the leaderboard ranks by: the first objective
     fid: dict[str, Any]
+    objectives: tuple[str, ...] = ()  # with --objectives: every metric Optuna optimises
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -163,7 +167,7 @@ def resolve_sweep(args: argparse.Namespace, storage: str) -> tuple[Sweep, argpar
                 if key in resources]
         args = parse_args([*kept, *args.argv])
         return Sweep(SPACES[info["space"]], info["preset"], args.resume, info["param_space_constants"],
-                     info["metric"], info["fid"]), args
+                     info["metric"], info["fid"], tuple(info.get("objectives", ()))), args
     space = SPACES[args.space]
     preset = args.preset if args.preset != "auto" else ("full" if torch.cuda.is_available() else "smoke")
     name = args.name or f"{space.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -178,11 +182,16 @@ def resolve_sweep(args: argparse.Namespace, storage: str) -> tuple[Sweep, argpar
     if args.seed_defaults and args.num_samples is None:
         args.num_samples = 1  # nothing is left to search
     fid = resolve_fid(space, preset, args.fid_network, _path(args.fid_weights), args.final_fid_samples)
-    metric = resolve_metric(space, args.metric)
-    if args.no_rfid and metric == "rfid":
+    objectives = tuple(resolve_metric(space, m.strip()) for m in args.objectives.split(",")) if args.objectives \
+        else ()
+    if objectives and (len(set(objectives)) < 2 or args.metric):
+        raise UsageError("--objectives takes two or more different metrics, and replaces --metric (the first "
+                         "objective is the one ASHA stops on)")
+    metric = objectives[0] if objectives else resolve_metric(space, args.metric)
+    if args.no_rfid and "rfid" in (metric, *objectives):
         raise UsageError("--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")
     fid["rfid"] = not args.no_rfid
-    return Sweep(space, preset, name, param_space, metric, fid), args
+    return Sweep(space, preset, name, param_space, metric, fid, objectives), args
 
 
 def _main(argv: list[str]) -> int:
@@ -218,7 +227,9 @@ def _main(argv: list[str]) -> int:
 
         args.gpus_per_trial = auto_gpus_per_trial(space.model, param_space, data)
     epochs = point.train.epochs
-    plan = make_fid_plan(fid, data["test"], point.data.dataset, epochs, space.presets[sweep.preset], metric)
+    # FID on the ladder when any objective is an FID: every trial that reaches a milestone then has one
+    fid_ranked = next((m for m in (metric, *sweep.objectives) if m in ("fid", "rfid")), metric)
+    plan = make_fid_plan(fid, data["test"], point.data.dataset, epochs, space.presets[sweep.preset], fid_ranked)
     print(f"gensweep: space={space.name} preset={sweep.preset} model={space.model} dataset={point.data.dataset} "
           f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {metric} ({space.mode}); "
           f"FID network: {fid['network']}" + ("" if fid["network"] == "inception" else
@@ -249,12 +260,13 @@ def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan,
     tuner = make_tuner(space, sweep.preset, param_space, data, storage, name, metric=metric, fid_plan=plan,
                        resources=resources, num_samples=args.num_samples or space.presets[sweep.preset].num_samples,
                        max_concurrent=args.max_concurrent, seed=args.seed, callbacks=callbacks,
-                       resume=bool(args.resume))
+                       objectives=sweep.objectives, resume=bool(args.resume))
     warn_if_asha_is_serial(space.presets[sweep.preset].reduction_factor, resources,
                            args.num_samples or space.presets[sweep.preset].num_samples, args.max_concurrent)
     if not args.resume:
         write_sweep(storage, name, {
-            "space": space.name, "preset": sweep.preset, "metric": metric, "mode": space.mode, "fid": sweep.fid,
+            "space": space.name, "preset": sweep.preset, "metric": metric, "objectives": list(sweep.objectives),
+            "mode": space.mode, "fid": sweep.fid,
             "max_epochs": epochs, "param_space_constants": ps.constants(param_space),
             "searched": ps.searched_keys(param_space), "fixed": ps.parse_fixed(args.fixed), "resources": resources,
             "argv": args.argv})

@@ -66,11 +66,19 @@ def _optuna_search_class():
 
     class MilestoneOptunaSearch(OptunaSearch):
         """OptunaSearch that passes over results without the ranking metric (FID exists only at ASHA milestones;
-        a diverged trial has none); Optuna's intermediate values then hold only comparable points."""
+        a diverged trial has none); Optuna's intermediate values then hold only comparable points. A trial that
+        ends without every objective (diverged) is recorded as pruned, not as a failed `tell`."""
+
+        def _has_objectives(self, result: dict | None) -> bool:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            return bool(result) and all(m in result for m in metrics)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
+            if self._has_objectives(result):
                 super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            super().on_trial_complete(trial_id, result if self._has_objectives(result) else None, error)
 
     return MilestoneOptunaSearch
 
@@ -135,7 +143,11 @@ def sweep_reporter(results: str, mode: str, **kwargs: Any):
 
 def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, storage: str, name: str, *,
                metric: str, fid_plan, resources: dict[str, float], num_samples: int, max_concurrent: int,
-               seed: int, callbacks: list, resume: bool = False):
+               seed: int, callbacks: list, objectives: tuple[str, ...] = (), resume: bool = False):
+    """The Tuner of a sweep. With several `objectives`, Optuna's multi-objective TPE gets every one of them, and
+    ASHA stops trials on the first (`metric`): early stopping needs one ranking at a rung, and ASHA's cut (the
+    bottom of a rung on that objective) is principled on its own; the Pareto front is drawn from the trials that
+    ran on."""
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -157,19 +169,24 @@ def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, sto
     epochs = int(param_space["train.epochs"])
     # ASHA counts epochs as the trial reports them: Tune's training_iteration restarts from its own (possibly older)
     # checkpoint after a resume, and decisions must stay on the epoch milestones the FID ladder uses.
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(p.grace_period, epochs),
-                              reduction_factor=p.reduction_factor)
+    scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=space.mode, max_t=epochs,
+                              grace_period=min(p.grace_period, epochs), reduction_factor=p.reduction_factor)
     searched = [k for k, v in param_space.items() if is_domain(v)]
-    search_alg = _optuna_search_class()(sampler=TPESampler(seed=seed)) if searched else None
+    objectives = tuple(objectives) or (metric,)
+    search_alg = _optuna_search_class()(
+        metric=list(objectives) if len(objectives) > 1 else metric,
+        mode=[space.mode] * len(objectives) if len(objectives) > 1 else space.mode,
+        sampler=TPESampler(seed=seed)) if searched else None
     if search_alg and max_concurrent:
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
     # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
     # milestones); the leaderboard at the end is ranked.
-    reporter = sweep_reporter(folder, space.mode, metric_columns={metric: metric, "epoch": "epoch"},
+    reporter = sweep_reporter(folder, space.mode, metric_columns={**{m: m for m in objectives}, "epoch": "epoch"},
                               parameter_columns={k: k.split(".")[-1] for k in searched}, max_report_frequency=15)
     return tune.Tuner(
         trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
+        # The scheduler and the searcher carry their own metrics (the searcher may have several).
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent or None,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=1,
