@@ -132,8 +132,8 @@ def progress_every() -> float:
     return seconds
 
 
-def output_folder(out: Path) -> Path:
-    """`out`, created if need be; a one-line ConfigError unless it is a folder this process can write to."""
+def output_folder(out: Path) -> None:
+    """Create `out` if need be; a one-line ConfigError unless it is a folder this process can write to."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; pass the path of a folder")
     try:
@@ -142,7 +142,6 @@ def output_folder(out: Path) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); pass a folder you can "
                           f"write to") from None
-    return out
 
 
 def saved_settings(checkpoint: Path, model_name: str) -> dict[str, object]:

@@ -66,6 +66,7 @@ def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
         rows.append({"trial": f"{trial.config.get('model_name', '')}_{trial.trial_id}",
                      "params": {k: trial.config.get(k) for k in info["searched"]},
                      **ranking_fields(history, info["metric"]),
+                     "objectives": {m: ranking_fields(history, m) for m in info.get("objectives", [])},
                      "epochs": last.get("epoch", 0), "status": _status(last, max_epochs, trial.status),
                      "extra": _extra_columns(last)})
     return rows
@@ -118,6 +119,38 @@ def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
+def pareto_front(rows: list[dict[str, Any]], objectives: list[str], mode: str) -> tuple[list[dict[str, Any]], str]:
+    """The trials no other trial beats on every objective, and what they were compared at. FIDs are compared only
+    at one sample count: the front is drawn among the trials whose FIDs have the largest count (the deepest rung,
+    or the end of the trial)."""
+    sign = 1 if mode == "min" else -1
+    scored = [r for r in rows if all(_num(r["objectives"].get(m, {}).get("value")) for m in objectives)]
+    counts = {m: max((r["objectives"][m]["n"] or 0 for r in scored), default=0) for m in objectives}
+    scored = [r for r in scored if all((r["objectives"][m]["n"] or 0) == counts[m] for m in objectives)]
+
+    def point(r: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(sign * r["objectives"][m]["value"] for m in objectives)
+
+    front = [r for r in scored if not any(all(a <= b for a, b in zip(point(o), point(r))) and point(o) != point(r)
+                                          for o in scored)]
+    where = ", ".join(f"{m} at n={counts[m]}" for m in objectives if counts[m])
+    return sorted(front, key=point), where
+
+
+def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, file=sys.stdout) -> None:
+    """The Pareto front of a multi-objective sweep, printed before its ranked table."""
+    front, where = pareto_front(rows, objectives, mode)
+    print(f"Pareto front of {', '.join(objectives)} ({mode}){' compared ' + where if where else ''}: "
+          f"{len(front)} trial(s) that no other trial beats on every objective", file=file)
+    width = max([len(r["trial"]) for r in front] + [5])
+    print("  ".join(["trial".ljust(width), *objectives, "params"]), file=file)
+    for r in front:
+        params = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in r["params"].items())
+        print("  ".join([r["trial"].ljust(width), *[short(r["objectives"][m]["value"]).ljust(len(m))
+                                                     for m in objectives], params]), file=file)
+    print(file=file)
+
+
 def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=sys.stdout) -> None:
     """The ranked table; for FID metrics with the sample count `n` of each value and the best at that count."""
     rows = rank_rows(rows, mode)
@@ -134,7 +167,7 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
     for i, r in enumerate(rows, 1):
         values = [short(r["value"]), *([short(r.get("n") or "-")] if with_n else []), short(r["best"])]
         table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], *values,
-                      *[short(r["extra"].get(k, "")) for k in extras], str(r["epochs"]), r["status"]])
+                      *[short(r["extra"].get(k, "-")) for k in extras], str(r["epochs"]), r["status"]])
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     if title:
         print(title, file=file)
@@ -195,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             source = "local"
     if source == "local":
         rows = local_rows(storage, name)
+    if info.get("objectives") and source == "local":
+        print_front(rows, info["objectives"], info["mode"])
     print_table(rows, info["metric"], info["mode"], title=f"Leaderboard of {name} ({source} results)")
     return 0
 

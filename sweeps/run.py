@@ -284,16 +284,43 @@ def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan,
         # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
         WandbLogger.close_all(timeout_s=10)
 
-    from sweeps.leaderboard import local_rows, print_table
+    from sweeps.leaderboard import local_rows, print_front, print_table
 
     rows = local_rows(storage, name)
     print()
+    if sweep.objectives:
+        print_front(rows, list(sweep.objectives), space.mode)
+        log_front_to_wandb(rows, sweep, args, wandb_mode, storage)
     print_table(rows, metric, space.mode, title=f"Leaderboard of {name} (local results)")
     print(f"\nresults: {storage}/{name} (image grids: {storage}/{name}/<trial>/images/)")
     if wandb_mode == "offline":
         print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{name}/*/wandb/"
               f"offline-run-*`")
     return exit_status(rows, interrupted, resume)
+
+
+def log_front_to_wandb(rows: list[dict[str, Any]], sweep: Sweep, args: argparse.Namespace, wandb_mode: str,
+                       storage: str) -> None:
+    """The Pareto front as a table in a W&B run of its own, in the sweep's group."""
+    if wandb_mode == "disabled":
+        return
+    import wandb
+
+    from sweeps.leaderboard import pareto_front
+
+    front, where = pareto_front(rows, list(sweep.objectives), sweep.space.mode)
+    keys = sorted({k for r in front for k in r["params"]})
+    table = wandb.Table(columns=["trial", *sweep.objectives, *keys],
+                        data=[[r["trial"], *[r["objectives"][m]["value"] for m in sweep.objectives],
+                               *[r["params"].get(k) for k in keys]] for r in front])
+    from sweeps.storage import is_uri
+
+    folder = None if is_uri(storage) else f"{storage}/{sweep.name}"  # beside the trials' runs, for `wandb sync`
+    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=sweep.name, job_type="pareto",
+                     dir=folder, name=f"{sweep.name}-pareto-front", reinit="create_new",
+                     config={"objectives": list(sweep.objectives), "compared": where})
+    run.log({"pareto_front": table})
+    run.finish()
 
 
 def warn_if_asha_is_serial(reduction_factor: int, resources: dict[str, float], num_samples: int,

@@ -50,3 +50,31 @@ def make_trainer(model_name, settings, train, test, device="cpu"):
     from genmodels.experiment import make_experiment
 
     return make_experiment(model_name, settings, train, test, device=device).trainer
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+def write_fashion_mnist(root, n_train: int, n_test: int) -> str:
+    """A Fashion-MNIST folder in torchvision's on-disk format (root/FashionMNIST/raw/*-ubyte, IDX files) with the
+    first n images of each split: the real images where Debian's dataset-fashion-mnist package is installed, else
+    procedural 28x28 stand-ins in the same format. Returns which ('real' or 'synthetic')."""
+    import gzip
+
+    raw = Path(root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    real = DEBIAN_FASHION_MNIST.is_dir()
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        if real:
+            with gzip.open(DEBIAN_FASHION_MNIST / f"{split}-images-idx3-ubyte.gz") as f:
+                f.read(16)
+                pixels = np.frombuffer(f.read(n * 28 * 28), dtype=np.uint8).reshape(n, 28, 28)
+        else:
+            from genmodels.data import synthetic_images
+
+            pixels = synthetic_images(n, seed=seed)[:, 0, 2:30, 2:30].numpy()
+        header = np.array([0x0803, n, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + pixels.tobytes())
+        labels = np.array([0x0801, n], dtype=">i4").tobytes() + bytes(n)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(labels)
+    return "real" if real else "synthetic"

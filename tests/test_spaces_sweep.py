@@ -7,7 +7,7 @@ from conftest import run_cli
 def leaderboard(out: str, name: str) -> tuple[str, list[str], list[str]]:
     board = out[out.index(f"Leaderboard of {name}"):].splitlines()
     rows = [line for line in board[3:] if line[:1].isdigit()]
-    return board[0], board[1].split(), rows
+    return board[0], board[1].replace(" (min)", "").split(), rows
 
 
 def column(header: list[str], rows: list[str], name: str) -> list[str]:
@@ -22,8 +22,8 @@ def test_ncsn_smoke_ranked_by_fid_then_sampling_only_sweep(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     title, header, rows = leaderboard(r.stdout, "ncsn")
     assert "FID network: standin" in title and "not comparable to published FIDs" in title
-    fids = [float(v) for v in column(header, rows, "fid")]
-    assert len(fids) == 3 and fids == sorted(fids)
+    fids = [(-int(n), float(v)) for n, v in zip(column(header, rows, "n"), column(header, rows, "fid"))]
+    assert len(fids) == 3 and fids == sorted(fids)  # by the deepest rung's sample count, then by FID
     assert "fid_256" in header  # the final FID, named by its sample count
 
     checkpoint = sorted((tmp_path / "ncsn").glob("ncsn_*/checkpoint_000003/state.pt"))[0]

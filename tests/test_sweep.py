@@ -22,7 +22,8 @@ def test_smoke_sweep_ends_in_leaderboard_with_asha_stops(smoke_sweep):
     rows = [line for line in board.splitlines()[3:] if line[:1].isdigit()]
     assert len(rows) == 6
     assert any("stopped (ASHA)" in r for r in rows) and any("completed" in r for r in rows)
-    values = [float(r.split()[6]) for r in rows]  # ranked ascending by test_bpd
+    header = board.splitlines()[1].replace(" (min)", "").split()
+    values = [float(r.split()[header.index("test_bpd")]) for r in rows]  # ranked ascending by test_bpd
     assert values == sorted(values)
 
 

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 from genmodels.data import DataUnavailable, load_images, synthetic_images
 
-TINY = ["--dataset", "synthetic", "--train-size", "256", "--arch", "conv-small", "--width", "8", "--batch-size", "8",
+TINY = ["--dataset", "synthetic", "--train-size", "64", "--arch", "conv-small", "--width", "8", "--batch-size", "8",
         "--epochs", "1", "--test-size", "16", "--eval-k", "2", "--final-eval-k", "2"]
 
 
@@ -33,7 +33,7 @@ def test_progress_lines_come_before_the_first_epoch_line(tmp_path):
     lines = result.stdout.splitlines()
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/1 "))
     before = lines[:first_epoch]
-    assert any(re.fullmatch(r"epoch 1: step \d+/32 \(\d+%\), [\d.]+ steps/s, [\d.]+ s left", x) for x in before)
+    assert any(re.fullmatch(r"epoch 1: step \d+/8 \(\d+%\), [\d.]+ steps/s, [\d.]+ s left", x) for x in before)
     assert any(x.startswith("loading synthetic") and " done in " in x for x in before)
     assert "epoch 1: evaluating on 16 test images ..." in before
     assert any(re.fullmatch(r"epoch 1: evaluating on 16 test images: done in [\d.]+ s", x) for x in before)
