@@ -124,6 +124,11 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
             fig.colorbar(sc, ax=ax, label="log10 beta")
         else:
             ax.scatter(xs, ys)
+        if yk == fid_key:  # both are minimised: the trials no other trial beats on both
+            front = sorted((x, y) for x, y in zip(xs, ys) if not any(
+                a <= x and b <= y and (a, b) != (x, y) for a, b in zip(xs, ys)))
+            ax.step(*zip(*front), where="post", color="tab:red", lw=1, label="Pareto front")
+            ax.legend(loc="upper right")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
     fig.suptitle("trade-offs across trials (last result of each)")

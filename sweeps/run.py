@@ -329,6 +329,8 @@ def warn_if_asha_is_serial(reduction_factor: int, resources: dict[str, float], n
     with the few that happened to report before it, so its cuts depend on arrival order."""
     import ray
 
+    if not ray.is_initialized():
+        return
     available = ray.cluster_resources()
     limits = [num_samples, max_concurrent or num_samples,
               int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else num_samples]

@@ -213,7 +213,8 @@ def test_diverged_trials_end_as_diverged_and_the_sweep_finishes(tmp_path):
 
 # Every searched hyperparameter pinned: two identical trials ("twins"). Ties never make ASHA stop a trial, so both
 # must run all their epochs, and the one that loses its node must end bit-identical to the one that did not.
-TWINS = ["--fixed", "beta=1.0", "--fixed", "latent=32", "--fixed", "lr=0.001", "--fixed", "likelihood_scale=0.1"]
+TWINS = ["--fixed", "beta=1.0", "--fixed", "latent=32", "--fixed", "lr=0.001", "--fixed", "likelihood_scale=0.1",
+         "--fixed", "learn_scale=False"]
 
 
 def sweep_command(cluster: LocalCluster, storage: str, *flags: str) -> list[str]:
@@ -354,7 +355,8 @@ def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
         try:
             driver = cluster.popen(sweep_command(cluster, uri, "--name", name, "--preset", "smoke",
                                                  "--num-samples", str(num_samples), "--fixed", f"epochs={epochs}",
-                                                 "--fixed", "steps_per_epoch=30"), tmp_path / "driver.log")
+                                                 "--fixed", "steps_per_epoch=30", "--fixed", "learn_scale=False"),
+                                   tmp_path / "driver.log")
             deadline, state = time.time() + 150, None
             while driver.poll() is None and time.time() < deadline:
                 state = tune_state(storage, name)

@@ -40,7 +40,8 @@ def test_trials_write_grids_checkpoints_and_offline_wandb_runs(smoke_sweep):
         assert run, f"no offline W&B run in {t}"
         assert list(run[0].glob("files/media/images/samples_*.png"))  # grids reached W&B as images
     info = json.loads((storage / "smoke" / "gensweep_sweep.json").read_text())
-    assert info["metric"] == "test_bpd" and set(info["searched"]) == {"beta", "latent", "lr", "likelihood_scale"}
+    assert info["metric"] == "test_bpd" and set(info["searched"]) == {
+        "model.beta", "model.latent", "train.lr", "model.likelihood_scale", "model.learn_scale"}
 
 
 @pytest.mark.slow
