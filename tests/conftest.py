@@ -78,3 +78,14 @@ def write_fashion_mnist(root, n_train: int, n_test: int) -> str:
         labels = np.array([0x0801, n], dtype=">i4").tobytes() + bytes(n)
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(labels)
     return "real" if real else "synthetic"
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """One real smoke sweep of the vae space (6 trials, ASHA stops, W&B offline), shared by the tests that read a
+    finished sweep: (storage, stdout)."""
+    storage = tmp_path_factory.mktemp("runs")
+    r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--storage-path", str(storage),
+                 "--name", "smoke", "--num-samples", "6"], env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return storage, r.stdout

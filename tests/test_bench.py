@@ -245,6 +245,7 @@ def test_logged_values_are_averaged_per_name(images, monkeypatch):
     assert metrics == {"train_loss": 1.0, "train_a": 2.0, "train_b": 1.0}  # means of 0, 1, 2
 
 
+@pytest.mark.slow
 def test_pack_bench_runs_trials_in_parallel_processes(tmp_path):
     out = tmp_path / "pack.json"
     report = bench.main(["pack", "--device", "cpu", "--model", "vae", "--trials", "2", "--steps", "2", "--warmup",

@@ -102,6 +102,7 @@ def no_login_env(home: Path) -> dict[str, str]:
     return {**env, "HOME": str(home), "NETRC": str(home / ".netrc")}
 
 
+@pytest.mark.slow
 def test_source_wandb_without_login_is_one_line_and_exit_2(fid_sweep, tmp_path):
     import subprocess
     import sys
@@ -200,17 +201,9 @@ def test_curves_without_any_metric_say_so(tmp_path, saved_figures):
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--no-wandb", "--storage-path", str(storage),
-                 "--name", "smoke", "--num-samples", "4"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return storage
-
-
-@pytest.fixture(scope="module")
 def smoke_report(smoke_sweep):
     """write_report on the smoke sweep, with the figures it saved."""
+    storage, _ = smoke_sweep
     figures = {}
     save = report._save
 
@@ -220,7 +213,7 @@ def smoke_report(smoke_sweep):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report, "_save", keep)
-        paths = report.write_report(str(smoke_sweep), "smoke")
+        paths = report.write_report(str(storage), "smoke")
     return paths, figures
 
 
@@ -228,8 +221,9 @@ def smoke_report(smoke_sweep):
 def test_report_curves_name_every_trial(smoke_sweep, smoke_report):
     paths, figures = smoke_report
     assert {p.name for p in paths} == {"metric_per_epoch.png", "tradeoffs.png", "best_samples.png"}
-    trial_ids = [p.name.split("_", 1)[1] for p in (smoke_sweep / "smoke").iterdir() if p.name.startswith("vae_")]
-    assert len(trial_ids) == 4
+    assert all(p.is_file() for p in paths)
+    trial_ids = [p.name.split("_", 1)[1] for p in (smoke_sweep[0] / "smoke").iterdir() if p.name.startswith("vae_")]
+    assert len(trial_ids) == 6
     texts = [t.get_text() for t in figures["metric_per_epoch.png"].axes[0].get_legend().get_texts()]
     assert sorted(t.split()[0] for t in texts) == sorted(trial_ids)
     assert all(re.search(r"beta=\S+ latent=\d+ lr=\S+ likelihood_scale=\S+", t) for t in texts), texts
@@ -253,7 +247,7 @@ def test_best_samples_label_inputs_and_reconstructions(smoke_report):
 @pytest.mark.slow
 def test_offline_report_prints_the_wandb_sync_command(smoke_sweep, tmp_path):
     env = {**no_login_env(tmp_path), "WANDB_MODE": "offline"}
-    r = run_cli(["sweeps/report.py", "--name", "smoke", "--storage-path", str(smoke_sweep)], env=env)
+    r = run_cli(["sweeps/report.py", "--name", "smoke", "--storage-path", str(smoke_sweep[0])], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     sync = re.search(r"`wandb sync (\S+)`", r.stdout)
     assert sync, r.stdout
@@ -262,7 +256,7 @@ def test_offline_report_prints_the_wandb_sync_command(smoke_sweep, tmp_path):
 
 @pytest.mark.slow
 def test_local_leaderboard_of_a_non_fid_sweep_is_unchanged(smoke_sweep):
-    rows = leaderboard.local_rows(str(smoke_sweep), "smoke")
-    assert len(rows) == 4 and all(r["n"] is None for r in rows)  # ranked by test_bpd: no sample count
+    rows = leaderboard.local_rows(str(smoke_sweep[0]), "smoke")
+    assert len(rows) == 6 and all(r["n"] is None for r in rows)  # ranked by test_bpd: no sample count
     ranked = [r["value"] for r in leaderboard.rank_rows(rows, "min")]
     assert ranked == sorted(ranked)

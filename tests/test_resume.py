@@ -28,7 +28,7 @@ def tiny_ncsn_checkpoint(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_resumed_sampling_sweep_keeps_the_searched_sampler_values(tmp_path):
-    storage, name, num_samples = tmp_path / "runs", "sampling", 4
+    storage, name, num_samples = tmp_path / "runs", "sampling", 3
     checkpoint = tiny_ncsn_checkpoint(tmp_path)
     driver = None
     with LocalCluster() as cluster:

@@ -26,6 +26,7 @@ def assert_one_line_error(result, *words: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_progress_lines_come_before_the_first_epoch_line(tmp_path):
     result = run_cli(["-m", "genmodels.train", *TINY, "--out", str(tmp_path / "run")],
                      env={"GENSWEEP_PROGRESS_S": "0.001"}, timeout=120)
@@ -70,6 +71,7 @@ def write_garbage_cifar(root: Path, truncate: bool = False) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_corrupt_cifar_copy_is_one_line(tmp_path):
     folder = write_garbage_cifar(tmp_path)
     result = run_cli(["-m", "genmodels.train", "--model", "vae", "--data-dir", str(tmp_path)],
@@ -121,6 +123,7 @@ def unwritable(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["truncated", "not_torch", "torch_list", "other_arch", "out_is_file",
                                   "out_unwritable"])
+@pytest.mark.slow
 def test_bad_resume_or_out_is_one_line_before_training(case, checkpoint, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
