@@ -30,6 +30,7 @@ def _recomputed_rate(run, unit):
     return per_window / statistics.median(run["seconds"])
 
 
+@pytest.mark.slow
 def test_train_bench_reports_fast_over_baseline_from_two_measured_runs(tmp_path, monkeypatch):
     calls = {"baseline": [], "fast": []}
     real_baseline, real_fast = bench.baseline_training, bench.fast_training

@@ -154,6 +154,7 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
     assert seen == {**expected, "resume": True}
 
 
+@pytest.mark.slow
 def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, monkeypatch):
     """Trials get the driver's tensors (through the object store) and never load data themselves; a trial restarted
     from a checkpoint says which epoch it picked up from."""

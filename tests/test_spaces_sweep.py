@@ -46,6 +46,7 @@ def test_vqvae_smoke_shows_perplexity_and_fid(tmp_path):
     assert all(float(v) >= 1 for v in column(header, rows, "test_perplexity"))
 
 
+@pytest.mark.slow
 def test_sampling_space_needs_a_checkpoint(tmp_path):
     r = run_cli(["sweeps/run.py", "--space", "ncsn-sampling", "--preset", "smoke", "--no-wandb",
                  "--storage-path", str(tmp_path)], timeout=120)
