@@ -187,7 +187,9 @@ def make_tuner(space: Space, preset: str, param_space: dict[str, Any], data, sto
         trainable, param_space=param_space,
         # The scheduler and the searcher carry their own metrics (the searcher may have several).
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=max_concurrent or None,
+                                    num_samples=num_samples,
+                                    # the ConcurrencyLimiter holds it when there is a searcher
+                                    max_concurrent_trials=None if search_alg else max_concurrent or None,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=1,
                                   callbacks=callbacks,

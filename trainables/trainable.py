@@ -45,12 +45,12 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: Sw
     """
     # Ray logs "Checkpoint successfully created" at every report, from every trial, to the driver's screen.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    if config.get("checkpoint"):
-        return evaluate_checkpoint(config, data, sweep)
     folder = f"{sweep.folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
         if sweep.folder else None
     if folder and has_ended(folder):
         return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
+    if config.get("checkpoint"):
+        return evaluate_checkpoint(config, data, sweep)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     newest = newest_state(folder, tune.get_checkpoint())
