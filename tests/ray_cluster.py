@@ -210,3 +210,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_when(driver: subprocess.Popen, ready, timeout: float = 150, poll: float = 0.3) -> None:
+    """SIGKILL `driver` (our own process, by PID) as soon as `ready()` holds: a driver dying with no chance to save
+    anything more. Asserts that it was killed, not that it ended on its own first."""
+    deadline = time.time() + timeout
+    while driver.poll() is None and time.time() < deadline:
+        if ready():
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(poll)
+    assert driver.wait(timeout=30) == -signal.SIGKILL, f"the driver ended with {driver.returncode} before the kill"

@@ -5,14 +5,13 @@ import glob
 import json
 import logging
 import pickle
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import ROOT, LocalCluster
+from ray_cluster import ROOT, LocalCluster, kill_when
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 
@@ -358,19 +357,16 @@ def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
                                                  "--num-samples", str(num_samples), "--fixed", f"epochs={epochs}",
                                                  "--fixed", "steps_per_epoch=30", "--fixed", "learn_scale=False"),
                                    tmp_path / "driver.log")
-            deadline, state = time.time() + 150, None
-            while driver.poll() is None and time.time() < deadline:
+            def ready() -> bool:
                 state = tune_state(storage, name)
                 # Kill when the saved state has a finished trial, a running one with a checkpoint, and no reference
                 # to a checkpoint deleted since (Tune deletes the oldest of num_to_keep right before it saves the
                 # state again; a driver dying in that instant would leave that trial nothing to restore).
-                if state and all(s["checkpoint_epoch"] is not None for s in state.values()) and any(
-                        s["status"] == "TERMINATED" for s in state.values()) and any(
-                        s["status"] != "TERMINATED" and s["checkpoint_epoch"] for s in state.values()):
-                    driver.send_signal(signal.SIGKILL)  # the driver dies: no chance to save anything more
-                    break
-                time.sleep(0.5)
-            assert driver.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+                return bool(state) and all(s["checkpoint_epoch"] is not None for s in state.values()) and any(
+                    s["status"] == "TERMINATED" for s in state.values()) and any(
+                    s["status"] != "TERMINATED" and s["checkpoint_epoch"] for s in state.values())
+
+            kill_when(driver, ready, poll=0.5)
             before = tune_state(storage, name)
             interrupted = stored_results(storage, name)
             driver = cluster.popen(sweep_command(cluster, uri, "--resume", name), tmp_path / "resume.log")

@@ -2,14 +2,12 @@
 sweep, whose trials override the checkpoint's sampler settings with their own."""
 from __future__ import annotations
 
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from ray_cluster import LocalCluster
+from ray_cluster import LocalCluster, kill_when
 from test_cluster import stop, stored_results, tune_state
 
 
@@ -39,14 +37,8 @@ def test_resumed_sampling_sweep_keeps_the_searched_sampler_values(tmp_path):
             driver = cluster.popen([*command, "--space", "ncsn-sampling", "--preset", "smoke", "--name", name,
                                     "--num-samples", str(num_samples), "--checkpoint", str(checkpoint)],
                                    tmp_path / "driver.log")
-            deadline = time.time() + 150
-            while driver.poll() is None and time.time() < deadline:
-                state = tune_state(storage, name)
-                if state and any(s["status"] == "TERMINATED" for s in state.values()):
-                    driver.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.3)
-            assert driver.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+            kill_when(driver, lambda: any(s["status"] == "TERMINATED"
+                                           for s in (tune_state(storage, name) or {}).values()))
             driver = cluster.popen([*command, "--resume", name], tmp_path / "resume.log")
             driver.wait(timeout=240)
         finally:
