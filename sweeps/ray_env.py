@@ -14,6 +14,9 @@ def configure_environment(local: bool) -> None:
     # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if local:
+        # Ray turns token authentication on for a new local cluster and warns that it did, on every sweep; asking
+        # for it explicitly keeps it on, without the warning.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # Local Ray on one machine: makes Ray's node-IP lookup answer loopback instead of the external address
         # (read when ray is first imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -88,4 +88,5 @@ def smoke_sweep(tmp_path_factory):
     r = run_cli(["sweeps/run.py", "--space", "vae", "--preset", "smoke", "--storage-path", str(storage),
                  "--name", "smoke", "--num-samples", "6"], env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (storage / "driver.stderr").write_text(r.stderr)
     return storage, r.stdout

@@ -19,6 +19,16 @@ def test_smoke_sweep_ends_in_leaderboard_with_asha_stops(smoke_sweep):
 
 
 @pytest.mark.slow
+def test_a_clean_sweep_prints_nothing_on_stderr(smoke_sweep):
+    """No Ray/Tune/W&B/Optuna chatter (checkpoint lines, slow-callback warnings, logging-actor errors, auth and
+    start-up lines), and no colour escapes in redirected output: a clean sweep leaves stderr empty."""
+    storage, out = smoke_sweep
+    err = (storage / "driver.stderr").read_text()
+    assert err.strip() == "", err[-3000:]
+    assert "\x1b[" not in out
+
+
+@pytest.mark.slow
 def test_trials_write_grids_checkpoints_and_offline_wandb_runs(smoke_sweep):
     storage, _ = smoke_sweep
     trials = [p for p in (storage / "smoke").iterdir() if p.is_dir() and p.name.startswith("vae_")]
