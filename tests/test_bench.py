@@ -3,6 +3,7 @@ divergence check) leaving training unchanged."""
 import copy
 import json
 import statistics
+import time
 
 import pytest
 import torch
@@ -285,3 +286,24 @@ def test_worst_case_configs_take_the_largest_numbers_and_every_string():
     assert sorted(c["arch"] for c in configs) == ["refinenet", "unet"]
     assert all(c["latent"] == 256 and c["k"] == 50 and c["batch_size"] == 128 for c in configs)
     assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
+
+
+@pytest.mark.slow
+def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
+    """`bench all` runs each benchmark in a process of its own with a share of the budget: a step that runs over is
+    stopped (timed out), a step with too little time left is skipped, and the JSON has a record of each."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "all.json"
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "genmodels.bench", "all", "--device", "cpu", "--models", "vae",
+                    "--budget-s", "12", "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    elapsed = time.monotonic() - start
+    report = json.loads(out.read_text())
+    assert [r["benchmark"] for r in report["runs"]] == ["train", "pack", "fid", "flops"]
+    assert {r["status"] for r in report["runs"]} <= {"ok", "timed out", "skipped", "failed"}
+    assert any(r["status"] == "ok" and r["report"]["rows"] for r in report["runs"])
+    assert report["elapsed_s"] <= 12 + 3 and elapsed < 12 + 30  # the budget holds (process start-up aside)

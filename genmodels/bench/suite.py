@@ -5,6 +5,7 @@
     python -m genmodels.bench pack --model vae --trials 1,2,4,8    # concurrent trials on one GPU
     python -m genmodels.bench flops --size full                     # work per image; images/s at a target MFU
     python -m genmodels.bench fid --device cpu --n 64 --fid-weights PATH --json fid-cpu.json
+    python -m genmodels.bench all --budget-s 420 --json all.json      # the whole suite, one budget, one JSON
 
 Adding a benchmark: a function `bench_NAME(args)` returning a list of row dicts (or rows and a dict of run-wide
 facts), a function adding its arguments to a subparser, and one entry in BENCHMARKS. Row values that are dicts

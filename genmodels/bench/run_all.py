@@ -1,0 +1,82 @@
+"""`python -m genmodels.bench all`: the whole suite inside one time budget, written as one JSON, so a GPU box is
+characterised in one call:
+
+    python -m genmodels.bench all --budget-s 420 --json all.json
+
+Train (fast path against the seeds' way, with NCSN sampling and compile payback) for each model, then pack, fid
+and flops, each in a process of its own with a share of the budget (time a step leaves unused passes to the next).
+A step that runs over its share is stopped and recorded as `timed out`; one that fails is recorded with the end of
+its error; the rest still run. What a step measured is its own benchmark's JSON, kept whole under `runs`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genmodels.bench.suite import BENCH_MODELS, environment, write_json
+
+SHARES = {"train": 0.6, "pack": 0.15, "fid": 0.15, "flops": 0.1}  # of the budget; train's is split over models
+MIN_STEP_S = 5.0  # a step given less time than this is skipped, not started
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, list[str], float]]:
+    """(benchmark, its arguments, its share of the budget in seconds), in the order they run."""
+    models = [m for m in args.models.split(",") if m]
+    cuda = args.device.startswith("cuda")
+    steps = [("train", ["--models", m, *(["--compile"] if cuda else [])], SHARES["train"] / len(models))
+             for m in models]
+    steps.append(("pack", ["--trials", "1,2,4,8" if cuda else "1,2"], SHARES["pack"]))
+    fid = ["--networks", "inception,standin" if args.fid_weights or cuda else "standin"]
+    steps.append(("fid", [*fid, *(["--fid-weights", args.fid_weights] if args.fid_weights else [])], SHARES["fid"]))
+    steps.append(("flops", ["--models", ",".join(models)], SHARES["flops"]))
+    return [(name, extra, share * args.budget_s) for name, extra, share in steps]
+
+
+def run_step(name: str, extra: list[str], device: str, timeout_s: float) -> dict[str, Any]:
+    """One benchmark in its own process, stopped after `timeout_s`: its status, seconds and JSON report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        command = [sys.executable, "-m", "genmodels.bench", name, "--device", device, "--json", str(out), *extra]
+        start = time.monotonic()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "timed out", "seconds": round(time.monotonic() - start, 1)}
+        seconds = round(time.monotonic() - start, 1)
+        if done.returncode != 0 or not out.exists():
+            return {"status": "failed", "seconds": seconds, "error": done.stderr.strip().splitlines()[-5:]}
+        return {"status": "ok", "seconds": seconds, "report": json.loads(out.read_text())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m genmodels.bench all", description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole suite (default 420)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default=",".join(BENCH_MODELS), help=f"comma-separated: {', '.join(BENCH_MODELS)}")
+    p.add_argument("--fid-weights", default=None, help="Inception weights file (python -m genmodels.fid_weights)")
+    p.add_argument("--json", type=Path, default=None, help="write the whole report here")
+    args = p.parse_args(argv)
+    start, carry, runs = time.monotonic(), 0.0, []
+    for name, extra, share in plan(args):
+        left = args.budget_s - (time.monotonic() - start)
+        allowed = min(left, share + carry)
+        if allowed < MIN_STEP_S:
+            result = {"status": "skipped", "seconds": 0.0}
+        else:
+            result = run_step(name, extra, args.device, allowed)
+        carry = max(0.0, share + carry - result["seconds"])
+        runs.append({"benchmark": name, "args": extra, "allowed_s": round(allowed, 1), **result})
+        print(f"{name} {' '.join(extra)}: {result['status']} in {result['seconds']:.1f} s "
+              f"(allowed {allowed:.0f} s)", flush=True)
+    report = {"benchmark": "all", "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1),
+              **environment(torch.device(args.device)), "runs": runs}
+    write_json(args.json, report)
+    return report
