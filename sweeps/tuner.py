@@ -130,13 +130,14 @@ def sweep_reporter(results: str, mode: str, **kwargs: Any):
 
     class SweepReporter(tune.CLIReporter):
         def report(self, trials, done: bool, *sys_info: str) -> None:
-            if mode == "min":
-                sys_info = tuple(re.sub(r"(Iter [\d.]+: )(-?)(\d)", lambda m: m[1] + ("" if m[2] else "-") + m[3],
-                                        line) if line.startswith("Bracket") else line for line in sys_info)
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 super().report(trials, done, *sys_info)
-            print(re.sub(r"(?m)^Result logdir: .*$", f"Results: {results} (image grids: <trial>/images/)",
-                         out.getvalue()), end="", flush=True)
+            text = re.sub(r"(?m)^Result logdir: .*$", f"Results: {results} (image grids: <trial>/images/)",
+                          out.getvalue())
+            if mode == "min":  # "Iter 2.000: -7.6" means a cut-off at 7.6
+                text = re.sub(r"(?m)^Bracket: .*$", lambda line: re.sub(
+                    r"(Iter [\d.]+: )(-?)(\d)", lambda m: m[1] + ("" if m[2] else "-") + m[3], line[0]), text)
+            print(text, end="", flush=True)
 
     return SweepReporter(**kwargs)
 

@@ -26,6 +26,10 @@ def test_a_clean_sweep_prints_nothing_on_stderr(smoke_sweep):
     err = (storage / "driver.stderr").read_text()
     assert err.strip() == "", err[-3000:]
     assert "\x1b[" not in out
+    # the progress table: where the results are, not Ray's staging folder; ASHA's cut-offs as test_bpd reads
+    assert "driver_artifacts" not in out and "Results: " in out
+    brackets = [line for line in out.splitlines() if line.startswith("Bracket:")]
+    assert brackets and not any(": -" in line for line in brackets), brackets[-1:]
 
 
 @pytest.mark.slow
