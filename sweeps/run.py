@@ -255,6 +255,8 @@ def run_locked(sweep: Sweep, args: argparse.Namespace, storage: str, data, plan,
     os.environ["WANDB_MODE"] = wandb_mode
     resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
     init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    if args.address and resources["gpu"]:
+        warn_if_no_node_has_the_gpus(resources["gpu"])
     callbacks = wandb_callbacks(args, wandb_mode, name, space, sweep.preset, str(param_space.get("data.dataset")),
                                 epochs, metric)
     tuner = make_tuner(space, sweep.preset, param_space, data, storage, name, metric=metric, fid_plan=plan,
@@ -321,6 +323,22 @@ def log_front_to_wandb(rows: list[dict[str, Any]], sweep: Sweep, args: argparse.
                      config={"objectives": list(sweep.objectives), "compared": where})
     run.log({"pareto_front": table})
     run.finish()
+
+
+def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:
+    """On a cluster, say so when no live node offers a trial's GPUs: its trials wait until such a node joins, which
+    an autoscaling cluster whose config has that node type will add, and any other cluster never will."""
+    import math
+
+    import ray
+
+    needed = math.ceil(gpus_per_trial)
+    most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if most < needed:
+        print(f"gensweep: warning: --gpus-per-trial {gpus_per_trial:g} needs a node with {needed} GPU(s) and no node "
+              f"of this cluster has them now (most: {most:g}); trials wait until one joins (an autoscaler adds one "
+              f"only if a node type in the cluster's config offers them). Ctrl-C and pass a smaller "
+              f"--gpus-per-trial if none will.")
 
 
 def warn_if_asha_is_serial(reduction_factor: int, resources: dict[str, float], num_samples: int,

@@ -217,3 +217,16 @@ def test_driver_killed_at_random_moments_resumes_without_training_an_epoch_twice
     board = log[log.index(f"Leaderboard of {name}"):]
     assert sum(("completed" in line or "stopped (ASHA)" in line) for line in board.splitlines()) == num_samples
 
+
+
+def test_a_cluster_with_no_node_for_the_gpus_is_named(monkeypatch, capsys):
+    import ray
+
+    import sweeps.run as run
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"GPU": 4.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    run.warn_if_no_node_has_the_gpus(1.5)
+    assert "needs a node with 2 GPU(s) and no node of this cluster has them now (most: 1)" in capsys.readouterr().out
+    run.warn_if_no_node_has_the_gpus(0.5)
+    assert capsys.readouterr().out == ""
