@@ -123,10 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment(local=not any(a.startswith("--address") for a in argv) and not os.environ.get("RAY_ADDRESS"))
     from sweeps.tuner import UsageError
 
-    if not sys.stdout.isatty():  # Ray colours the lines it forwards from trials: keep escape codes out of log files
-        import colorama
-
-        colorama.init(strip=True)
     try:
         return _main(argv)
     except (UsageError, ConfigError, ResourceUnavailable) as e:
@@ -493,4 +489,8 @@ def read_sweep(storage: str, name: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if not sys.stdout.isatty():  # Ray colours the lines it forwards from trials: keep escape codes out of log files
+        import colorama
+
+        colorama.init(strip=True)
     sys.exit(main())

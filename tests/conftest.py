@@ -10,6 +10,18 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # 2-core CI machine; Ray tests run trials beside pytest
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Tests that call a CLI's main() in-process get the environment it sets (Ray's, W&B's) undone afterwards: Ray
+    reads some of it once, and a later in-process Ray must not start with a half-changed environment."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def cifar_dir(tmp_path, monkeypatch):
     """A tiny CIFAR-10 folder in the real on-disk format (pickled batches), loadable by torchvision.

@@ -355,7 +355,9 @@ def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
         try:
             driver = cluster.popen(sweep_command(cluster, uri, "--name", name, "--preset", "smoke",
                                                  "--num-samples", str(num_samples), "--fixed", f"epochs={epochs}",
-                                                 "--fixed", "steps_per_epoch=30", "--fixed", "learn_scale=False"),
+                                                 "--fixed", "steps_per_epoch=40", "--fixed", "learn_scale=False",
+                                                 # one scale for all: trials that ASHA keeps past the first rung
+                                                 "--fixed", "likelihood_scale=0.1"),
                                    tmp_path / "driver.log")
             def ready() -> bool:
                 state = tune_state(storage, name)
