@@ -103,6 +103,9 @@ def test_newest_loadable_checkpoint_wins_and_a_truncated_one_is_passed_over(tmp_
     state, path = newest_state(str(tmp_path), None)
     assert state["epoch"] == 2 and path.endswith("checkpoint_000002")
     assert "checkpoint_000003 does not load" in capsys.readouterr().err
+    trainer.save(tmp_path / "checkpoint_000000" / CHECKPOINT_FILE)  # Tune reused a number after a resume
+    state, path = newest_state(str(tmp_path), None)
+    assert state["epoch"] == 3 and path.endswith("checkpoint_000000")  # by the epoch inside, not the name
 
 
 def test_an_ended_trial_is_not_trained_again(tmp_path, monkeypatch):

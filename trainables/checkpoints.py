@@ -44,8 +44,10 @@ def record_end(trial_folder: str, info: dict[str, Any]) -> None:
 
 
 def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tuple[dict[str, Any], str] | None:
-    """(state, path) of the newest checkpoint of the trial that loads: those in its folder, newest first, and the one
-    Tune handed back. An unreadable one (e.g. truncated by a crash) is passed over, and that is said on stderr."""
+    """(state, path) of the trial's newest checkpoint that loads, by the epoch saved in it: those in its folder and
+    the one Tune handed back. (Not by folder name: Tune numbers the checkpoints of a restored trial from its own
+    count, so after a resume a lower number can hold a later epoch.) An unreadable one (e.g. truncated by a crash)
+    is passed over, and that is said on stderr."""
     candidates: list[tune.Checkpoint] = []
     if trial_folder:
         fs, root = _fs(trial_folder)
@@ -53,19 +55,22 @@ def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tup
             infos = fs.get_file_info(pyarrow.fs.FileSelector(root))
         except (FileNotFoundError, OSError):
             infos = []
-        names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                        and i.base_name.startswith("checkpoint_")), reverse=True)
-        candidates = [tune.Checkpoint(f"{root}/{name}", filesystem=fs) for name in names]
+        candidates = [tune.Checkpoint(f"{root}/{i.base_name}", filesystem=fs) for i in infos
+                      if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
+    newest: tuple[dict[str, Any], str] | None = None
     for checkpoint in candidates:
         try:
             with checkpoint.as_directory() as d:
-                return load_checkpoint(Path(d) / CHECKPOINT_FILE), checkpoint.path
-        except Exception as e:  # noqa: BLE001 - truncated, missing or foreign: try the one before
-            print(f"gensweep: checkpoint {checkpoint.path} does not load ({type(e).__name__}: {e}); trying the one "
-                  f"before it", file=sys.stderr)
-    return None
+                state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        except Exception as e:  # noqa: BLE001 - truncated, missing or foreign: the others may load
+            print(f"gensweep: checkpoint {checkpoint.path} does not load ({type(e).__name__}: {e}); restoring from "
+                  f"the newest one that does", file=sys.stderr)
+            continue
+        if newest is None or (state["epoch"], state["step"]) > (newest[0]["epoch"], newest[0]["step"]):
+            newest = state, checkpoint.path
+    return newest
 
 
 class TrialEndRecorder(tune.Callback):
