@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def configure_environment(local: bool) -> None:
@@ -13,6 +14,8 @@ def configure_environment(local: bool) -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Every trial checkpoints every epoch by design (resumable sweeps); Tune's "snapshotting often" warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not sys.stdout.isatty():  # Ray colours the lines it forwards from trials: no escape codes in log files
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if local:
         # Ray turns token authentication on for a new local cluster and warns that it did, on every sweep; asking
         # for it explicitly keeps it on, without the warning.

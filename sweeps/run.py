@@ -489,8 +489,4 @@ def read_sweep(storage: str, name: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if not sys.stdout.isatty():  # Ray colours the lines it forwards from trials: keep escape codes out of log files
-        import colorama
-
-        colorama.init(strip=True)
     sys.exit(main())
