@@ -3,9 +3,10 @@
 The inner loop never waits for the GPU: batches come from a uint8 tensor resident on the device (genmodels.data),
 logged values are summed on the device and read once per epoch, and the divergence check reads a loss copied to
 the host one check interval earlier; progress lines (off unless `Trainer.progress` is set) use the host's step
-count and clock only. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is fused, and
-`compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says what each of
-these buys and when compiling pays for itself.
+count and clock only. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is fused, the whole
+step (forward, backward, clipping, Adam, EMA) is captured once as a CUDA graph and replayed (genmodels.cuda_graph;
+`cuda_graphs=False` turns it off), and `compile=True` compiles the loss (forward and backward) with torch.compile;
+docs/PERFORMANCE.md says what each of these buys and when compiling pays for itself.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from genmodels.config import TrainConfig
+from genmodels.cuda_graph import GraphedStep
 from genmodels.data import Batches
 from genmodels.images import save_grid
 from genmodels.models.base import GenerativeModel
@@ -50,12 +52,21 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
+    def update(self, model: nn.Module, step: torch.Tensor | int) -> None:
+        """One averaging step; `step` may be a tensor on the device, so the update reads nothing back to the host
+        and can be captured in a CUDA graph."""
+        step = torch.as_tensor(step, dtype=torch.float32, device=self.model_device)
+        weight = 1 - torch.clamp((1 + step) / (10 + step), max=self.decay)
+        averages = list(self.model.parameters())
+        # A tensor weight per tensor: the one-number form would read the weight back to the host.
+        torch._foreach_lerp_(averages, list(model.parameters()), [weight] * len(averages))
         buffers = list(model.buffers())
         if buffers:  # one multi-tensor copy instead of a kernel launch per BatchNorm statistic
             torch._foreach_copy_(list(self.model.buffers()), buffers)
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def seed_everything(seed: int) -> None:
@@ -112,8 +123,11 @@ class Trainer:
                                      seed=cfg.seed)
         test = test_images[:cfg.eval_images] if cfg.eval_images else test_images
         self.test_batches = Batches(test, cfg.batch_size, self.device, shuffle=False, flip=False)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        cuda = self.device.type == "cuda"
+        self.cuda_graphs = cuda and cfg.cuda_graphs
+        # Fused Adam keeps its step count on the device; capturable lets a CUDA graph record the whole update.
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda,
+                                          capturable=self.cuda_graphs)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # Compile the bound method, not the module: self.model stays the original nn.Module, so state_dict keys,
         # checkpoints, EMA and evaluation are the same with or without compile (no `_orig_mod.` prefix).
@@ -121,6 +135,9 @@ class Trainer:
         self._loss_on_host: torch.Tensor | None = None  # pinned buffer of the divergence check (CUDA)
         self._loss_copied: torch.cuda.Event | None = None
         self.step = 0
+        self._step_on_device = torch.zeros((), device=self.device)  # the EMA's warm-up reads it inside the graph
+        self._graphed: GraphedStep | None = None
+        self._graph_key: tuple | None = None
         self.epoch = 0
         self.extra: dict[str, Any] = {}  # small values a caller wants checkpointed with the run (e.g. best metric)
 
@@ -131,12 +148,48 @@ class Trainer:
 
     def _autocast(self):
         enabled = self.cfg.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        # No cast cache under CUDA graphs: cached bf16 weights would be made once at capture and never refreshed.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled,
+                              cache_enabled=not self.cuda_graphs)
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether the training step now runs as a replayed CUDA graph."""
+        return self._graphed is not None and self._graphed.captured
+
+    def _step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Forward, backward, clipping, the optimizer and the EMA on one batch, with no host sync: the body a
+        CUDA graph captures. Returns the loss, every logged value stacked, and their names."""
+        with self._autocast():
+            loss, logs = (self.compiled_loss or self.model.loss)(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model, self._step_on_device)
+        self._step_on_device.add_(1)
+        values = {"loss": loss, **logs}
+        return loss.detach(), torch.stack([v.detach().float() for v in values.values()]), list(values)
+
+    def _step_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """The eager step, or (CUDA, cuda_graphs) the graphed one. A new graph is captured whenever what the step
+        trains changes (e.g. VQ-VAE's stage 2 freezes the autoencoder): which parameters need gradients and which
+        modules are in training mode are the graph's key."""
+        if not self.cuda_graphs:
+            return self._step
+        key = (tuple(p.requires_grad for p in self.model.parameters()), tuple(m.training for m in self.model.modules()))
+        if self._graphed is None or key != self._graph_key:
+            self._graphed, self._graph_key = None, key  # frees the old graph's memory pool before the new capture
+            self._graphed = GraphedStep(self._step, name=f"{self.model_name or 'model'} training step")
+        return self._graphed
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch (or `steps_per_epoch` steps); returns the mean of each logged value as `train_<name>`."""
         self.model.train()
         self.model.start_epoch(self.epoch)
+        step = self._step_function()
         names: list[str] | None = None
         sums: torch.Tensor | None = None  # every logged value, summed on the device: no host sync per step
         n = 0
@@ -145,25 +198,16 @@ class Trainer:
         start = time.perf_counter()
         next_report = start + self.progress_every
         for x in self.train_batches.epoch(steps):
-            with self._autocast():
-                loss, logs = (self.compiled_loss or self.model.loss)(x)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            if self.ema:
-                self.ema.update(self.model, self.step)
+            loss, stacked, step_names = step(x)
             self.step += 1
             self.model.extra_train_step(self.step)
-            values = {"loss": loss, **logs}
             if names is None:
-                names = list(values)
-            elif list(values) != names:
-                raise RuntimeError(f"{self.model_name or 'model'}.loss logged {list(values)} after {names} in one "
+                names = step_names
+            elif step_names != names:
+                raise RuntimeError(f"{self.model_name or 'model'}.loss logged {step_names} after {names} in one "
                                    f"epoch; the logged names may change only between epochs")
-            stacked = torch.stack([v.detach().float() for v in values.values()])
-            sums = stacked if sums is None else sums + stacked
+            sums = torch.zeros_like(stacked) if sums is None else sums
+            sums.add_(stacked)  # before the next step: a graph's outputs are overwritten by each replay
             n += 1
             if self.step % DIVERGENCE_CHECK_EVERY == 0:
                 if pending is not None:
@@ -256,10 +300,12 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])  # copies into the parameters: their layout is kept
         self.optimizer.load_state_dict(state["optimizer"])
-        _match_parameter_layout(self.optimizer)
+        _fit_optimizer_state(self.optimizer, fused=self.device.type == "cuda", capturable=self.cuda_graphs)
+        self._graphed = None  # the loaded optimizer state is new tensors: a graph captured before would miss them
         if self.ema and state.get("ema") is not None:
             self.ema.model.load_state_dict(state["ema"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self._step_on_device.fill_(self.step)
         self.extra = dict(state.get("extra", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -280,6 +326,7 @@ class Trainer:
         if self.ema and state.get("ema") is not None:
             self.ema.model.load_state_dict(state["ema"])
         self.epoch = self.cfg.epochs
+        self._graphed = None
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -303,13 +350,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give loaded optimizer moments the memory layout of their parameters: a checkpoint written in channels_last
-    (CUDA) may resume in NCHW (CPU) and vice versa, and the fused and foreach kernels expect matching strides."""
+def _fit_optimizer_state(optimizer: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
+    """Make loaded optimizer state fit this run's device: a checkpoint written on CUDA (fused, capturable, step
+    counts and channels_last moments on the GPU) may resume on a CPU, and one written on a CPU may resume on CUDA.
+    Adam's load_state_dict takes `fused` and `capturable` from the checkpoint; this run's own settings win, step
+    counts go where those settings want them, and moments get their parameter's memory layout (the fused and
+    foreach kernels expect matching strides)."""
     for group in optimizer.param_groups:
+        group["fused"], group["capturable"] = fused, capturable
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                if key == "step":
+                    device = p.device if fused or capturable else "cpu"
+                    optimizer.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(device).clone()
+                elif torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
