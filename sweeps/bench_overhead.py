@@ -32,7 +32,7 @@ from sweeps.ray_env import configure_environment  # noqa: E402
 
 configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import
 
-from genmodels.bench.suite import write_json  # noqa: E402
+from genmodels.bench.common import write_json  # noqa: E402
 from genmodels.registry import model_class, trial_config  # noqa: E402
 from sweeps.packing import worst_case_configs  # noqa: E402
 from sweeps.param_space import build_param_space  # noqa: E402

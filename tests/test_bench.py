@@ -11,6 +11,7 @@ from conftest import make_trainer
 from torch import nn
 
 import genmodels.bench.suite as bench
+import genmodels.bench.training as training
 import genmodels.engine as engine
 from genmodels.data import Batches, synthetic_images
 from genmodels.engine import Diverged, seed_everything
@@ -34,10 +35,10 @@ def _recomputed_rate(run, unit):
 @pytest.mark.slow
 def test_train_bench_reports_fast_over_baseline_from_two_measured_runs(tmp_path, monkeypatch):
     calls = {"baseline": [], "fast": []}
-    real_baseline, real_fast = bench.baseline_training, bench.fast_training
-    monkeypatch.setattr(bench, "baseline_training",
+    real_baseline, real_fast = training.baseline_training, training.fast_training
+    monkeypatch.setattr(training, "baseline_training",
                         lambda name, *a, **k: calls["baseline"].append(name) or real_baseline(name, *a, **k))
-    monkeypatch.setattr(bench, "fast_training",
+    monkeypatch.setattr(training, "fast_training",
                         lambda name, *a, **k: calls["fast"].append(name) or real_fast(name, *a, **k))
     out = tmp_path / "train.json"
     bench.main(["train", "--device", "cpu", "--models", "vae,ncsn", "--size", "small", "--steps", "2", "--warmup",
@@ -262,6 +263,20 @@ def test_pack_bench_runs_trials_in_parallel_processes(tmp_path):
         assert row["aggregate_images_per_s"] == pytest.approx(sum(r["images"] for r in row["runs"]) / window)
     assert two["speedup_vs_one"] == pytest.approx(two["aggregate_images_per_s"] / one["aggregate_images_per_s"])
     assert "not" in report["note"] and "GPU" in report["note"]
+
+
+def test_pack_bench_says_why_mps_was_not_measured(monkeypatch):
+    """--mps on a machine without NVIDIA's MPS control: one row per count saying so, the other variants measured."""
+    import genmodels.bench.pack as pack
+
+    monkeypatch.setattr(pack.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pack, "run_concurrent_trials", lambda n, *a, **k: [
+        dict(rank=r, start=0.0, end=1.0, images=10, peak_memory_bytes=None, graph_captured=False) for r in range(n)])
+    report = bench.main(["pack", "--device", "cpu", "--trials", "2", "--cuda-graphs", "on,off", "--mps"])
+    rows = [(r["cuda_graphs"], r["mps"], r["trials"], r["error"]) for r in report["rows"]]
+    assert rows[:4] == [(False, False, 1, None), (False, False, 2, None)] * 2
+    assert [r[3] for r in rows[4:]] == ["CUDA MPS not available: nvidia-cuda-mps-control is not on PATH"] * 2
+    assert report["rows"][1]["speedup_vs_one"] == pytest.approx(2.0)
 
 
 def test_gpus_per_trial_auto_falls_back_to_cpu_with_one_line(capsys):

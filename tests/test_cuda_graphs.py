@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from genmodels.bench.suite import BENCH_MODELS, bench_config, bench_images
+from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images
 from genmodels.engine import Diverged, save_atomic
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

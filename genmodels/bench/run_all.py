@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from genmodels.bench.suite import BENCH_MODELS, environment, write_json
+from genmodels.bench.common import BENCH_MODELS, environment, write_json
 
-SHARES = {"train": 0.6, "pack": 0.15, "fid": 0.15, "flops": 0.1}  # of the budget; train's is split over models
+SHARES = {"train": 0.55, "pack": 0.25, "fid": 0.12, "flops": 0.08}  # of the budget; train's is split over models
 MIN_STEP_S = 5.0  # a step given less time than this is skipped, not started
 
 
@@ -33,7 +33,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     cuda = args.device.startswith("cuda")
     steps = [("train", ["--models", m, *(["--compile"] if cuda else [])], SHARES["train"] / len(models))
              for m in models]
-    steps.append(("pack", ["--trials", "1,2,4,8" if cuda else "1,2"], SHARES["pack"]))
+    pack = ["--trials", "1,4,8", "--steps", "100", "--cuda-graphs", "on,off", "--mps"] if cuda else ["--trials", "1,2"]
+    steps.append(("pack", pack, SHARES["pack"]))
     fid = ["--networks", "inception,standin" if args.fid_weights or cuda else "standin"]
     steps.append(("fid", [*fid, *(["--fid-weights", args.fid_weights] if args.fid_weights else [])], SHARES["fid"]))
     steps.append(("flops", ["--models", ",".join(models)], SHARES["flops"]))

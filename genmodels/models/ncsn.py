@@ -40,6 +40,8 @@ from genmodels.samplers import sigmas as schedules
 from genmodels.samplers.langevin import annealed_langevin
 
 ARCHS = ("unet", "refinenet")
+MAX_CHAINS = 10_000  # a final fid_10k's chains in one batch, where the GPU's memory allows
+SAMPLING_MEMORY_SHARE = 0.25  # of the GPU's free memory that one sampling batch may plan to use
 
 
 @dataclasses.dataclass
@@ -168,23 +170,48 @@ class NCSN(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, budget: float = 1.0, steps_per_level: int | None = None, progress: bool = False,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, graphed: bool | None = None) -> torch.Tensor:
         """n images in [0, 1] by annealed Langevin from the global RNG; `steps_per_level` overrides T, and a
         `budget` below 1 runs that share of T (at least one step per level, with the larger step of `step_size`).
 
-        Chains run `batch_size` at a time: by default 1000 on a GPU, 128 on a CPU (where larger batches fall
-        out of the cache and run slower per image).
+        Chains run `batch_size` at a time: by default as many as `chains_that_fit` on a GPU (thousands), where
+        each Langevin step is a replayed CUDA graph; 128 on a CPU (where larger batches fall out of the cache and
+        run slower per image). `graphed=False` samples eagerly on a GPU too.
         """
         if steps_per_level is None and budget < 1:
             steps_per_level = max(1, round(self.cfg.langevin_steps * budget))
         T = steps_per_level or self.cfg.langevin_steps
         eps = self.step_size(steps_per_level)
-        batch_size = batch_size or (1000 if self.sigmas.is_cuda else 128)
+        batch_size = batch_size or (self.chains_that_fit() if self.sigmas.is_cuda else 128)
         chunks = [annealed_langevin(self.score, self.sigmas.tolist(), (m, self.channels, 32, 32), T, eps,
                                     init=self.cfg.init, denoise=self.cfg.denoise, device=self.sigmas.device,
-                                    progress=progress)
+                                    progress=progress,
+                                    graphed=self.sigmas.is_cuda if graphed is None else graphed)
                   for m in _chunk_sizes(n, batch_size)]
         return torch.cat(chunks).clamp(0, 1)
+
+    @torch.no_grad()
+    def chains_that_fit(self, probe: int = 32) -> int:
+        """Langevin chains per batch on this GPU: SAMPLING_MEMORY_SHARE of its free memory over twice the memory
+        one chain's score evaluation holds at its peak (from a probe batch), within [128, MAX_CHAINS]. A share,
+        not all of it: packed trials sample beside each other's training."""
+        device = self.sigmas.device
+        base = peak = torch.cuda.memory_allocated(device)
+
+        def record(*_) -> None:  # the allocator's counter, read on the host at each module's end: no sync
+            nonlocal peak
+            peak = max(peak, torch.cuda.memory_allocated(device))
+
+        handles = [m.register_forward_hook(record) for m in self.modules()]
+        try:
+            self.score(torch.rand(probe, self.channels, 32, 32, device=device),
+                       torch.zeros(probe, dtype=torch.long, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_chain = 2 * max(peak - base, 1) / probe
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(MAX_CHAINS, max(128, SAMPLING_MEMORY_SHARE * free // per_chain)))
 
 
 def _chunk_sizes(n: int, size: int) -> list[int]:

@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from genmodels.cuda_graph import GraphedStep
+
 # score_fn(x, levels) -> score at x, where levels holds one noise-level index per example
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -14,7 +16,7 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float], shape: Sequence[int], steps_per_level: int,
                       eps: float, init: str = "uniform", denoise: bool = False,
                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, graphed: bool = False) -> torch.Tensor:
     """Run `shape[0]` chains through every level of `sigmas` (largest first) and return the last states.
 
     Level i takes `steps_per_level` steps x <- x + alpha_i/2 * s(x, sigma_i) + sqrt(alpha_i) * z with
@@ -22,6 +24,7 @@ def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float], shape: Sequenc
     N(0.5, sigma_1^2 I) ("gaussian": p_sigma_1 is close to a Gaussian of that scale around the data, whose mean
     for [0, 1] images is near 0.5). `denoise` adds NCSNv2's final step x + sigma_L^2 * s(x, sigma_L), the
     posterior mean E[x_0 | x] by Tweedie's formula. Randomness comes from `generator` (the global RNG if None).
+    `graphed` (CUDA, global RNG only) replays each step as a CUDA graph: the same draws and the same arithmetic.
     """
     sigmas = [float(s) for s in sigmas]
     if init == "uniform":
@@ -31,20 +34,32 @@ def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float], shape: Sequenc
     else:
         raise ValueError(f"unknown init {init!r}; choose uniform or gaussian")
     bar = _progress_bar(len(sigmas) * steps_per_level, progress)
+    # The step reads its level and step sizes from tensors that are refilled per level, so one CUDA graph (where
+    # asked for) serves every level: ~1 launch per step instead of the score network's hundreds.
+    levels = torch.zeros(shape[0], dtype=torch.long, device=device)
+    half_alpha, noise_scale = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(*shape, generator=generator, device=device)
+        return x + (half_alpha * score_fn(x, levels) + noise_scale * z)
+
+    if graphed and generator is None and torch.device(device).type == "cuda":
+        step = GraphedStep(step, warmup=2, name="Langevin step")
     for i, sigma in enumerate(sigmas):
-        levels = torch.full((shape[0],), i, dtype=torch.long, device=device)
         alpha = eps * sigma ** 2 / sigmas[-1] ** 2
+        levels.fill_(i)
+        half_alpha.fill_(alpha / 2)
+        noise_scale.fill_(math.sqrt(alpha))
         for _ in range(steps_per_level):
-            z = torch.randn(*shape, generator=generator, device=device)
-            x = x + (alpha / 2) * score_fn(x, levels) + math.sqrt(alpha) * z
+            x = step(x)
             if bar:
                 bar.update()
     if bar:
         bar.close()
     if denoise:
-        levels = torch.full((shape[0],), len(sigmas) - 1, dtype=torch.long, device=device)
+        levels.fill_(len(sigmas) - 1)
         x = x + sigmas[-1] ** 2 * score_fn(x, levels)
-    return x
+    return x.clone() if isinstance(step, GraphedStep) else x  # a graph's output is overwritten by its next use
 
 
 def _progress_bar(total: int, enabled: bool):

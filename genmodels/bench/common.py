@@ -1,0 +1,180 @@
+"""What every benchmark shares: the models and sizes benchmarked, synthetic images, timing with device syncs,
+peak FLOP/s and memory, the environment record, the table and the JSON."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+# name: (registry model, `full` config, `small` config). The full configs are the `full` presets of sweeps/spaces.py
+# (which imports ray, so genmodels cannot read them; tests/test_bench.py checks that they agree), with the model's
+# defaults where a sweep searches the value; the small ones are the smoke presets' CI-sized networks. `epochs` and
+# `steps_per_epoch` give a trial's length (for compile's payback); the benchmark sets its own steps.
+BENCH_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "vae": ("vae", dict(arch="conv", batch_size=128, epochs=150),
+            dict(arch="conv-small", width=8, batch_size=64, epochs=4, steps_per_epoch=8)),
+    "resnet_vae": ("vae", dict(arch="resnet", norm="group", width=32, batch_size=128, epochs=100),
+                   dict(arch="resnet", norm="group", width=8, batch_size=32, epochs=3, steps_per_epoch=8)),
+    "iwae": ("iwae", dict(arch="conv", norm="group", batch_size=64, epochs=100),
+             dict(arch="conv-small", width=8, batch_size=32, epochs=3, steps_per_epoch=6)),
+    # random VGG weights: the same FLOPs as ImageNet's, and nothing to download
+    "dfc": ("dfc", dict(arch="resnet", norm="group", batch_size=128, lr=1e-3, epochs=50, vgg_weights="random"),
+            dict(arch="resnet", norm="group", width=8, batch_size=16, epochs=3, steps_per_epoch=4,
+                 vgg_weights="random")),
+    "vqvae": ("vqvae", dict(width=128, res_blocks=2, prior_width=128, prior_layers=6, restart_window=100,
+                            batch_size=128, stage1_epochs=60, epochs=90),
+              dict(width=32, res_blocks=1, prior_width=16, prior_layers=4, restart_window=20, codebook_size=64,
+                   batch_size=32, stage1_epochs=6, epochs=10, steps_per_epoch=25)),
+    # the VQ-VAE's second stage: the PixelCNN prior on the codes of the frozen autoencoder
+    "vqvae_prior": ("vqvae", dict(width=128, res_blocks=2, prior_width=128, prior_layers=6, batch_size=128,
+                                  stage1_epochs=0, epochs=30),
+                    dict(width=32, res_blocks=1, prior_width=16, prior_layers=4, codebook_size=64, batch_size=32,
+                         stage1_epochs=0, epochs=4, steps_per_epoch=25)),
+    "ncsn": ("ncsn", dict(arch="unet", width=128, ema_decay=0.999, batch_size=128, epochs=100, steps_per_epoch=2000),
+             dict(arch="unet", width=8, unet_blocks=1, num_levels=3, ema_decay=0.999, batch_size=64, epochs=4,
+                  steps_per_epoch=8)),
+    "ncsn_refinenet": ("ncsn", dict(arch="refinenet", width=128, ema_decay=0.999, batch_size=128, epochs=100,
+                                    steps_per_epoch=2000),
+                       dict(arch="refinenet", width=8, num_levels=3, ema_decay=0.999, batch_size=16, epochs=4,
+                            steps_per_epoch=8)),
+}
+CIFAR_TRAIN_IMAGES = 50_000  # a full trial's epoch, for its length in steps
+
+# Dense bf16 tensor-core peaks from the datasheets (no sparsity), matched against torch.cuda.get_device_name.
+GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+
+
+def bench_config(name: str, size: str, batch_size: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The registry model and flat config that benchmark `name` trains at `size` (small | full)."""
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(BENCH_MODELS)}")
+    model, full, small = BENCH_MODELS[name]
+    params = dict(full if size == "full" else small)
+    if batch_size:
+        params["batch_size"] = batch_size
+    return model, params
+
+
+def trial_steps(params: dict[str, Any]) -> int:
+    """Optimizer steps of a whole trial at this config on CIFAR-10 (the full presets' length)."""
+    per_epoch = params.get("steps_per_epoch") or CIFAR_TRAIN_IMAGES // params["batch_size"]
+    return int(params.get("epochs", 1)) * per_epoch
+
+
+def bench_images(n: int, seed: int = 0) -> torch.Tensor:
+    """n uint8 CIFAR-sized images: the procedural set, tiled (throughput does not depend on the content)."""
+    from genmodels.data import synthetic_images
+
+    base = synthetic_images(min(n, 2048), seed=seed)
+    return base.repeat(math.ceil(n / len(base)), 1, 1, 1)[:n].contiguous()
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """The FLOP/s that MFU is measured against, and where the number comes from."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"{name}: {key} datasheet dense bf16 peak ({tflops} TFLOP/s)"
+        return None, f"{name}: not in GPU_PEAK_TFLOPS; pass --peak-tflops for MFU"
+    n, threads = 1024, torch.get_num_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = min(timed_run(lambda: a @ b, device) for _ in range(5))
+    return 2 * n ** 3 / best, f"measured on this CPU: best of 5 fp32 {n}x{n} matmuls, {threads} threads"
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def flops_per_image(model_name: str, params: dict[str, Any], device: torch.device, batch: int = 8) -> float:
+    """FLOPs of one forward and backward of `model.loss` per image (torch.utils.flop_counter: matmuls and
+    convolutions, the tensor-core work; elementwise ops are not counted), on a fresh copy of the model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genmodels.registry import build_model
+
+    model = build_model(model_name, params, channels=3).to(device).train()
+    model.start_epoch(0)
+    x = bench_images(batch).to(device)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model.loss(x)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "load_average": _load_average()}  # at the end of the run: 1, 5 and 15 minute means
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as aligned columns; nested values (raw measurements) and columns empty in every row are left out."""
+    columns = [c for c in (rows[0] if rows else {})
+               if not all(row.get(c) is None or isinstance(row.get(c), (dict, list)) for row in rows)]
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    """The raw measurements, when --json asked for them."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+
