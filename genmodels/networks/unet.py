@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from genmodels.networks.convnets import norm_layer
+from genmodels.networks.convnets import GroupNormSiLU, group_count, norm_layer
 
 DATA_STD = 0.25  # rough per-pixel std of [0, 1] natural images; sets the unet's input scaling at small sigma
 # ---------------------------------------------------------------------------------------------------- U-Net
@@ -32,22 +31,24 @@ class LogSigmaEmbedding(nn.Module):
 
 
 class NoiseResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the noise embedding added in between; the residual branch starts at zero."""
+    """GroupNorm-SiLU-conv twice, the noise embedding added in between; the residual branch starts at zero.
+    The norms are GroupNormSiLU: no layout copies around them in channels_last."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int):
         super().__init__()
-        self.norm1, self.conv1 = norm_layer("group", c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = GroupNormSiLU(group_count(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = norm_layer("group", c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2 = GroupNormSiLU(group_count(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # F.silu out of place: the skip must see x itself (the seeds' in-place ReLU changed it, mistake 6)
-        h = self.conv1(F.silu(self.norm1(x)))
+        # norm1 makes a new tensor: the skip sees x itself (the seeds' in-place ReLU changed it, mistake 6)
+        h = self.conv1(self.norm1(x))
         h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         return self.skip(x) + h
 
 
