@@ -1,5 +1,6 @@
-"""The score networks' fused paths against plain PyTorch: GroupNormSiLU in channels_last against F.group_norm, and
-a torch.compile'd U-Net block (what compile=True trains) against the eager one, forward and gradients."""
+"""The score networks' norms against plain PyTorch, forward and gradients, in both memory layouts: GroupNormSiLU
+against F.group_norm, CondInstanceNorm++ against NCSN's formula; and a torch.compile'd U-Net block (what
+compile=True trains) against the eager one."""
 import shutil
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from genmodels.networks.convnets import GroupNormSiLU
+from genmodels.networks.refinenet import CondInstanceNormPlus
 from genmodels.networks.unet import NoiseResBlock
 
 
@@ -19,15 +21,16 @@ def _grads(fn, *tensors):
     return out.detach(), grads
 
 
-def test_group_norm_silu_in_channels_last_matches_group_norm():
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_group_norm_silu_matches_group_norm_in_either_layout(memory_format):
     torch.manual_seed(0)
     norm = GroupNormSiLU(4, 16)
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = (torch.randn(3, 16, 8, 8) * 3 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    x = (torch.randn(3, 16, 8, 8) * 3 + 1).to(memory_format=memory_format).requires_grad_()
     got, got_grads = _grads(lambda: norm(x), x, norm.weight, norm.bias)
-    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()  # no NCHW copy out
+    assert got.is_contiguous(memory_format=memory_format)  # written in x's layout: no NCHW copy out
     want, want_grads = _grads(lambda: F.silu(F.group_norm(x.contiguous(), 4, norm.weight, norm.bias, norm.eps)),
                               x, norm.weight, norm.bias)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -53,3 +56,31 @@ def test_compiled_unet_block_matches_eager_in_channels_last():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+def _cond_instance_norm_plus_reference(norm, x, levels):
+    """The formula as NCSN's code release writes it: instance norm, then the "++" term, then the affine map."""
+    means = x.mean(dim=(2, 3))
+    m, v = means.mean(dim=1, keepdim=True), means.var(dim=1, keepdim=True)
+    means = (means - m) / torch.sqrt(v + 1e-5)
+    h = F.instance_norm(x, eps=1e-5)
+    gamma, alpha, beta = norm.embed(levels).chunk(3, dim=1)
+    h = h + means[:, :, None, None] * alpha[:, :, None, None]
+    return gamma[:, :, None, None] * h + beta[:, :, None, None]
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_cond_instance_norm_plus_matches_the_reference_formula(memory_format):
+    torch.manual_seed(0)
+    norm = CondInstanceNormPlus(8, num_levels=5)
+    with torch.no_grad():
+        norm.embed.weight.normal_()
+    x = (torch.randn(3, 8, 6, 6) * 2 + torch.randn(3, 8, 1, 1) * 4).to(memory_format=memory_format).requires_grad_()
+    levels = torch.tensor([0, 4, 2])
+    got, got_grads = _grads(lambda: norm(x, levels), x, norm.embed.weight)
+    assert got.is_contiguous(memory_format=memory_format)
+    want, want_grads = _grads(lambda: _cond_instance_norm_plus_reference(norm, x.contiguous(), levels),
+                              x, norm.embed.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

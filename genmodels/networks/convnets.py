@@ -14,22 +14,24 @@ def group_count(channels: int) -> int:
 
 
 class GroupNormSiLU(nn.GroupNorm):
-    """SiLU(GroupNorm(x)) computed in x's own memory layout, with nn.GroupNorm's parameters and state_dict keys.
+    """SiLU(GroupNorm(x)) in x's own memory layout, with nn.GroupNorm's parameters and state_dict keys.
 
-    PyTorch's group_norm makes an NCHW copy of a channels_last input and its output goes back to channels_last for
+    PyTorch's group_norm makes an NCHW copy of a channels_last input, and its output goes back to channels_last for
     the next convolution: two layout copies per norm, most of a U-Net step's `aten::copy_` time on a GPU. Here the
-    statistics are taken over an (N, HW, G, C/G) view of channels_last memory, in fp32 as autocast runs group_norm,
-    and the result is a channels_last view; torch.compile fuses the reductions, the affine map and the SiLU.
-    Contiguous (NCHW) inputs take F.group_norm."""
+    group statistics are reduced over a view of x in whatever layout it has (fp32, as autocast runs group_norm), the
+    normalisation and the affine map fold into one scale and shift per example and channel, and a single
+    multiply-add and the SiLU write the result in x's layout. torch.compile fuses what is left."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        if not (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-            return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
-        groups = x.permute(0, 2, 3, 1).float().reshape(n, h * w, self.num_groups, c // self.num_groups)
-        var, mean = torch.var_mean(groups, dim=(1, 3), unbiased=False, keepdim=True)
-        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(n, h, w, c) * self.weight + self.bias
-        return F.silu(y).permute(0, 3, 1, 2)
+        n, c = x.shape[:2]
+        x = x.float()
+        var, mean = torch.var_mean(x.unflatten(1, (self.num_groups, -1)), dim=(2, 3, 4), unbiased=False,
+                                   keepdim=True)  # (N, G, 1, 1, 1); unflatten is a view in either layout
+        rstd = torch.rsqrt(var + self.eps)
+        weight = self.weight.view(1, self.num_groups, -1, 1, 1)
+        scale = (rstd * weight).reshape(n, c, 1, 1)
+        shift = self.bias.view(1, c, 1, 1) - (mean * rstd * weight).reshape(n, c, 1, 1)
+        return F.silu(torch.addcmul(shift, x, scale))
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
