@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
+from genmodels.cuda_graph import WARMUP_STEPS
+
 HEADROOM = 0.9  # share of the GPU's memory the packed trials may plan to use
 CUDA_CONTEXT_BYTES = 1 << 30  # per process: CUDA context, cuBLAS/cuDNN workspaces (not in the allocator's stats)
 MAX_TRIALS_PER_GPU = 8
@@ -66,10 +68,10 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
 
 
 def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Tensor, test_images: torch.Tensor,
-                 steps: int = 5) -> dict[str, int]:
-    """Peak CUDA memory of one trial at `params`: the dataset resident on the GPU, `steps` training steps and an
-    evaluation of two batches. For sweeps/run.py --gpus-per-trial auto; run it in a fresh process so the peak is
-    this trial's alone."""
+                 steps: int = WARMUP_STEPS + 2) -> dict[str, int]:
+    """Peak CUDA memory of one trial at `params`: the dataset resident on the GPU, `steps` training steps (past the
+    CUDA graph's capture, whose memory pool a trial keeps) and an evaluation of two batches. For sweeps/run.py
+    --gpus-per-trial auto; run it in a fresh process so the peak is this trial's alone."""
     from genmodels.experiment import make_experiment
     from genmodels.registry import trial_config
 
