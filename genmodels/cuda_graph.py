@@ -10,7 +10,9 @@ What a step function must do to be captured (Trainer._step does all of it):
 - draw its random numbers from the default CUDA generator, which `torch.cuda.graph` advances at each replay, so a
   replay draws what the eager step would have drawn;
 - keep its state in tensors updated in place (the optimizer with `capturable=True`, the EMA's step count on the
-  device); Python values read inside the step are frozen at capture.
+  device); Python values read inside the step are frozen at capture;
+- run autocast with `cache_enabled=False`: a weight cast cached before the capture would be read by every replay,
+  stale once the weight changes, and freed when the autocast region ends.
 Its outputs are the same tensors at every replay, overwritten by each one: read or copy them before the next call.
 """
 from __future__ import annotations
@@ -69,7 +71,9 @@ class GraphedStep:
         self.static_input = x.clone()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a CUDA call from another thread of the process (a logger, a checkpoint upload) must not
+            # invalidate this capture, and is not recorded into it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.step(self.static_input)
         except RuntimeError as error:
             self.capture_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -39,11 +39,18 @@ def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float], shape: Sequenc
     levels = torch.zeros(shape[0], dtype=torch.long, device=device)
     half_alpha, noise_scale = torch.zeros((), device=device), torch.zeros((), device=device)
 
+    kind = torch.device(device).type
+    # A caller's autocast (bf16 sampling) without its cast cache: see genmodels.cuda_graph.
+    autocast = torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind),
+                              cache_enabled=False)
+
     def step(x: torch.Tensor) -> torch.Tensor:
         z = torch.randn(*shape, generator=generator, device=device)
-        return x + (half_alpha * score_fn(x, levels) + noise_scale * z)
+        with autocast:
+            score = score_fn(x, levels)
+        return x + (half_alpha * score + noise_scale * z)
 
-    if graphed and generator is None and torch.device(device).type == "cuda":
+    if graphed and generator is None and kind == "cuda":
         step = GraphedStep(step, warmup=2, name="Langevin step")
     for i, sigma in enumerate(sigmas):
         alpha = eps * sigma ** 2 / sigmas[-1] ** 2
