@@ -64,8 +64,10 @@ class TrainConfig(Section):
     amp: bool = True  # bf16 autocast, on CUDA only
     memory_format: str = "auto"  # auto (channels_last on CUDA, contiguous on CPU) | channels_last | contiguous
     compile: bool = False  # torch.compile the loss; costs tens of seconds up front (docs/PERFORMANCE.md)
+    compile_mode: str = "default"  # torch.compile's mode; the two with Inductor's own CUDA graphs turn cuda_graphs off
     cuda_graphs: bool = True  # on CUDA, capture the whole training step in a CUDA graph and replay it
-    choices: ClassVar = {"memory_format": ("auto", "channels_last", "contiguous")}
+    choices: ClassVar = {"memory_format": ("auto", "channels_last", "contiguous"),
+                         "compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")}
     ranges: ClassVar = {"epochs": (1, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
                         "grad_clip": (0, None), "ema_decay": (0, 1), "steps_per_epoch": (0, None),
                         "eval_images": (0, None), "seed": (0, None)}

@@ -34,6 +34,7 @@ CHECKPOINT_FILE = "state.pt"
 MEMORY_FORMATS = TrainConfig.choices["memory_format"]
 DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each reads a loss copied one interval earlier)
 PROGRESS_EVERY_S = 10.0  # default seconds between progress lines within an epoch
+INDUCTOR_GRAPHS = ("max-autotune", "reduce-overhead")  # torch.compile modes that make CUDA graphs of their own
 
 
 class Diverged(RuntimeError):
@@ -124,14 +125,15 @@ class Trainer:
         test = test_images[:cfg.eval_images] if cfg.eval_images else test_images
         self.test_batches = Batches(test, cfg.batch_size, self.device, shuffle=False, flip=False)
         cuda = self.device.type == "cuda"
-        self.cuda_graphs = cuda and cfg.cuda_graphs
+        # Inductor's CUDA graphs (reduce-overhead, max-autotune) would be captured inside ours: one or the other.
+        self.cuda_graphs = cuda and cfg.cuda_graphs and not (cfg.compile and cfg.compile_mode in INDUCTOR_GRAPHS)
         # Fused Adam keeps its step count on the device; capturable lets a CUDA graph record the whole update.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda,
                                           capturable=self.cuda_graphs)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # Compile the bound method, not the module: self.model stays the original nn.Module, so state_dict keys,
         # checkpoints, EMA and evaluation are the same with or without compile (no `_orig_mod.` prefix).
-        self.compiled_loss = torch.compile(self.model.loss) if cfg.compile else None
+        self.compiled_loss = torch.compile(self.model.loss, mode=cfg.compile_mode) if cfg.compile else None
         self._loss_on_host: torch.Tensor | None = None  # pinned buffer of the divergence check (CUDA)
         self._loss_copied: torch.cuda.Event | None = None
         self.step = 0

@@ -121,3 +121,11 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
         value = graphed(x)
     assert graphed.capture_error and not graphed.captured
     assert float(value) == 4.0 and float(graphed(x * 2)) == 8.0
+
+
+@cuda
+def test_compile_modes_with_inductor_graphs_replace_the_engines():
+    trainer = _trainer("vae", True, "cuda", compile=True, compile_mode="reduce-overhead")
+    assert not trainer.cuda_graphs  # Inductor's graphs cannot be captured inside the engine's
+    assert trainer.train_epoch()["train_loss"] == trainer.train_epoch()["train_loss"]  # finite, it trains
+    assert not trainer.graph_captured

@@ -174,6 +174,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--fast", action="store_true", help="measure only the engine's fast path")
     p.add_argument("--compile", action="store_true",
                    help="also train with compile=True, reporting compile time and the steps it takes to pay back")
+    p.add_argument("--compile-modes", default="default",
+                   help="with --compile: comma-separated torch.compile modes to measure (default, "
+                        "max-autotune-no-cudagraphs, max-autotune, reduce-overhead); the last two use Inductor's "
+                        "CUDA graphs instead of the engine's. Run twice with one TORCHINDUCTOR_CACHE_DIR for a warm "
+                        "cache's compile time")
     p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default=None,
                    help="the fast path's memory_format (default: the engine's, auto = channels_last on cuda)")
     p.add_argument("--sampling-steps", type=int, default=2, help="Langevin steps per noise level timed (ncsn)")
@@ -209,10 +214,10 @@ def bench_train(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
             eager = fast_training(model_name, {**params, "cuda_graphs": False}, images, device, steps, warmup,
                                   args.repeats, count_syncs=False)
             rows.append(_train_row(name, "training, cuda_graphs=False", params, gflops, peak, base, eager))
-        if args.compile and run_fast:
-            compiled = fast_training(model_name, {**params, "compile": True}, images, device, steps, warmup,
-                                     args.repeats, count_syncs=False)
-            row = _train_row(name, "training, compile=True", params, gflops, peak, base, compiled)
+        for mode in [m for m in args.compile_modes.split(",") if m] if args.compile and run_fast else []:
+            compiled = fast_training(model_name, {**params, "compile": True, "compile_mode": mode}, images, device,
+                                     steps, warmup, args.repeats, count_syncs=False)
+            row = _train_row(name, f"training, compile=True, mode {mode}", params, gflops, peak, base, compiled)
             row["compile"] = _compile_payback(fast, compiled, warmup, trial_steps(params))
             rows.append(row)
         if model_name == "ncsn":
