@@ -1,7 +1,7 @@
 """Wheels of the sweep stack (Ray Tune, Optuna, W&B and what they need) for a machine with no package index, cut to
 fit a transfer limit:
 
-    python sweeps/offline_wheels.py --python 3.12 --out wheels --part-mib 56
+    python sweeps/offline_wheels.py --python 3.12 --out wheels --part-mib 60
     # on the machine, after carrying every wheels/part-N folder there:
     pip install --no-index --find-links wheels/part-1 --find-links wheels/part-2 -r wheels/requirements.txt
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--platform", default="manylinux_2_28_x86_64",
                    help="the target's newest manylinux tag; older compatible tags are accepted too")
     p.add_argument("--out", type=Path, default=Path("wheels"))
-    p.add_argument("--part-mib", type=float, default=56.0, help="largest part folder, MiB (default 56)")
+    p.add_argument("--part-mib", type=float, default=60.0, help="largest part folder, MiB (default 60)")
     p.add_argument("--skip", default=",".join(ON_TARGET), help="comma-separated packages (or prefixes) the target "
                                                                "has already")
     p.add_argument("--requirement", action="append", default=None,
