@@ -4,6 +4,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,29 @@ def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
     assert {r["status"] for r in report["runs"]} <= {"ok", "timed out", "skipped", "failed"}
     assert any(r["status"] == "ok" and r["report"]["rows"] for r in report["runs"])
     assert report["elapsed_s"] <= 12 + 3 and elapsed < 12 + 30  # the budget holds (process start-up aside)
+
+
+def test_a_timed_out_step_keeps_the_rows_it_wrote(monkeypatch):
+    """bench all stops a step at its share; train writes its rows as it measures them, and they are kept."""
+    import subprocess
+
+    import genmodels.bench.run_all as run_all
+
+    def stopped(command, **kwargs):
+        out = Path(command[command.index("--json") + 1])
+        out.write_text(json.dumps({"benchmark": "train", "partial": True, "rows": [{"model": "vae"}]}))
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(run_all.subprocess, "run", stopped)
+    result = run_all.run_step("train", ["--models", "vae"], "cpu", timeout_s=1)
+    assert result["status"] == "timed out" and result["report"]["rows"] == [{"model": "vae"}]
+
+
+def test_train_writes_each_row_as_it_is_measured(tmp_path):
+    from argparse import Namespace
+
+    from genmodels.bench.training import write_partial
+
+    out = tmp_path / "train.json"
+    write_partial(Namespace(json=out), [{"model": "vae"}])
+    assert json.loads(out.read_text()) == {"benchmark": "train", "partial": True, "rows": [{"model": "vae"}]}

@@ -23,6 +23,7 @@ from genmodels.bench.common import (
     reset_memory,
     timed_run,
     trial_steps,
+    write_json,
 )
 
 
@@ -210,21 +211,30 @@ def bench_train(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
             if run_baseline else None
         fast = fast_training(model_name, params, images, device, steps, warmup, args.repeats) if run_fast else None
         rows.append(_train_row(name, "training", params, gflops, peak, base, fast))
+        write_partial(args, rows)
         if cuda and run_fast and params.get("cuda_graphs", True):  # what the graphs alone buy
             eager = fast_training(model_name, {**params, "cuda_graphs": False}, images, device, steps, warmup,
                                   args.repeats, count_syncs=False)
             rows.append(_train_row(name, "training, cuda_graphs=False", params, gflops, peak, base, eager))
+            write_partial(args, rows)
+        if model_name == "ncsn":
+            rows += _sampling_rows(name, params, images, device, bs, args, peak, run_baseline, run_fast)
+            write_partial(args, rows)
         for mode in [m for m in args.compile_modes.split(",") if m] if args.compile and run_fast else []:
             compiled = fast_training(model_name, {**params, "compile": True, "compile_mode": mode}, images, device,
                                      steps, warmup, args.repeats, count_syncs=False)
             row = _train_row(name, f"training, compile=True, mode {mode}", params, gflops, peak, base, compiled)
             row["compile"] = _compile_payback(fast, compiled, warmup, trial_steps(params))
             rows.append(row)
-        if model_name == "ncsn":
-            rows += _sampling_rows(name, params, images, device, bs, args, peak, run_baseline, run_fast)
+            write_partial(args, rows)
         del images
     meta = {"size": size, "peak_flops": peak, "peak_source": peak_source, "baseline_workers": args.workers}
     return rows, meta
+
+
+def write_partial(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The rows measured so far, to --json: a run stopped for time (bench all) keeps what it measured."""
+    write_json(args.json, {"benchmark": "train", "partial": True, "rows": rows})
 
 
 def _train_row(name: str, what: str, params: dict[str, Any], gflops: float, peak: float | None,
@@ -282,7 +292,7 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
         bf16 = {**sampling_rate(model, device, batch, T, reps, autocast=True), "peak_memory_bytes": None}
         rows.append(_sampling_row(name, "sampling, bf16 autocast (not used by sample() yet)", batch, gflops, peak,
                                   base, bf16))
-        rows.append(_sampler_batch_row(name, model, device, T, reps, gflops, peak))
+        rows.append(_sampler_batch_row(name, model, device, 1, 1, gflops, peak))  # thousands of chains: T=1, once
     return rows
 
 
