@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,7 +66,17 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
     print(f"gensweep: --gpus-per-trial auto: a trial peaks at {peak / 2**30:.2f} GiB (worst of {len(probes)} "
           f"probe configs) + {CUDA_CONTEXT_BYTES / 2**30:.0f} GiB CUDA context; {trials} trials per "
           f"{total / 2**30:.0f} GiB GPU: --gpus-per-trial {fraction}")
+    if trials > 1 and not mps_running():
+        print("gensweep: note: packed trials time-slice the GPU; under CUDA MPS (`nvidia-cuda-mps-control -d`, where "
+              "the machine allows it) their kernels can overlap: `python -m genmodels.bench pack --mps` measures "
+              "whether that pays for this model")
     return fraction
+
+
+def mps_running(environ: dict[str, str] | None = None) -> bool:
+    """Whether a CUDA MPS control daemon is listening where CUDA clients of this environment would look."""
+    environ = os.environ if environ is None else environ
+    return (Path(environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").exists()
 
 
 def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Tensor, test_images: torch.Tensor,

@@ -349,3 +349,11 @@ def test_train_writes_each_row_as_it_is_measured(tmp_path):
     out = tmp_path / "train.json"
     write_partial(Namespace(json=out), [{"model": "vae"}])
     assert json.loads(out.read_text()) == {"benchmark": "train", "partial": True, "rows": [{"model": "vae"}]}
+
+
+def test_mps_is_seen_where_its_control_pipe_is(tmp_path):
+    from sweeps.packing import mps_running
+
+    assert not mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
+    (tmp_path / "control").touch()
+    assert mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
