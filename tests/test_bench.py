@@ -357,3 +357,25 @@ def test_mps_is_seen_where_its_control_pipe_is(tmp_path):
     assert not mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
     (tmp_path / "control").touch()
     assert mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
+
+
+def test_sampling_bench_compares_bf16_with_fp32_on_one_checkpoint(tmp_path, monkeypatch):
+    """Three sample runs of one checkpoint (fp32 seeds 0 and 1, bf16 seed 0), each scored against the test split;
+    the report gives bf16's FID change beside the change a seed alone makes."""
+    from genmodels.data import synthetic_images
+
+    monkeypatch.setenv("GENSWEEP_FID_CACHE", str(tmp_path / "fid-cache"))
+    images = synthetic_images(64)
+    trainer = make_trainer("ncsn", dict(TINY_NCSN, dataset="synthetic", langevin_steps=2), images, images[:16],
+                           device="cpu")
+    trainer.train_epoch()
+    path = trainer.save(tmp_path / "state.pt")
+    report = bench.main(["sampling", "--device", "cpu", "--checkpoint", str(path), "--n", "16", "--network",
+                         "standin", "--steps-per-level", "1"])
+    rows = report["rows"]
+    assert [(r["precision"], r["seed"]) for r in rows] == [("fp32", 0), ("fp32", 1), ("bf16", 0)]
+    assert all(r["fid"] > 0 and r["chain_steps_per_s"] > 0 and r["chains_per_batch"] == 16 for r in rows)
+    assert report["fid_bf16_minus_fp32"] == pytest.approx(rows[2]["fid"] - rows[0]["fid"])
+    assert report["fid_seed_noise"] == pytest.approx(abs(rows[1]["fid"] - rows[0]["fid"]))
+    assert rows[1]["fid"] != rows[0]["fid"]  # another seed, other samples
+    assert rows[2]["fid"] != rows[0]["fid"]  # bf16 changed what was sampled

@@ -255,3 +255,10 @@ def test_inception_score_is_unavailable_with_converted_weights(inception):
     torch.nn.init.normal_(with_classifier.net.fc.weight, std=0.1)
     mean, std = with_classifier.inception_score(images, splits=2)
     assert 1.0 <= mean <= 4.0 and std >= 0  # IS lies in [1, number of images per split]
+
+
+def test_a_samplers_large_batch_reaches_the_feature_network_in_scorer_batches(tmp_path):
+    """NCSN samples thousands of chains at once for the FID ladder; the feature network still takes batch_size."""
+    scorer = FIDScorer("standin", device="cpu", cache_dir=tmp_path, batch_size=4)
+    sizes = [len(f) for f in scorer.features([torch.rand(10, 3, 32, 32), torch.rand(3, 3, 32, 32)])]
+    assert sizes == [4, 4, 2, 3]

@@ -1,11 +1,13 @@
 """Benchmarks, one subcommand each, printed as a table and optionally written as JSON: train
-(genmodels/bench/training.py), pack (pack.py), flops and fid (here), and `all` of them (run_all.py).
+(genmodels/bench/training.py), pack (pack.py), sampling (sampling.py), flops and fid (here), and `all` of them
+(run_all.py).
 
     python -m genmodels.bench train --json train.json              # every model, fast path against the seeds' way
     python -m genmodels.bench train --models vae,ncsn --size small --device cpu --steps 10
     python -m genmodels.bench pack --model vae --trials 1,2,4,8    # concurrent trials on one GPU
     python -m genmodels.bench flops --size full                     # work per image; images/s at a target MFU
     python -m genmodels.bench fid --device cpu --n 64 --fid-weights PATH --json fid-cpu.json
+    python -m genmodels.bench sampling --checkpoint runs/ncsn/state.pt  # bf16 sampling: FID change, time saved
     python -m genmodels.bench all --budget-s 420 --json all.json      # the whole suite, one budget, one JSON
 
 Adding a benchmark: a function `bench_NAME(args)` returning a list of row dicts (or rows and a dict of run-wide
@@ -31,6 +33,7 @@ from genmodels.bench.common import (
     write_json,
 )
 from genmodels.bench.pack import add_pack_arguments, bench_pack
+from genmodels.bench.sampling import add_sampling_arguments, bench_sampling
 from genmodels.bench.training import add_train_arguments, bench_train
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,6 +120,7 @@ BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[
     "pack": (add_pack_arguments, bench_pack),
     "flops": (add_flops_arguments, bench_flops),
     "fid": (add_fid_arguments, bench_fid),
+    "sampling": (add_sampling_arguments, bench_sampling),
 }
 
 

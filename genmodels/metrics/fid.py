@@ -263,9 +263,10 @@ class FIDScorer:
 
     def _batches(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         if isinstance(images, torch.Tensor):
-            images = images.split(self.batch_size)
-        for batch in images:
-            yield to_uint8(batch.to(self.device))
+            images = [images]
+        for batch in images:  # a sampler's batch may hold thousands: the feature network takes batch_size at once
+            for part in batch.split(self.batch_size):
+                yield to_uint8(part.to(self.device))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -396,10 +397,10 @@ class FIDScorer:
 
     def sample_fid(self, model: GenerativeModel, n: int, ref: RefStats, batch_size: int | None = None,
                    seed: int | None = None, budget: float = 1.0) -> dict[str, Any]:
-        """FID/KID of n samples of `model`, drawn `batch_size` at a time with `model.sample(b, budget=budget)`
-        (e.g. steps_per_level for NCSN). With `seed`, the samples are reproducible and the caller's RNG state is
-        left as it was."""
-        bs = batch_size or self.batch_size
+        """FID/KID of n samples of `model`, drawn `batch_size` at a time (default: the model's `sampling_batch`,
+        else the scorer's) with `model.sample(b, budget=budget)` (e.g. steps_per_level for NCSN). With `seed`, the
+        samples are reproducible and the caller's RNG state is left as it was."""
+        bs = batch_size or model.sampling_batch() or self.batch_size
 
         def batches() -> Iterator[torch.Tensor]:
             for start in range(0, n, bs):

@@ -55,6 +55,11 @@ class GenerativeModel(nn.Module):
         step count ignore it."""
         raise NotImplementedError(f"{type(self).__name__} cannot sample")
 
+    def sampling_batch(self) -> int | None:
+        """Images per `sample` call when many are wanted (the FID ladder): as many as run well at once on this
+        device, or None for the caller's batch size."""
+        return None
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions in [0, 1] of a uint8 batch."""

@@ -40,7 +40,7 @@ from genmodels.samplers import sigmas as schedules
 from genmodels.samplers.langevin import annealed_langevin
 
 ARCHS = ("unet", "refinenet")
-MAX_CHAINS = 10_000  # a final fid_10k's chains in one batch, where the GPU's memory allows
+MAX_CHAINS = 8192  # most chains per batch: a final fid_10k in two
 SAMPLING_MEMORY_SHARE = 0.25  # of the GPU's free memory that one sampling batch may plan to use
 
 
@@ -59,7 +59,9 @@ class NCSNConfig(ModelConfig):
     langevin_eps: float = 2e-5  # step constant of NCSN Algorithm 1; 0 = the NCSNv2 criterion for T
     denoise: bool = True  # final step x + sigma_L^2 s(x, sigma_L)
     init: str = "uniform"  # uniform | gaussian: where Langevin chains start
-    choices: ClassVar = {"arch": ARCHS, "sigma_schedule": ("geometric", "ncsnv2"), "init": ("uniform", "gaussian")}
+    sampling_precision: str = "fp32"  # fp32 | bf16: the score network's autocast while sampling (bench sampling)
+    choices: ClassVar = {"arch": ARCHS, "sigma_schedule": ("geometric", "ncsnv2"), "init": ("uniform", "gaussian"),
+                         "sampling_precision": ("fp32", "bf16")}
     ranges: ClassVar = {"width": (1, None), "unet_blocks": (1, None), "sigma_1": (0, None), "sigma_L": (0, None),
                         "num_levels": (0, None), "gamma": (0, 1), "data_sigma_1": (0, None),
                         "langevin_steps": (1, None), "langevin_eps": (0, None)}
@@ -176,25 +178,33 @@ class NCSN(GenerativeModel):
 
         Chains run `batch_size` at a time: by default as many as `chains_that_fit` on a GPU (thousands), where
         each Langevin step is a replayed CUDA graph; 128 on a CPU (where larger batches fall out of the cache and
-        run slower per image). `graphed=False` samples eagerly on a GPU too.
+        run slower per image). `graphed=False` samples eagerly on a GPU too. `sampling_precision` bf16 runs the
+        score network under bf16 autocast.
         """
         if steps_per_level is None and budget < 1:
             steps_per_level = max(1, round(self.cfg.langevin_steps * budget))
         T = steps_per_level or self.cfg.langevin_steps
         eps = self.step_size(steps_per_level)
-        batch_size = batch_size or (self.chains_that_fit() if self.sigmas.is_cuda else 128)
-        chunks = [annealed_langevin(self.score, self.sigmas.tolist(), (m, self.channels, 32, 32), T, eps,
-                                    init=self.cfg.init, denoise=self.cfg.denoise, device=self.sigmas.device,
-                                    progress=progress,
-                                    graphed=self.sigmas.is_cuda if graphed is None else graphed)
-                  for m in _chunk_sizes(n, batch_size)]
+        batch_size = batch_size or self.sampling_batch()
+        device = self.sigmas.device
+        graphed = device.type == "cuda" if graphed is None else graphed
+        # bf16 for the score network only: the chains, their noise and step sizes stay fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.sampling_precision == "bf16"):
+            chunks = [annealed_langevin(self.score, self.sigmas.tolist(), (m, self.channels, 32, 32), T, eps,
+                                        init=self.cfg.init, denoise=self.cfg.denoise, device=device,
+                                        progress=progress, graphed=graphed)
+                      for m in _chunk_sizes(n, batch_size)]
         return torch.cat(chunks).clamp(0, 1)
+
+    def sampling_batch(self) -> int:
+        return self.chains_that_fit() if self.sigmas.is_cuda else 128
 
     @torch.no_grad()
     def chains_that_fit(self, probe: int = 32) -> int:
         """Langevin chains per batch on this GPU: SAMPLING_MEMORY_SHARE of its free memory over twice the memory
-        one chain's score evaluation holds at its peak (from a probe batch), within [128, MAX_CHAINS]. A share,
-        not all of it: packed trials sample beside each other's training."""
+        one chain's score evaluation holds at its peak (from a probe batch), rounded down to a power of two within
+        [128, MAX_CHAINS]. A share, not all of it: packed trials sample beside each other's training. A power of
+        two, so that trials whose free memory differs a little sample in the same batches, from the same noise."""
         device = self.sigmas.device
         base = peak = torch.cuda.memory_allocated(device)
 
@@ -211,7 +221,8 @@ class NCSN(GenerativeModel):
                 handle.remove()
         per_chain = 2 * max(peak - base, 1) / probe
         free, _ = torch.cuda.mem_get_info(device)
-        return int(min(MAX_CHAINS, max(128, SAMPLING_MEMORY_SHARE * free // per_chain)))
+        fit = int(min(MAX_CHAINS, max(128, SAMPLING_MEMORY_SHARE * free // per_chain)))
+        return 1 << (fit.bit_length() - 1)
 
 
 def _chunk_sizes(n: int, size: int) -> list[int]:
