@@ -40,7 +40,13 @@ class GenerativeModel(nn.Module):
         return ""
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss on a uint8 batch, and named scalar tensors to log (no host syncs)."""
+        """Training loss on a uint8 batch, and named scalar tensors to log (no host syncs).
+
+        On CUDA the engine captures the whole training step, this loss included, as a CUDA graph and replays it
+        (genmodels.cuda_graph): shapes must stay fixed, random numbers come from torch's default generator, and a
+        value that changes during training (a warm-up weight, a stage) must live in a tensor updated in place, since
+        a Python number is read once, at capture. The graph is captured again only when which parameters need
+        gradients, or which modules train, changes (VQ-VAE's stages)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -88,7 +94,8 @@ class GenerativeModel(nn.Module):
         """Hook before each training epoch (0-based), e.g. to switch training stages; most models need none."""
 
     def extra_train_step(self, step: int) -> None:
-        """Hook after each optimizer step (e.g. codebook restarts); most models need none."""
+        """Hook after each optimizer step (e.g. codebook restarts), run eagerly between graph replays; most models
+        need none."""
 
     @property
     def device(self) -> torch.device:
