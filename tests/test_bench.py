@@ -315,14 +315,15 @@ def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
 
     out = tmp_path / "all.json"
     start = time.monotonic()
+    # 30 s: enough for the CPU's small vae train step (its share, 18 s) on a loaded 2-core CI machine
     subprocess.run([sys.executable, "-m", "genmodels.bench", "all", "--device", "cpu", "--models", "vae",
-                    "--budget-s", "12", "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+                    "--budget-s", "30", "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
     elapsed = time.monotonic() - start
     report = json.loads(out.read_text())
     assert [r["benchmark"] for r in report["runs"]] == ["train", "pack", "fid", "flops"]
     assert {r["status"] for r in report["runs"]} <= {"ok", "timed out", "skipped", "failed"}
     assert any(r["status"] == "ok" and r["report"]["rows"] for r in report["runs"])
-    assert report["elapsed_s"] <= 12 + 3 and elapsed < 12 + 30  # the budget holds (process start-up aside)
+    assert report["elapsed_s"] <= 30 + 3 and elapsed < 30 + 30  # the budget holds (process start-up aside)
 
 
 def test_a_timed_out_step_keeps_the_rows_it_wrote(monkeypatch):
