@@ -59,8 +59,10 @@ class EMA:
         step = torch.as_tensor(step, dtype=torch.float32, device=self.model_device)
         weight = 1 - torch.clamp((1 + step) / (10 + step), max=self.decay)
         averages = list(self.model.parameters())
-        # A tensor weight per tensor: the one-number form would read the weight back to the host.
-        torch._foreach_lerp_(averages, list(model.parameters()), [weight] * len(averages))
+        # ema = ema * decay + p * weight with the weight a device tensor: foreach lerp takes only a host number (read
+        # once under a graph) or a tensor per parameter (one kernel each); the Tensor forms of mul are one kernel.
+        torch._foreach_mul_(averages, 1 - weight)
+        torch._foreach_add_(averages, torch._foreach_mul(list(model.parameters()), weight))
         buffers = list(model.buffers())
         if buffers:  # one multi-tensor copy instead of a kernel launch per BatchNorm statistic
             torch._foreach_copy_(list(self.model.buffers()), buffers)

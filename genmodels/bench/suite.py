@@ -1,6 +1,6 @@
 """Benchmarks, one subcommand each, printed as a table and optionally written as JSON: train
-(genmodels/bench/training.py), pack (pack.py), sampling (sampling.py), flops and fid (here), and `all` of them
-(run_all.py).
+(genmodels/bench/training.py), pack (pack.py), sampling (sampling.py), profile (profile.py), flops and fid (here),
+and `all` of them (run_all.py).
 
     python -m genmodels.bench train --json train.json              # every model, fast path against the seeds' way
     python -m genmodels.bench train --models vae,ncsn --size small --device cpu --steps 10
@@ -8,6 +8,7 @@
     python -m genmodels.bench flops --size full                     # work per image; images/s at a target MFU
     python -m genmodels.bench fid --device cpu --n 64 --fid-weights PATH --json fid-cpu.json
     python -m genmodels.bench sampling --checkpoint runs/ncsn/state.pt  # bf16 sampling: FID change, time saved
+    python -m genmodels.bench profile --model ncsn --cuda-graphs off  # a step's time by op
     python -m genmodels.bench all --budget-s 420 --json all.json      # the whole suite, one budget, one JSON
 
 Adding a benchmark: a function `bench_NAME(args)` returning a list of row dicts (or rows and a dict of run-wide
@@ -33,6 +34,7 @@ from genmodels.bench.common import (
     write_json,
 )
 from genmodels.bench.pack import add_pack_arguments, bench_pack
+from genmodels.bench.profile import add_profile_arguments, bench_profile
 from genmodels.bench.sampling import add_sampling_arguments, bench_sampling
 from genmodels.bench.training import add_train_arguments, bench_train
 
@@ -121,6 +123,7 @@ BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[
     "flops": (add_flops_arguments, bench_flops),
     "fid": (add_fid_arguments, bench_fid),
     "sampling": (add_sampling_arguments, bench_sampling),
+    "profile": (add_profile_arguments, bench_profile),
 }
 
 
