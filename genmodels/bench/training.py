@@ -265,7 +265,8 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
                    args: argparse.Namespace, peak: float | None, run_baseline: bool,
                    run_fast: bool) -> list[dict[str, Any]]:
     """NCSN sampling: the seeds' way (fp32, NCHW model) against the model a trial samples from (the Trainer's EMA
-    copy: channels_last on CUDA); on CUDA also a bf16-autocast run, which sample() does not use yet."""
+    copy: channels_last on CUDA); on CUDA also a bf16-autocast run (sampling_precision=bf16, off by default) and
+    chain-steps/s at the sampler's own batch."""
     from genmodels.engine import seed_everything
     from genmodels.experiment import make_experiment
     from genmodels.registry import build_model
@@ -290,8 +291,8 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
     rows = [_sampling_row(name, "sampling (Langevin steps)", batch, gflops, peak, base, fast)]
     if run_fast and device.type == "cuda":
         bf16 = {**sampling_rate(model, device, batch, T, reps, autocast=True), "peak_memory_bytes": None}
-        rows.append(_sampling_row(name, "sampling, bf16 autocast (not used by sample() yet)", batch, gflops, peak,
-                                  base, bf16))
+        rows.append(_sampling_row(name, "sampling, bf16 autocast (sampling_precision=bf16, off by default)", batch,
+                                  gflops, peak, base, bf16))
         rows.append(_sampler_batch_row(name, model, device, 1, 1, gflops, peak))  # thousands of chains: T=1, once
     return rows
 
@@ -304,18 +305,19 @@ def _sampler_batch_row(name: str, model: nn.Module, device: torch.device, T: int
     """Chain-steps/s at the batch each sampler really uses: the eager sampler at TODAYS_CHAINS chains against
     graphed steps at `chains_that_fit` chains (what a trial's FID ladder now samples with)."""
     chains = model.chains_that_fit()
-    eager = sampling_rate(model, device, TODAYS_CHAINS, T, reps, graphed=False)
-    graphed = sampling_rate(model, device, chains, T, reps, graphed=True)
-    for run, batch in ((eager, TODAYS_CHAINS), (graphed, chains)):
-        run["chain_steps_per_s"] = run["steps_per_s"] * batch
-        run["peak_memory_bytes"] = None
-    row = _sampling_row(name, f"sampling chain-steps/s: eager at {TODAYS_CHAINS} chains vs graphed at {chains}",
-                        chains, gflops, peak, eager, graphed)
-    row.update(unit="chain-steps/s", baseline=eager["chain_steps_per_s"], fast=graphed["chain_steps_per_s"],
-               speedup=graphed["chain_steps_per_s"] / eager["chain_steps_per_s"],
-               mfu_baseline=gflops * 1e9 * eager["chain_steps_per_s"] / peak if peak and gflops else None,
-               mfu_fast=gflops * 1e9 * graphed["chain_steps_per_s"] / peak if peak and gflops else None)
-    return row
+    runs = {}
+    for key, batch, graphed in (("baseline", TODAYS_CHAINS, False), ("fast", chains, True)):
+        run = sampling_rate(model, device, batch, T, reps, graphed=graphed)
+        runs[key] = {**run, "chain_steps_per_s": run["steps_per_s"] * batch}
+    b, f = runs["baseline"]["chain_steps_per_s"], runs["fast"]["chain_steps_per_s"]
+
+    def mfu(rate: float) -> float | None:
+        return gflops * 1e9 * rate / peak if peak and gflops else None
+
+    return dict(model=name, what=f"sampling chain-steps/s: eager at {TODAYS_CHAINS} chains vs graphed at {chains}",
+                batch_size=chains, unit="chain-steps/s", baseline=b, fast=f, speedup=f / b, mem_baseline_mib=None,
+                mem_fast_mib=None, gflops_per_image=gflops, mfu_baseline=mfu(b), mfu_fast=mfu(f),
+                baseline_run=runs["baseline"], fast_run=runs["fast"])
 
 
 def _sampling_row(name: str, what: str, batch: int, gflops: float, peak: float | None,
