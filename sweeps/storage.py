@@ -30,13 +30,16 @@ def join(storage: str, *parts: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file at a local path or URI, creating its folder."""
+    """Write a small text file at a local path or URI, creating its folder. Written beside it, then moved over it:
+    a driver killed mid-write leaves the old file whole, not an empty one that --resume cannot read."""
     import pyarrow.fs
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
     fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(fs_path) as f:
+    partial = f"{fs_path}.partial-{os.getpid()}"
+    with fs.open_output_stream(partial) as f:
         f.write(text.encode())
+    fs.move(partial, fs_path)
 
 
 def read_text(path: str) -> str | None:

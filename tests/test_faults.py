@@ -108,6 +108,25 @@ def test_newest_loadable_checkpoint_wins_and_a_truncated_one_is_passed_over(tmp_
     assert state["epoch"] == 3 and path.endswith("checkpoint_000000")  # by the epoch inside, not the name
 
 
+def test_a_driver_killed_while_writing_the_sweep_file_leaves_the_old_one_whole(tmp_path):
+    """The sweep's settings file is what --resume reads first: a write that dies half-way (here: raises after the
+    file was opened) must leave the previous contents, not an empty file (seen: a SIGKILLed driver, then a
+    JSONDecodeError traceback on --resume)."""
+    from sweeps import storage
+
+    storage.write_sweep_info(str(tmp_path), "s", {"metric": "test_bpd"})
+
+    class DiesMidWrite(str):
+        def encode(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_text(storage.join(str(tmp_path), "s", storage.SWEEP_FILE), DiesMidWrite("{}"))
+    assert storage.read_sweep_info(str(tmp_path), "s") == {"metric": "test_bpd"}
+    storage.write_sweep_info(str(tmp_path), "s", {"metric": "fid"})
+    assert storage.read_sweep_info(str(tmp_path), "s") == {"metric": "fid"}
+
+
 def test_an_ended_trial_is_not_trained_again(tmp_path, monkeypatch):
     import trainables.trainable as tr
     from trainables.checkpoints import record_end
