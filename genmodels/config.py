@@ -16,6 +16,7 @@ import typing
 from typing import Any, ClassVar
 
 SECTIONS = ("data", "train", "model")
+NONE = ("none", "null")  # how a command line or a JSON-less source says None for an optional field
 TOP_LEVEL = ("model_name", "checkpoint")  # keys outside the sections
 
 
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message is one line that says what is wrong and what is accepted."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Section:
     """Base of every config section. `choices[field]` lists allowed values, `ranges[field]` is (low, high), either
     bound None for open, inclusive unless the field is named in `open_low` (then value > low)."""
@@ -39,7 +40,7 @@ class ModelConfig(Section):
 DATASETS = ("cifar10", "fashion_mnist", "synthetic")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
     dataset: str = "cifar10"
     data_dir: str = ""  # "" = $GENSWEEP_DATA or ~/.cache/gensweep/data
@@ -49,7 +50,7 @@ class DataConfig(Section):
     ranges: ClassVar = {"train_size": (0, None), "test_size": (0, None)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
     epochs: int = 10
     batch_size: int = 128
@@ -75,15 +76,29 @@ class TrainConfig(Section):
 
 
 def fields_of(cls: type[Section]) -> dict[str, type]:
-    """Field name -> Python type (int, float, bool or str) of a section class."""
+    """Field name -> Python type (int, float, bool or str) of a section class; `int | None` gives int (see
+    `optional_fields`)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def optional_fields(cls: type[Section]) -> set[str]:
+    """Fields annotated `X | None`: None says "not set" (no 0 sentinels), and the command line spells it `none`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(hints[f.name])}
+
+
+def _base_type(hint: Any) -> type:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+    return kinds[0] if kinds else hint
 
 
 def check_value(section: type[Section], key: str, value: Any, label: str | None = None) -> Any:
     """`value` cast to the field's type and checked against its choices and range; ConfigError otherwise."""
     label = label or key
     kind = fields_of(section)[key]
+    if key in optional_fields(section) and (value is None or (isinstance(value, str) and value.lower() in NONE)):
+        return None
     value = _cast(value, kind, label)
     choices = section.choices.get(key)
     if choices is not None and value not in choices:
@@ -125,7 +140,7 @@ def _cast(value: Any, kind: type, label: str) -> Any:
     return number
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial (or one `genmodels.train` run) computes from."""
     model_name: str

@@ -11,13 +11,16 @@ import math
 import os
 import pickle
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from genmodels.config import DATASETS  # noqa: E402  (re-exported)
+from genmodels.config import DATASETS
 from genmodels.errors import ResourceUnavailable
+
+if TYPE_CHECKING:
+    from genmodels.config import DataConfig
 
 IMAGE_SIZE = 32
 
@@ -46,6 +49,14 @@ def load_images(name: str, split: str = "train", data_dir: str | Path | None = N
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return images[:limit] if limit else images
+
+
+def load_splits(data: DataConfig) -> dict[str, torch.Tensor]:
+    """The train and test images a run's data section names, each cut to its size (0 = all): what
+    `genmodels.train` loads for one run and a sweep's driver loads once for all its trials."""
+    return {split: load_images(data.dataset, split, data.data_dir or None,
+                               limit=(data.train_size if split == "train" else data.test_size) or None)
+            for split in ("train", "test")}
 
 
 def _torchvision_images(cls_name: str, root: Path, split: str, download: bool) -> torch.Tensor:

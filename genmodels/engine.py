@@ -11,9 +11,7 @@ docs/PERFORMANCE.md says what each of these buys and when compiling pays for its
 from __future__ import annotations
 
 import copy
-import os
 import random
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,7 @@ from genmodels.config import TrainConfig
 from genmodels.cuda_graph import GraphedStep
 from genmodels.data import Batches
 from genmodels.images import save_grid
+from genmodels.io import load_checkpoint, save_atomic
 from genmodels.models.base import GenerativeModel
 
 CHECKPOINT_FILE = "state.pt"
@@ -189,8 +188,9 @@ class Trainer:
             self._graphed = GraphedStep(self._step, name=f"{self.model_name or 'model'} training step")
         return self._graphed
 
-    def train_epoch(self) -> dict[str, float]:
-        """One epoch (or `steps_per_epoch` steps); returns the mean of each logged value as `train_<name>`."""
+    def train_epoch(self, steps: int | None = None) -> dict[str, float]:
+        """One epoch: `steps` steps, else `steps_per_epoch`, else one pass over the training split. Returns the mean
+        of each logged value as `train_<name>`."""
         self.model.train()
         self.model.start_epoch(self.epoch)
         step = self._step_function()
@@ -198,7 +198,7 @@ class Trainer:
         sums: torch.Tensor | None = None  # every logged value, summed on the device: no host sync per step
         n = 0
         pending: int | None = None  # step of the loss last sent to the host for the divergence check
-        steps = self.cfg.steps_per_epoch or len(self.train_batches)
+        steps = steps or self.cfg.steps_per_epoch or len(self.train_batches)
         start = time.perf_counter()
         next_report = start + self.progress_every
         for x in self.train_batches.epoch(steps):
@@ -331,27 +331,6 @@ class Trainer:
             self.ema.model.load_state_dict(state["ema"])
         self.epoch = self.cfg.epochs
         self._graphed = None
-
-
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _fit_optimizer_state(optimizer: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:

@@ -6,7 +6,8 @@
     final_metrics, images = exp.finish(folder)                 # once-per-run metrics and image grids
 
 `Experiment.from_checkpoint` rebuilds a finished run's model (optionally with some model settings changed, e.g.
-the sampler's) for evaluation without training.
+the sampler's) for evaluation without training. Callers read the run's state here too (`device`, `epoch`, `step`,
+`extra`, `test_images(n)`, ...), never through the Trainer behind it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from genmodels.config import ConfigError, TrialConfig
-from genmodels.engine import Trainer, load_checkpoint, seed_everything
+from genmodels.engine import PROGRESS_EVERY_S, Trainer, seed_everything
+from genmodels.io import load_checkpoint
 from genmodels.registry import model_class, trial_config
 
 
@@ -28,21 +30,28 @@ def prepare(cfg: TrialConfig, train_images: torch.Tensor | None = None) -> Trial
 
 
 class Experiment:
-    """A model and its trainer, built from a TrialConfig, stepped one epoch at a time."""
+    """A model and its trainer, built from a TrialConfig, stepped one epoch at a time.
+
+    `progress`, when given, gets a line every `progress_every` seconds of an epoch and as each phase (evaluation,
+    grids, final evaluation) starts and ends; None (the default) keeps sweeps' trials quiet."""
 
     def __init__(self, cfg: TrialConfig, train_images: torch.Tensor, test_images: torch.Tensor,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, *, progress: Callable[[str], None] | None = None,
+                 progress_every: float = PROGRESS_EVERY_S):
         self.cfg = cfg
         seed_everything(cfg.train.seed)
         model = model_class(cfg.model_name)(cfg.model, channels=train_images.shape[1])
         self.trainer = Trainer(model, cfg.train, train_images, test_images, device=device,
-                               model_name=cfg.model_name, config_record=cfg.flat())
+                               model_name=cfg.model_name, config_record=cfg.flat(), progress=progress,
+                               progress_every=progress_every)
 
     @classmethod
     def setup(cls, cfg: TrialConfig, train_images: torch.Tensor, test_images: torch.Tensor,
-              device: torch.device | str | None = None) -> Experiment:
+              device: torch.device | str | None = None, *, progress: Callable[[str], None] | None = None,
+              progress_every: float = PROGRESS_EVERY_S) -> Experiment:
         """Prepare (checks and values derived from the training data), then build."""
-        return cls(prepare(cfg, train_images), train_images, test_images, device)
+        return cls(prepare(cfg, train_images), train_images, test_images, device, progress=progress,
+                   progress_every=progress_every)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, train_images: torch.Tensor, test_images: torch.Tensor,
@@ -65,12 +74,39 @@ class Experiment:
         return self.trainer.eval_model
 
     @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    @property
     def epoch(self) -> int:
         return self.trainer.epoch
 
     @property
+    def step(self) -> int:
+        """Optimizer steps so far."""
+        return self.trainer.step
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Small values saved in the run's checkpoint and restored with it (e.g. the best metric so far)."""
+        return self.trainer.extra
+
+    @property
+    def progress(self) -> Callable[[str], None] | None:
+        return self.trainer.progress
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether the training step runs as a replayed CUDA graph."""
+        return self.trainer.graph_captured
+
+    @property
     def done(self) -> bool:
-        return self.trainer.epoch >= self.cfg.train.epochs
+        return self.epoch >= self.cfg.train.epochs
+
+    def test_images(self, n: int) -> torch.Tensor:
+        """The first n images that evaluation sees (the first `eval_images` of the test split), on the device."""
+        return self.trainer.test_images(n)
 
     def restore(self, path: str | Path) -> None:
         """Continue the run checkpointed at `path` (model, optimizer, EMA, RNG states, step, epoch)."""
@@ -91,11 +127,15 @@ class Experiment:
     def save(self, path: str | Path) -> Path:
         return self.trainer.save(path)
 
+    def train_epoch(self, steps: int | None = None) -> dict[str, float]:
+        """Train one epoch (`steps` steps, else the config's) without evaluating: what the benchmarks time."""
+        return self.trainer.train_epoch(steps)
+
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch, then evaluate on the test split; raises engine.Diverged on a non-finite loss."""
-        metrics = self.trainer.train_epoch()
-        metrics.update(self.trainer.evaluate())
-        return {**metrics, "epoch": self.trainer.epoch, "step": self.trainer.step}
+        metrics = self.train_epoch()
+        metrics.update(self.evaluate())
+        return {**metrics, "epoch": self.epoch, "step": self.step}
 
     def run(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
         """The epoch loop: until the configured epochs are done, one epoch of training and evaluation, then

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from genmodels.engine import save_atomic
 from genmodels.errors import ResourceUnavailable
+from genmodels.io import save_atomic
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the TF graph's classifier: 1000 ImageNet classes plus 8 unused

@@ -15,16 +15,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from genmodels.config import SECTIONS, ConfigError, fields_of, section_classes
 from genmodels.data import load_images
-from genmodels.engine import CHECKPOINT_FILE, PROGRESS_EVERY_S, Diverged, load_checkpoint, timed
+from genmodels.engine import CHECKPOINT_FILE, PROGRESS_EVERY_S, Diverged, timed
 from genmodels.errors import ResourceUnavailable
 from genmodels.experiment import Experiment, prepare
+from genmodels.io import load_checkpoint, writable_folder
 from genmodels.registry import MODELS, model_class, trial_config
 
 
@@ -74,15 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         with timed(log, f"loading {cfg.data.dataset} and building the model"):
             data = {split: load_images(cfg.data.dataset, split, cfg.data.data_dir or None, limit=limit[split])
                     for split in ("train", "test")}
-            exp = Experiment.setup(cfg, data["train"], data["test"])
+            exp = Experiment.setup(cfg, data["train"], data["test"], progress=log, progress_every=every)
             if args.resume:
                 exp.restore(out / CHECKPOINT_FILE)
     except (ConfigError, ResourceUnavailable, ValueError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    exp.trainer.progress, exp.trainer.progress_every = log, every
     print(f"training {args.model} on {cfg.data.dataset} ({len(data['train'])} train / {len(data['test'])} test "
-          f"images) on {exp.trainer.device}; writing to {out}", flush=True)
+          f"images) on {exp.device}; writing to {out}", flush=True)
     plan = model_class(args.model).training_plan(exp.cfg)
     if plan:
         print(plan, flush=True)
@@ -104,7 +103,7 @@ def train_to_end(exp: Experiment, out: Path, log: Callable[[str], None] = print)
     def on_epoch(metrics: dict[str, float]) -> None:
         nonlocal last
         seconds, last = time.perf_counter() - last, time.perf_counter()
-        with timed(exp.trainer.progress, f"epoch {exp.epoch}: sampling grids"):
+        with timed(exp.progress, f"epoch {exp.epoch}: sampling grids"):
             exp.write_grids(out / "images" / f"epoch_{exp.epoch:04d}")
         exp.save(out / CHECKPOINT_FILE)
         with open(out / "metrics.jsonl", "a") as f:
@@ -113,7 +112,7 @@ def train_to_end(exp: Experiment, out: Path, log: Callable[[str], None] = print)
         log(f"epoch {exp.epoch}/{exp.cfg.train.epochs} ({seconds:.1f} s): {shown}")
 
     exp.run(on_epoch)
-    with timed(exp.trainer.progress, "final evaluation and images"):
+    with timed(exp.progress, "final evaluation and images"):
         final, _ = exp.finish(out / "images" / "final")
     if final:
         log("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
@@ -134,14 +133,10 @@ def progress_every() -> float:
 
 def output_folder(out: Path) -> None:
     """Create `out` if need be; a one-line ConfigError unless it is a folder this process can write to."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; pass the path of a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # the sure test: root ignores permission bits, mounts may be read-only
+        writable_folder(out, "--out")
     except OSError as e:
-        raise ConfigError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); pass a folder you can "
-                          f"write to") from None
+        raise ConfigError(str(e)) from None
 
 
 def saved_settings(checkpoint: Path, model_name: str) -> dict[str, object]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
@@ -28,16 +27,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable, as sweeps/run.py's users expect
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.ray_env import configure_environment  # noqa: E402
-
-configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import
-
-from genmodels.bench.common import write_json  # noqa: E402
-from genmodels.registry import model_class, trial_config  # noqa: E402
-from sweeps.packing import worst_case_configs  # noqa: E402
-from sweeps.param_space import build_param_space  # noqa: E402
-from sweeps.run import load_data  # noqa: E402
-from sweeps.spaces import SPACES  # noqa: E402
+from genmodels.config import TrialConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,27 +42,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def direct_run(config: dict[str, Any], data: dict, out_dir: Path) -> float:
+def direct_run(cfg: TrialConfig, data: dict, out_dir: Path) -> float:
     """The trial's work without Tune, as genmodels.train does it: wall seconds from building the experiment."""
     from genmodels.experiment import Experiment
-    from genmodels.registry import trial_config
     from genmodels.train import train_to_end
 
     start = time.perf_counter()
-    train_to_end(Experiment(trial_config(config), data["train"], data["test"]), out_dir, log=lambda line: None)
+    train_to_end(Experiment(cfg, data["train"], data["test"]), out_dir, log=lambda line: None)
     return time.perf_counter() - start
 
 
-def step_seconds(config: dict[str, Any], data: dict, steps: int = 10) -> float:
-    """Seconds per training step at this config (after a warm-up epoch)."""
-    from genmodels.experiment import make_experiment
+def step_seconds(cfg: TrialConfig, data: dict, steps: int = 10) -> float:
+    """Seconds per training step at this config (after a warm-up epoch of 3 steps)."""
+    from genmodels.experiment import Experiment
 
-    trainer = make_experiment(config["model_name"], {**config, "train.steps_per_epoch": 3}, data["train"],
-                              data["test"]).trainer
-    trainer.train_epoch()
-    trainer.cfg.steps_per_epoch = steps
+    exp = Experiment(cfg.replace("train", steps_per_epoch=steps), data["train"], data["test"])
+    exp.train_epoch(3)
     start = time.perf_counter()
-    trainer.train_epoch()
+    exp.train_epoch()
     return (time.perf_counter() - start) / steps
 
 
@@ -80,18 +67,25 @@ def tune_run(space, preset: str, config: dict[str, Any], args: argparse.Namespac
              storage: Path) -> dict[str, float]:
     """One trial through the sweep's own make_tuner on a fresh local Ray; wall seconds of ray.init and fit()."""
     import ray
+    import torch
 
-    from sweeps.tuner import make_tuner, trial_resources
+    from sweeps.spaces import FID_SETTINGS
+    from sweeps.spec import ASHASettings, SweepSpec
+    from sweeps.tuner import make_tuner
 
+    epochs, p = int(config["train.epochs"]), space.presets[preset]
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
+    spec = SweepSpec(name="overhead", space=space.name, preset=preset, model_name=space.model, constants=config,
+                     searched=(), objectives=(space.metric,), mode=space.mode,
+                     asha=ASHASettings(epochs, min(p.grace_period, epochs), p.reduction_factor),
+                     fid=FID_SETTINGS[preset], resources={"cpu": 1.0, "gpu": gpus}, num_samples=1)
     start = time.perf_counter()
     # address="local": always a new Ray of our own (never a cluster another process started on this machine)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"WANDB_MODE": "disabled"}}, _temp_dir=tempfile.mkdtemp(prefix="gsray"))
     init_s = time.perf_counter() - start
     try:
-        tuner = make_tuner(space, preset, config, data, str(storage), "overhead", metric=space.metric, fid_plan=None,
-                           resources=trial_resources(1.0, args.gpus_per_trial), num_samples=1, max_concurrent=0,
-                           seed=0, callbacks=[])
+        tuner = make_tuner(spec, data, None, [], str(storage))
         start = time.perf_counter()
         results = tuner.fit()
         fit_s = time.perf_counter() - start
@@ -105,37 +99,45 @@ def tune_run(space, preset: str, config: dict[str, Any], args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from sweeps.ray_env import configure_environment
+
+    configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import
     import torch
+
+    from genmodels.bench.common import environment, write_json
+    from genmodels.data import load_splits
+    from genmodels.engine import default_device
+    from genmodels.experiment import prepare
+    from genmodels.registry import trial_config
+    from sweeps.packing import worst_case_configs
+    from sweeps.param_space import build_param_space
+    from sweeps.spaces import SPACES
 
     # Ray runs a trial with OMP_NUM_THREADS = its CPUs (1 here): the direct run uses as many threads
     torch.set_num_threads(1)
     space = SPACES[args.space]
     overrides = {"data.data_dir": str(Path(args.data_dir).expanduser().resolve())} if args.data_dir else {}
     param_space = build_param_space(space, args.preset, {}, overrides, seed=0)
-    config = worst_case_configs(param_space)[0]  # one point of the space, the same for both runs
-    exp_cfg = trial_config(config)
-    data = load_data(exp_cfg.data)
-    config.update({f"model.{k}": v for k, v in model_class(space.model).prepare(exp_cfg, data["train"]).items()})
-    config["train.epochs"] = args.epochs or min(exp_cfg.train.epochs, 10)
-    if "model.stage1_epochs" in config:  # vqvae: both stages, in proportion
-        config["model.stage1_epochs"] = max(1, config["train.epochs"] // 2)
-    per_step = step_seconds(config, data)
-    config["train.steps_per_epoch"] = max(1, math.ceil(args.seconds / config["train.epochs"] / per_step))
-    print(f"overhead: {space.model} at {config['train.epochs']} epochs x {config['train.steps_per_epoch']} steps "
-          f"({per_step * 1000:.1f} ms/step, ~{args.seconds:.0f} s of training)", flush=True)
+    cfg = trial_config(worst_case_configs(param_space)[0])  # one point of the space, the same for both runs
+    data = load_splits(cfg.data)
+    cfg = prepare(cfg, data["train"])
+    cfg = cfg.replace("train", epochs=args.epochs or min(cfg.train.epochs, 10))
+    if hasattr(cfg.model, "stage1_epochs"):  # vqvae: both stages, in proportion
+        cfg = cfg.replace("model", stage1_epochs=max(1, cfg.train.epochs // 2))
+    per_step = step_seconds(cfg, data)
+    cfg = cfg.replace("train", steps_per_epoch=max(1, math.ceil(args.seconds / cfg.train.epochs / per_step)))
+    epochs, steps = cfg.train.epochs, cfg.train.steps_per_epoch
+    print(f"overhead: {space.model} at {epochs} epochs x {steps} steps ({per_step * 1000:.1f} ms/step, "
+          f"~{args.seconds:.0f} s of training)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        direct_s = direct_run(config, data, Path(tmp) / "direct")
+        direct_s = direct_run(cfg, data, Path(tmp) / "direct")
         print(f"direct: {direct_s:.1f} s", flush=True)
-        tuned = tune_run(space, args.preset, config, args, data, Path(tmp) / "tune")
-    report = {"space": args.space, "preset": args.preset, "epochs": config["train.epochs"],
-              "steps_per_epoch": config["train.steps_per_epoch"], "step_ms": per_step * 1000, "direct_s": direct_s,
-              **tuned, "overhead": (tuned["fit_s"] - direct_s) / direct_s,
+        tuned = tune_run(space, args.preset, cfg.flat(), args, data, Path(tmp) / "tune")
+    report = {"space": args.space, "preset": args.preset, "epochs": epochs, "steps_per_epoch": steps,
+              "step_ms": per_step * 1000, "direct_s": direct_s, **tuned,
+              "overhead": (tuned["fit_s"] - direct_s) / direct_s,
               "overhead_with_ray_init": (tuned["fit_s"] + tuned["ray_init_s"] - direct_s) / direct_s,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    try:
-        report["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
+              **environment(default_device())}
     print(f"tune: ray.init {tuned['ray_init_s']:.1f} s, fit {tuned['fit_s']:.1f} s (the trial's own "
           f"time_total_s {tuned['trial_time_total_s']:.1f} s); overhead "
           f"{100 * report['overhead']:.1f}% ({100 * report['overhead_with_ray_init']:.1f}% with ray.init)")

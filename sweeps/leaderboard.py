@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.storage import SWEEP_FILE, default_storage, join, read_sweep_info, resolve
+from trainables.wandb_auth import is_logged_in
+
+from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
+from sweeps.storage import default_storage, join, resolve
 
 
 def short(v: Any) -> str:
@@ -22,7 +25,7 @@ def short(v: Any) -> str:
     return str(v)
 
 
-def _status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
+def trial_status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
     if last.get("diverged"):
         return "diverged"
     if ray_status == "ERROR":
@@ -41,8 +44,8 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
     has no value: its model is gone, whatever it scored before."""
     if not results or results[-1].get("diverged") == 1:  # == 1: NaN where a frame lacks the key
         return {"value": None, "n": None, "best": None}
-    scored = next((r for r in reversed(results) if _num(r.get(metric))), {})
-    n = int(scored[f"{metric}_n"]) if _num(scored.get(f"{metric}_n")) else None
+    scored = next((r for r in reversed(results) if is_number(r.get(metric))), {})
+    n = int(scored[f"{metric}_n"]) if is_number(scored.get(f"{metric}_n")) else None
     if n is None:
         return {"value": scored.get(metric), "n": None, "best": scored.get(f"best_{metric}")}
     from genmodels.metrics.fid import fid_metric_name
@@ -50,44 +53,43 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return {"value": scored[metric], "n": n, "best": scored.get(f"best_{fid_metric_name(n, metric)}")}
 
 
-def local_rows(storage: str, name: str) -> list[dict[str, Any]]:
+def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per trial from the Ray Tune experiment folder (configs, ranking values, statuses)."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # Ray: only for the local results (the W&B source needs none)
 
-    info = read_sweep_info(storage, name)
-    analysis = ExperimentAnalysis(join(storage, name))
+    from trainables.checkpoints import trial_dirname
+
+    analysis = ExperimentAnalysis(join(storage, spec.name))
     frames = analysis.trial_dataframes  # every result: the last one may lack an FID computed only at rungs
-    max_epochs = int(info["max_epochs"])
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
         df = frames.get(trial.trial_id)
         history = df.to_dict("records") if df is not None and len(df) else [last]
-        rows.append({"trial": f"{trial.config.get('model_name', '')}_{trial.trial_id}",
-                     "params": {k: trial.config.get(k) for k in info["searched"]},
-                     **ranking_fields(history, info["metric"]),
-                     "objectives": {m: ranking_fields(history, m) for m in info.get("objectives", [])},
-                     "epochs": last.get("epoch", 0), "status": _status(last, max_epochs, trial.status),
+        rows.append({"trial": trial_dirname(trial.config.get("model_name", ""), trial.trial_id),
+                     "params": {k: trial.config.get(k) for k in spec.searched},
+                     **ranking_fields(history, spec.metric),
+                     "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
+                     "epochs": last.get("epoch", 0), "status": trial_status(last, spec.max_epochs, trial.status),
                      "extra": _extra_columns(last)})
     return rows
 
 
-def wandb_rows(name: str, project: str, entity: str | None, metric: str, searched: list[str],
-               max_epochs: int) -> list[dict[str, Any]]:
+def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[str, Any]]:
     """The same rows from the W&B runs of the sweep (group = sweep name), through the W&B public API."""
-    import wandb
+    import wandb  # seconds to import: only for this source
 
     api = wandb.Api()
     path = f"{entity or api.default_entity}/{project}"
     rows = []
-    for run in api.runs(path, filters={"group": name}):
+    for run in api.runs(path, filters={"group": spec.name}):
         summary = dict(run.summary)  # the last value of each key: fid, fid_n and best_fid_<n> are logged together
         state = {"finished": "TERMINATED", "running": "RUNNING", "crashed": "ERROR", "failed": "ERROR"}.get(
             run.state, "TERMINATED")
-        rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",
-                     "params": {k: run.config.get(k) for k in searched},
-                     **ranking_fields([summary], metric),
-                     "epochs": summary.get("epoch", 0), "status": _status(summary, max_epochs, state),
+        rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",  # the run id is the trial's
+                     "params": {k: run.config.get(k) for k in spec.searched},
+                     **ranking_fields([summary], spec.metric),
+                     "epochs": summary.get("epoch", 0), "status": trial_status(summary, spec.max_epochs, state),
                      "extra": _extra_columns(summary)})
     return rows
 
@@ -101,7 +103,7 @@ def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
 
 
-def _num(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     """A finite number (numpy's included: results come from pandas frames), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -112,7 +114,7 @@ def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     by value. Non-FID rows have no count and rank by value alone."""
     def key(r: dict[str, Any]) -> tuple:
         v = r["value"]
-        if not _num(v):
+        if not is_number(v):
             return (True, 0, 0.0)
         return (False, -(r.get("n") or 0), v if mode == "min" else -v)
 
@@ -124,17 +126,19 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[str], mode: str) -
     at one sample count: the front is drawn among the trials whose FIDs have the largest count (the deepest rung,
     or the end of the trial)."""
     sign = 1 if mode == "min" else -1
-    scored = [r for r in rows if all(_num(r["objectives"].get(m, {}).get("value")) for m in objectives)]
+    scored = [r for r in rows if all(is_number(r["objectives"].get(m, {}).get("value")) for m in objectives)]
     counts = {m: max((r["objectives"][m]["n"] or 0 for r in scored), default=0) for m in objectives}
     scored = [r for r in scored if all((r["objectives"][m]["n"] or 0) == counts[m] for m in objectives)]
-
-    def point(r: dict[str, Any]) -> tuple[float, ...]:
-        return tuple(sign * r["objectives"][m]["value"] for m in objectives)
-
-    front = [r for r in scored if not any(all(a <= b for a, b in zip(point(o), point(r))) and point(o) != point(r)
-                                          for o in scored)]
+    points = [tuple(sign * r["objectives"][m]["value"] for m in objectives) for r in scored]
+    front = sorted(nondominated(points))
     where = ", ".join(f"{m} at n={counts[m]}" for m in objectives if counts[m])
-    return sorted(front, key=point), where
+    return [scored[i] for _, i in front], where
+
+
+def nondominated(points: list[tuple[float, ...]]) -> list[tuple[tuple[float, ...], int]]:
+    """(point, index) of the points no other point beats on every coordinate (all minimised): a Pareto front."""
+    return [(p, i) for i, p in enumerate(points)
+            if not any(all(a <= b for a, b in zip(o, p)) and o != p for o in points)]
 
 
 def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, file=sys.stdout) -> None:
@@ -188,17 +192,13 @@ def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_sweep(args: argparse.Namespace) -> tuple[str, str]:
-    """(storage root, sweep name); raises FileNotFoundError with a one-line message."""
+def resolve_sweep(args: argparse.Namespace) -> tuple[str, SweepSpec]:
+    """(storage root, the sweep's spec); raises UsageError with a one-line message."""
     storage = resolve(args.storage_path)
-    name = args.name or _newest_sweep(storage)
-    read_sweep_info(storage, name)
-    return storage, name
+    return storage, SweepSpec.load(storage, args.name or _newest_sweep(storage))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainables.wandb_logging import is_logged_in
-
     p = sweep_arguments("leaderboard.py", __doc__)
     p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
     args = p.parse_args(argv)
@@ -207,39 +207,37 @@ def main(argv: list[str] | None = None) -> int:
               "or pass --source local", file=sys.stderr)
         return 2
     try:
-        storage, name = resolve_sweep(args)
-    except FileNotFoundError as e:
+        storage, spec = resolve_sweep(args)
+    except UsageError as e:
         print(f"leaderboard.py: error: {e}", file=sys.stderr)
         return 2
-    info = read_sweep_info(storage, name)
     source = args.source or ("wandb" if is_logged_in() else "local")
     rows = []
     if source == "wandb":
         try:
-            rows = wandb_rows(name, args.wandb_project, args.wandb_entity, info["metric"], info["searched"],
-                              int(info["max_epochs"]))
+            rows = wandb_rows(spec, args.wandb_project, args.wandb_entity)
         except Exception as e:  # CommError, UsageError, requests' errors...: whichever, one line, not a traceback
             message = (str(e).strip().splitlines() or [""])[0]
             print(f"leaderboard.py: error: W&B API failed ({type(e).__name__}: {message}); "
                   "check the network and `wandb login`, or pass --source local", file=sys.stderr)
             return 2
         if not rows:
-            print(f"no W&B runs in group {name!r}; showing local results", file=sys.stderr)
+            print(f"no W&B runs in group {spec.name!r}; showing local results", file=sys.stderr)
             source = "local"
     if source == "local":
-        rows = local_rows(storage, name)
-    if info.get("objectives") and source == "local":
-        print_front(rows, info["objectives"], info["mode"])
-    print_table(rows, info["metric"], info["mode"], title=f"Leaderboard of {name} ({source} results)")
+        rows = local_rows(storage, spec)
+    if len(spec.objectives) > 1 and source == "local":
+        print_front(rows, list(spec.objectives), spec.mode)
+    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)")
     return 0
 
 
 def _newest_sweep(storage: str) -> str:
     if "://" in storage:
-        raise FileNotFoundError(f"pass --name with a cloud --storage-path ({storage})")
+        raise UsageError(f"pass --name with a cloud --storage-path ({storage})")
     sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
     if not sweeps:
-        raise FileNotFoundError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")
+        raise UsageError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")
     return sweeps[-1].parent.name
 
 

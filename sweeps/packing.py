@@ -91,10 +91,8 @@ def trial_memory(model_name: str, params: dict[str, Any], train_images: torch.Te
     torch.cuda.empty_cache()  # a previous probe's cached blocks would count as this one's peak
     torch.cuda.reset_peak_memory_stats(device)
     bs = trial_config(params, model_name).train.batch_size
-    trainer = make_experiment(model_name, {**params, "train.steps_per_epoch": steps, "train.eval_images": 2 * bs},
-                              train_images, test_images, device=device).trainer
-    trainer.train_epoch()
-    trainer.evaluate()
+    make_experiment(model_name, {**params, "train.steps_per_epoch": steps, "train.eval_images": 2 * bs},
+                    train_images, test_images, device=device).run_epoch()
     torch.cuda.synchronize(device)
     return {"peak_allocated": torch.cuda.max_memory_allocated(device),
             "peak_reserved": torch.cuda.max_memory_reserved(device),

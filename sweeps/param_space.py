@@ -9,13 +9,19 @@ fail at sweep start, in one line.
 from __future__ import annotations
 
 import ast
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from genmodels.config import SECTIONS, ConfigError, check_value, section_classes
+from genmodels.io import load_checkpoint
 from genmodels.registry import model_class, qualified, trial_config
+from sweeps.errors import UsageError
 from sweeps.spaces import Space
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def is_domain(value: Any) -> bool:
@@ -99,3 +105,48 @@ def searched_keys(param_space: dict[str, Any]) -> list[str]:
 
 def constants(param_space: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in param_space.items() if not is_domain(v)}
+
+
+def cli_overrides(space: Space, args: argparse.Namespace) -> dict[str, Any]:
+    """Config values that flags other than --fixed set: data, weights files, the checkpoint to evaluate."""
+    overrides: dict[str, Any] = {}
+    if args.dataset:
+        overrides["data.dataset"] = args.dataset
+    if args.data_dir:
+        overrides["data.data_dir"] = absolute(args.data_dir)
+    if args.vgg_weights:
+        if not hasattr(model_class(space.model).Config, "vgg_weights"):
+            raise UsageError(f"--vgg-weights applies to spaces with a perceptual loss, not {space.name!r}")
+        overrides["model.vgg_weights"] = absolute(args.vgg_weights)
+    if args.checkpoint:
+        path = Path(args.checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"--checkpoint {args.checkpoint} is not a file; pass a trial's checkpoint_*/state.pt")
+        check_checkpoint(path, space.model)
+        overrides["checkpoint"] = str(path)
+    elif space.needs_checkpoint:
+        raise UsageError(f"space {space.name!r} evaluates a trained model: pass --checkpoint PATH/state.pt")
+    return overrides
+
+
+def check_checkpoint(path: Path, model_name: str) -> None:
+    """UsageError (one line) unless `path` loads (weights only) as a finished run of `model_name` with a config that
+    this version reads: checked here, once, not in every trial."""
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, or not weights-only: one line, whatever it was
+        raise UsageError(f"--checkpoint {path} cannot be read as a gensweep checkpoint ({type(e).__name__}); pass "
+                         f"a trial's checkpoint_*/state.pt") from None
+    found = state.get("model_name") if isinstance(state, dict) else None
+    if found != model_name or "config" not in state:
+        raise UsageError(f"--checkpoint {path} holds {'a ' + repr(found) + ' model' if found else 'no gensweep run'}; "
+                         f"this space evaluates {model_name} checkpoints")
+    try:
+        trial_config(state["config"])
+    except ConfigError as e:
+        raise UsageError(f"--checkpoint {path}: its config does not load ({e})") from None
+
+
+def absolute(path: str | None) -> str | None:
+    """A path from the command line as every node reads it: user expanded, absolute; None stays None."""
+    return str(Path(path).expanduser().resolve()) if path else None

@@ -18,39 +18,46 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from trainables.wandb_auth import is_logged_in
 
-from sweeps.leaderboard import _num, rank_rows, ranking_fields, short
+from genmodels.metrics.fid import fid_metric_name
+from sweeps.leaderboard import (
+    is_number,
+    nondominated,
+    rank_rows,
+    ranking_fields,
+    resolve_sweep,
+    short,
+    sweep_arguments,
+    trial_status,
+)
+from sweeps.spec import SweepSpec, UsageError
 from sweeps.storage import is_uri, join
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def trial_histories(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The sweep's info and, per trial, its id, legend label, config, status and per-epoch results."""
-    from ray.tune import ExperimentAnalysis
+def trial_histories(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Per trial: its id, legend label, config, status and per-epoch results."""
+    from ray.tune import ExperimentAnalysis  # seconds to import; --help and bad arguments need no Ray
 
-    from sweeps.leaderboard import _status
-    from sweeps.storage import read_sweep_info
-
-    info = read_sweep_info(storage, name)
-    analysis = ExperimentAnalysis(join(storage, name))
+    analysis = ExperimentAnalysis(join(storage, spec.name))
     frames = analysis.trial_dataframes
-    max_epochs = int(info["max_epochs"])
     trials = []
     for trial in analysis.trials:
         df = frames.get(trial.trial_id)
         history = df.to_dict("records") if df is not None else []
         last = trial.last_result or {}
         trials.append({"name": str(trial), "id": trial.trial_id, "label": trial_label(trial.trial_id, trial.config,
-                                                                                      info["searched"]),
+                                                                                      spec.searched),
                        "dir": Path(trial.path) if "://" not in trial.path else None,
                        "config": trial.config, "history": history, "last": last,
-                       "status": _status(last, max_epochs, trial.status)})
-    return info, trials
+                       "status": trial_status(last, spec.max_epochs, trial.status)})
+    return trials
 
 
-def trial_label(trial_id: str, config: dict[str, Any], searched: list[str]) -> str:
+def trial_label(trial_id: str, config: dict[str, Any], searched: tuple[str, ...]) -> str:
     """Short name of a trial for legends: its id and searched values, e.g. `dbb3c202 beta=0.5 lr=0.001`."""
     return " ".join([trial_id, *(f"{k.split('.')[-1]}={short(config.get(k))}" for k in searched)])
 
@@ -59,20 +66,18 @@ def metric_series(history: list[dict[str, Any]], metric: str) -> dict[int | None
     """(epoch, value) points of the metric, one series per FID sample count (`fid_n`; None for other metrics)."""
     series: dict[int | None, list[tuple[float, float]]] = {}
     for r in history:
-        if _num(r.get(metric)) and _num(r.get("epoch")):
+        if is_number(r.get(metric)) and is_number(r.get("epoch")):
             n = r.get(f"{metric}_n")
-            series.setdefault(int(n) if _num(n) else None, []).append((r["epoch"], r[metric]))
+            series.setdefault(int(n) if is_number(n) else None, []).append((r["epoch"], r[metric]))
     return series
 
 
-def plot_curves(info: dict[str, Any], trials: list[dict[str, Any]], path: Path) -> Path:
+def plot_curves(spec: SweepSpec, trials: list[dict[str, Any]], path: Path) -> Path:
     """The ranking metric per epoch, a colour per trial (legend: id and searched values) and, for an FID, a line
     style per sample count; a figure saying so when no trial has reported the metric yet."""
     from matplotlib.lines import Line2D
 
-    from genmodels.metrics.fid import fid_metric_name
-
-    metric = info["metric"]
+    metric = spec.metric
     per_trial = [(t, metric_series(t["history"], metric)) for t in trials]
     per_trial = [(t, s) for t, s in per_trial if s]
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -99,7 +104,7 @@ def plot_curves(info: dict[str, Any], trials: list[dict[str, Any]], path: Path) 
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end)")
-    if info["mode"] == "min" and all(v > 0 for v in values):
+    if spec.mode == "min" and all(v > 0 for v in values):
         ax.set_yscale("log")
     return _save(fig, path)
 
@@ -111,22 +116,22 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
     bpd_key = "test_iwae_bpd" if any("test_iwae_bpd" in t["last"] for t in trials) else "test_bpd"
     if fid_key:
         panels.append((bpd_key, fid_key, f"{bpd_key} (bits/dim)", fid_key))
-    panels = [p for p in panels if any(_num(t["last"].get(p[0])) and _num(t["last"].get(p[1])) for t in trials)]
+    panels = [p for p in panels
+              if any(is_number(t["last"].get(p[0])) and is_number(t["last"].get(p[1])) for t in trials)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (xk, yk, xl, yl) in zip(axes[0], panels):
         pts = [(t["last"][xk], t["last"][yk], t["config"].get("model.beta")) for t in trials
-               if _num(t["last"].get(xk)) and _num(t["last"].get(yk))]
+               if is_number(t["last"].get(xk)) and is_number(t["last"].get(yk))]
         xs, ys, betas = zip(*pts)
-        if all(_num(b) and b > 0 for b in betas):
+        if all(is_number(b) and b > 0 for b in betas):
             sc = ax.scatter(xs, ys, c=[math.log10(b) for b in betas], cmap="viridis")
             fig.colorbar(sc, ax=ax, label="log10 beta")
         else:
             ax.scatter(xs, ys)
         if yk == fid_key:  # both are minimised: the trials no other trial beats on both
-            front = sorted((x, y) for x, y in zip(xs, ys) if not any(
-                a <= x and b <= y and (a, b) != (x, y) for a, b in zip(xs, ys)))
+            front = sorted(p for p, _ in nondominated(list(zip(xs, ys))))
             ax.step(*zip(*front), where="post", color="tab:red", lw=1, label="Pareto front")
             ax.legend(loc="upper right")
         ax.set_xlabel(xl)
@@ -138,11 +143,11 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
 RECONSTRUCTION_COLUMNS = 16  # engine.write_grids: 16 images a row, alternating input, reconstruction, input, ...
 
 
-def plot_best_samples(info: dict[str, Any], trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
+def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
     """The last sample and reconstruction grids of the k best trials, one row each, best first."""
-    metric = info["metric"]
+    metric = spec.metric
     rows = [{**ranking_fields(t["history"] or [t["last"]], metric), "t": t} for t in trials if t["dir"]]
-    ranked = [r for r in rank_rows(rows, info["mode"]) if _num(r["value"])]
+    ranked = [r for r in rank_rows(rows, spec.mode) if is_number(r["value"])]
     grids = [(r, _last_grids(r["t"]["dir"])) for r in ranked]
     grids = [(r, g) for r, g in grids if g][:k]
     if not grids:
@@ -197,14 +202,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(storage: str, name: str) -> list[Path]:
+def write_report(storage: str, spec: SweepSpec) -> list[Path]:
     """The plots, in the sweep's folder (or ./report-NAME when the sweep lives in cloud storage)."""
-    info, trials = trial_histories(storage, name)
-    out = Path(f"report-{name}") if is_uri(storage) else Path(storage) / name / "report"
+    trials = trial_histories(storage, spec)
+    out = Path(f"report-{spec.name}") if is_uri(storage) else Path(storage) / spec.name / "report"
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_curves(info, trials, out / "metric_per_epoch.png"),
+    paths = [plot_curves(spec, trials, out / "metric_per_epoch.png"),
              plot_tradeoffs(trials, out / "tradeoffs.png"),
-             plot_best_samples(info, trials, out / "best_samples.png")]
+             plot_best_samples(spec, trials, out / "best_samples.png")]
     return [p for p in paths if p]
 
 
@@ -221,23 +226,20 @@ def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.leaderboard import resolve_sweep, sweep_arguments
-    from trainables.wandb_logging import is_logged_in
-
     p = sweep_arguments("report.py", __doc__)
     p.add_argument("--no-wandb", action="store_true", help="only write the PNGs")
     args = p.parse_args(argv)
     try:
-        storage, name = resolve_sweep(args)
-        paths = write_report(storage, name)
-    except FileNotFoundError as e:
+        storage, spec = resolve_sweep(args)
+        paths = write_report(storage, spec)
+    except UsageError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
     if not args.no_wandb:
         os.environ.setdefault("WANDB_MODE", "online" if is_logged_in() else "offline")
-        sync = log_to_wandb(paths, name, args.wandb_project, args.wandb_entity, storage)
+        sync = log_to_wandb(paths, spec.name, args.wandb_project, args.wandb_entity, storage)
         if sync:
             print(f"W&B is offline: upload the report with `{sync}`")
     return 0

@@ -11,20 +11,12 @@ from typing import Any
 
 from ray import tune
 
+from sweeps.budgets import FIDSettings
 
-@dataclasses.dataclass(frozen=True)
-class FIDLadder:
-    """Sample FID budgets: `ladder[i]` samples (and `step_fractions[i]` of a sampler's steps) at ASHA rung i, and
-    `final` samples at the end of every completed trial. FID is biased by n: only equal-n values are compared."""
-    ladder: tuple[int, ...]
-    final: int
-    network: str  # "inception" (TF 2015-12-05, comparable to papers) | "standin" (cheap, smoke runs only)
-    step_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
-
-
-FID_LADDERS = {
-    "smoke": FIDLadder(ladder=(128, 256), final=256, network="standin"),
-    "full": FIDLadder(ladder=(1000, 5000, 10000), final=10000, network="inception"),
+# The sweep's FID budgets by preset (a preset may set its own): ladder[i] samples at ASHA rung i, `final` at the end.
+FID_SETTINGS = {
+    "smoke": FIDSettings(network="standin", ladder=(128, 256), final=256),
+    "full": FIDSettings(network="inception", ladder=(1000, 5000, 10000), final=10000),
 }
 
 
@@ -34,7 +26,7 @@ class Preset:
     num_samples: int  # trials
     grace_period: int = 1  # ASHA: epochs before the first stop decision
     reduction_factor: int = 2
-    fid: FIDLadder | None = None  # None: FID_LADDERS[preset name]
+    fid: FIDSettings | None = None  # None: FID_SETTINGS[preset name]
 
 
 @dataclasses.dataclass
@@ -131,20 +123,26 @@ VQVAE_SPACE = Space(
 
 
 
+# NCSN's presets share a tiny U-Net for smoke runs, and NCSN's 200k steps of batch 128 at full scale.
+NCSN_SMOKE = {**SMOKE_DATA, "arch": "unet", "width": 8, "unet_blocks": 1, "ema_decay": 0.999, "epochs": 4,
+              "steps_per_epoch": 8, "batch_size": 64}
+NCSN_FULL = Preset(config={**FULL_DATA, "epochs": 100, "steps_per_epoch": 2000, "batch_size": 128}, num_samples=32,
+                   grace_period=10, reduction_factor=3)
+
 NCSN_SPACE = Space(
     name="ncsn",
     model="ncsn",
-    description="NCSN score networks (unet | refinenet) trained by denoising score matching, sampled by annealed "
-                "Langevin; ranked by sample FID, because the DSM loss changes meaning with the sigma schedule "
-                "(reported as a training curve only). ncsnv2 trials take sigma_1 from the data and the ratio and L "
-                "from the NCSNv2 rule, so their sampled sigma_1 and gamma go unused; every trial reports the "
-                "schedule it used (sigma_1, sigma_L, num_levels, gamma, langevin_eps).",
+    description="NCSN score networks (unet | refinenet) on a geometric sigma schedule (sigma_1 -> sigma_L, L from "
+                "the ratio gamma), trained by denoising score matching, sampled by annealed Langevin; ranked by "
+                "sample FID, because the DSM loss changes meaning with the sigma schedule (reported as a training "
+                "curve only); every trial reports the schedule it used (sigma_1, sigma_L, num_levels, gamma, "
+                "langevin_eps). The NCSNv2 schedule is space ncsn-v2.",
     params={
-        "sigma_schedule": tune.choice(["geometric", "ncsnv2"]),
-        "sigma_1": tune.choice([1.0, 20.0, 50.0]),  # geometric only
+        "sigma_schedule": "geometric",
+        "sigma_1": tune.choice([1.0, 20.0, 50.0]),
         "sigma_L": tune.choice([0.005, 0.01]),
-        "num_levels": 0,  # L follows from gamma: the ratio means the same whatever sigma_1 is
-        "gamma": tune.choice([0.6, 0.9, 0.963]),  # geometric only: NCSN (L=10 over 1..0.01), the seed (L=50), NCSNv2
+        "num_levels": None,  # L follows from gamma: the ratio means the same whatever sigma_1 is
+        "gamma": tune.choice([0.6, 0.9, 0.963]),  # NCSN (L=10 over 1..0.01), the seed (L=50), NCSNv2's ratio
         "langevin_steps": tune.choice([5, 20, 100]),
         "langevin_eps": tune.loguniform(1e-6, 5e-5),
         "lr": tune.choice([1e-4, 2e-4, 1e-3]),
@@ -155,18 +153,44 @@ NCSN_SPACE = Space(
     metric="fid",
     # the NCSN seed: geometric 1 -> 0.01 in L=50, T=100, eps 2e-5, start N(0, I), no final denoising, Adam 1e-3,
     # EMA 0.999, grad clip 1, the U-Net at width 128
-    seed_defaults={"sigma_schedule": "geometric", "sigma_1": 1.0, "sigma_L": 0.01, "num_levels": 50, "gamma": 0.0,
+    seed_defaults={"sigma_schedule": "geometric", "sigma_1": 1.0, "sigma_L": 0.01, "num_levels": 50, "gamma": None,
                    "langevin_steps": 100, "langevin_eps": 2e-5, "init": "gaussian", "denoise": False, "lr": 1e-3,
                    "ema_decay": 0.999, "grad_clip": 1.0, "arch": "unet", "width": 128},
     presets={
-        # geometric only: an ncsnv2 schedule for D = 3072 has ~230 levels, minutes of Langevin on a CPU
-        "smoke": Preset(config={**SMOKE_DATA, "sigma_schedule": "geometric", "num_levels": 3, "gamma": 0.0,
-                                "langevin_steps": 5, "arch": "unet", "width": 8, "unet_blocks": 1,
-                                "ema_decay": 0.999, "epochs": 4, "steps_per_epoch": 8, "batch_size": 64},
+        # coarse ratios: 3 to 5 levels, seconds of Langevin on a CPU
+        "smoke": Preset(config={**NCSN_SMOKE, "gamma": tune.choice([0.05, 0.1]), "langevin_steps": 5}, num_samples=8),
+        "full": NCSN_FULL,
+    },
+)
+
+NCSN_V2_SPACE = Space(
+    name="ncsn-v2",
+    model="ncsn",
+    description="NCSN score networks (unet | refinenet) on the NCSNv2 schedule: sigma_1 the training data's "
+                "maximum pairwise distance (computed once by the driver), the ratio from the NCSNv2 rule (0.963 "
+                "for D = 3072), L from sigma_1, sigma_L and the ratio, Langevin eps from the NCSNv2 criterion for "
+                "T; ranked by sample FID; every trial reports the schedule it used (sigma_1, sigma_L, num_levels, "
+                "gamma, langevin_eps).",
+    params={
+        "sigma_schedule": "ncsnv2",
+        "sigma_L": tune.choice([0.005, 0.01]),
+        "langevin_steps": tune.choice([5, 10, 20]),  # NCSNv2 took 5 for CIFAR-10; L ~ 230 levels of T steps each
+        "langevin_eps": None,  # the NCSNv2 criterion's eps for T
+        "lr": tune.choice([1e-4, 2e-4, 1e-3]),
+        "ema_decay": tune.choice([0.999, 0.9999]),
+        "arch": tune.choice(["unet", "refinenet"]),
+        "width": tune.choice([64, 128]),
+    },
+    metric="fid",
+    # the NCSN seed's own run (its geometric schedule, as in space ncsn): the trial this space has to beat
+    seed_defaults=NCSN_SPACE.seed_defaults,
+    presets={
+        # sigma_L close to sigma_1 (~35 for the smoke's synthetic images, ~50 for CIFAR-10): the NCSNv2 ratio then
+        # needs 10 to 26 levels, not ~230, and T = 1: seconds of Langevin on a CPU
+        "smoke": Preset(config={**NCSN_SMOKE, "sigma_L": tune.choice([20.0, 25.0]), "langevin_steps": 1},
                         num_samples=8),
-        # NCSN: 200k steps of batch 128
-        "full": Preset(config={**FULL_DATA, "epochs": 100, "steps_per_epoch": 2000, "batch_size": 128},
-                       num_samples=32, grace_period=10, reduction_factor=3),
+        # NCSNv2 (CIFAR-10) trained 300k steps of batch 128; 200k here, as space ncsn
+        "full": NCSN_FULL,
     },
 )
 
@@ -271,4 +295,4 @@ IWAE_SPACE = Space(
 )
 
 SPACES: dict[str, Space] = {s.name: s for s in [VAE_SPACE, RESNET_VAE_SPACE, DFC_SPACE, IWAE_SPACE, VQVAE_SPACE,
-                                                NCSN_SPACE, NCSN_SAMPLING_SPACE]}
+                                                NCSN_SPACE, NCSN_V2_SPACE, NCSN_SAMPLING_SPACE]}

@@ -102,3 +102,15 @@ def smoke_sweep(tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (storage / "driver.stderr").write_text(r.stderr)
     return storage, r.stdout
+
+
+def saved_spec_of(name="s", space="ncsn", objectives=("fid",), searched=("model.sigma_max",), max_epochs=2, **changes):
+    """A small SweepSpec, as a sweep of `space` would save it (for the leaderboard and report without a sweep)."""
+    from sweeps.spec import ASHASettings, FIDSettings, SweepSpec
+
+    model = "ncsn" if space.startswith("ncsn") else space
+    return SweepSpec(name=name, space=space, preset="smoke", model_name=model,
+                     constants={"model_name": model, "train.epochs": max_epochs}, searched=searched,
+                     objectives=objectives, mode="min", asha=ASHASettings(max_epochs, 1, 2),
+                     fid=FIDSettings(network="standin", ladder=(128, 256), final=256),
+                     resources={"cpu": 1.0, "gpu": 0.0}, num_samples=2, **changes)

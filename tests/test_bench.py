@@ -284,8 +284,8 @@ def test_pack_bench_says_why_mps_was_not_measured(monkeypatch):
 
 
 def test_gpus_per_trial_auto_falls_back_to_cpu_with_one_line(capsys):
+    from sweeps.cli import parse_args
     from sweeps.packing import auto_gpus_per_trial
-    from sweeps.run import parse_args
 
     assert parse_args(["--gpus-per-trial", "auto"]).gpus_per_trial == "auto"
     assert parse_args(["--gpus-per-trial", "0.25"]).gpus_per_trial == 0.25

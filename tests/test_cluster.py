@@ -130,7 +130,7 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
         monkeypatch.delenv(var, raising=False)  # run.py sets these on import; undone after the test
     monkeypatch.setenv("WANDB_MODE", "disabled")  # run.main sets it too
     import sweeps.run as run
-    import sweeps.tuner as tuner
+    from sweeps import cli, cluster
 
     seen = {}
 
@@ -138,13 +138,16 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
         def fit(self):
             raise _Stop
 
-    def make_tuner(*a, resources, resume, **k):
-        seen.update(resources, resume=resume)
-        return StartedTuner()
+    def tuner(resume):
+        def make(spec, *a, **k):
+            seen.update(spec.resources, resume=resume)
+            return StartedTuner()
+        return make
 
-    monkeypatch.setattr(tuner, "init_ray", lambda *a: None)
-    monkeypatch.setattr(tuner, "make_tuner", make_tuner)
-    monkeypatch.setattr(tuner, "check_gpus", lambda *a: None)  # as if on a GPU cluster
+    monkeypatch.setattr(cluster, "init_ray", lambda *a: None)
+    monkeypatch.setattr(cli, "make_tuner", tuner(resume=False))
+    monkeypatch.setattr(cli, "restore_tuner", tuner(resume=True))
+    monkeypatch.setattr(cluster, "check_gpus", lambda *a: None)  # as if on a GPU cluster
     with pytest.raises(_Stop):  # the sweep starts (its settings are saved), then its driver stops
         run.main(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5", "--name", "old",
                   "--storage-path", str(tmp_path), "--no-wandb"])
@@ -183,9 +186,9 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
     monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: restore_from["checkpoint"])
     config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
               "train.batch_size": 8, "train.steps_per_epoch": 2}
-    tr.train_trial({**config, "train.epochs": 1}, data, tr.SweepContext(space="vae", metric="test_bpd"))
+    tr.train_trial({**config, "train.epochs": 1}, data, metric="test_bpd")
     restore_from["checkpoint"] = tr.tune.Checkpoint.from_directory(tmp_path / "checkpoint_1")
-    tr.train_trial({**config, "train.epochs": 3}, data, tr.SweepContext(space="vae", metric="test_bpd"))
+    tr.train_trial({**config, "train.epochs": 3}, data, metric="test_bpd")
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in reports] == [(1, 0), (2, 1), (3, 1)]
     assert all(r["node_id"] == "" for r in reports)  # not inside Ray here
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]
@@ -246,7 +249,8 @@ def tune_state(storage: Path, name: str) -> dict[str, dict] | None:
     reported and the epoch of its latest checkpoint (0: none; None: deleted since, the saved state lags)."""
     from ray.tune import ExperimentAnalysis
 
-    from genmodels.engine import CHECKPOINT_FILE, load_checkpoint
+    from genmodels.engine import CHECKPOINT_FILE
+    from genmodels.io import load_checkpoint
 
     def checkpoint_epoch(trial) -> int | None:
         try:

@@ -2,6 +2,8 @@
 and every space and preset valid as written."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from ray import tune
 
@@ -72,6 +74,20 @@ def test_fixed_values_replace_domains_and_keep_their_section():
 def test_every_model_builds_from_its_defaults(model):
     cfg = trial_config({}, model)
     assert isinstance(cfg, TrialConfig) and cfg.model_name == model
+
+
+def test_a_checked_config_is_changed_only_by_replacing_it():
+    """Frozen sections: whoever wants other values (a benchmark's steps, a sampler's precision) builds a new config."""
+    cfg = trial_config({"beta": 4}, "vae")
+    for section, field in (("train", "steps_per_epoch"), ("model", "beta"), ("data", "dataset")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), field, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model_name = "iwae"
+    longer = cfg.replace("train", steps_per_epoch=7)
+    assert (longer.train.steps_per_epoch, cfg.train.steps_per_epoch, longer.model) == (7, 0, cfg.model)
+    with pytest.raises(ConfigError, match="train.steps_per_epoch must be >= 0"):  # replace() checks values too
+        cfg.replace("train", steps_per_epoch=-1)
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))

@@ -9,7 +9,8 @@ import torch
 from conftest import make_trainer
 
 from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images
-from genmodels.engine import Diverged, save_atomic
+from genmodels.engine import Diverged
+from genmodels.io import save_atomic
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STEPS = 6  # per epoch: 3 eager warm-up steps, the capture, then replays

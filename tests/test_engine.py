@@ -8,7 +8,8 @@ from conftest import make_trainer
 
 import genmodels.models.vae as vae_module
 from genmodels.data import synthetic_images
-from genmodels.engine import Diverged, load_checkpoint
+from genmodels.engine import Diverged
+from genmodels.io import load_checkpoint
 from genmodels.metrics.likelihood import nats_to_bpd
 
 TINY = dict(arch="conv-small", width=4, latent=8, batch_size=16, steps_per_epoch=3, lr=1e-3)
@@ -99,6 +100,27 @@ def test_models_take_channels_from_data():
     t = make_trainer("vae", TINY, one_channel, one_channel, device="cpu")
     assert t.model.sample(2).shape == (2, 1, 32, 32)
     t.train_epoch()
+
+
+def test_experiment_answers_what_its_callers_ask(images, tmp_path):
+    """Callers use the Experiment alone: device, steps, the checkpointed `extra`, test images, progress lines."""
+    from genmodels.experiment import Experiment, make_experiment
+
+    train, test = images
+    exp = make_experiment("vae", dict(TINY, eval_images=16), train, test, device="cpu")
+    assert exp.device == torch.device("cpu") and exp.step == 0 and exp.progress is None
+    assert torch.equal(exp.test_images(4), test[:4]) and len(exp.test_images(64)) == 16  # what evaluation sees
+    exp.train_epoch(2)  # a step count of its own (benchmarks' warm-up), then the config's
+    exp.train_epoch()
+    assert (exp.step, exp.epoch) == (5, 2)
+    exp.extra["best"] = {"test_bpd": 7.5}
+    exp.save(tmp_path / "state.pt")
+    lines: list[str] = []
+    again = Experiment.setup(exp.cfg, train, test, device="cpu", progress=lines.append, progress_every=0.0)
+    again.restore(tmp_path / "state.pt")
+    assert (again.step, again.extra) == (5, {"best": {"test_bpd": 7.5}})
+    again.run_epoch()
+    assert again.progress == lines.append and any(x.startswith("epoch 3: step 3/3") for x in lines)
 
 
 def test_genmodels_imports_neither_ray_nor_wandb():

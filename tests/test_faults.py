@@ -66,7 +66,8 @@ def test_unusable_storage_is_refused_before_ray(storage, message, tmp_path, caps
 
 
 def test_a_name_in_use_is_refused_and_one_driver_holds_a_sweep(tmp_path, capsys):
-    from sweeps.storage import SWEEP_FILE, SweepLock
+    from sweeps.spec import SWEEP_FILE
+    from sweeps.storage import SweepLock
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / SWEEP_FILE).write_text("{}")
@@ -112,19 +113,22 @@ def test_a_driver_killed_while_writing_the_sweep_file_leaves_the_old_one_whole(t
     """The sweep's settings file is what --resume reads first: a write that dies half-way (here: raises after the
     file was opened) must leave the previous contents, not an empty file (seen: a SIGKILLed driver, then a
     JSONDecodeError traceback on --resume)."""
-    from sweeps import storage
+    from sweeps import cli, storage
+    from sweeps.spec import SWEEP_FILE, SweepSpec
 
-    storage.write_sweep_info(str(tmp_path), "s", {"metric": "test_bpd"})
+    args = cli.parse_args(["--preset", "smoke", "--name", "s", "--metric", "test_bpd"])
+    spec = SweepSpec.from_args(args, str(tmp_path))
+    spec.save(str(tmp_path))
 
     class DiesMidWrite(str):
         def encode(self, *args, **kwargs):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        storage.write_text(storage.join(str(tmp_path), "s", storage.SWEEP_FILE), DiesMidWrite("{}"))
-    assert storage.read_sweep_info(str(tmp_path), "s") == {"metric": "test_bpd"}
-    storage.write_sweep_info(str(tmp_path), "s", {"metric": "fid"})
-    assert storage.read_sweep_info(str(tmp_path), "s") == {"metric": "fid"}
+        storage.write_text(storage.join(str(tmp_path), "s", SWEEP_FILE), DiesMidWrite("{}"))
+    assert SweepSpec.load(str(tmp_path), "s").metric == "test_bpd"
+    spec.replace(objectives=("fid",)).save(str(tmp_path))
+    assert SweepSpec.load(str(tmp_path), "s").metric == "fid"
 
 
 def test_an_ended_trial_is_not_trained_again(tmp_path, monkeypatch):
@@ -137,9 +141,8 @@ def test_an_ended_trial_is_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
     monkeypatch.chdir(tmp_path)
     data = {"train": synthetic_images(16), "test": synthetic_images(8, seed=1)}
-    sweep = tr.SweepContext(space="vae", metric="test_bpd", folder=str(tmp_path / "sweep"))
     record_end(str(tmp_path / "sweep" / "vae_t1"), {"epoch": 2})
-    tr.train_trial({**TINY_VAE, "train.epochs": 3}, data, sweep)
+    tr.train_trial({**TINY_VAE, "train.epochs": 3}, data, metric="test_bpd", folder=str(tmp_path / "sweep"))
     assert reports == []
 
 
@@ -244,11 +247,11 @@ def test_driver_killed_at_random_moments_resumes_without_training_an_epoch_twice
 def test_a_cluster_with_no_node_for_the_gpus_is_named(monkeypatch, capsys):
     import ray
 
-    import sweeps.run as run
+    from sweeps import cluster
 
     nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"GPU": 4.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    run.warn_if_no_node_has_the_gpus(1.5)
+    cluster.warn_if_no_node_has_the_gpus(1.5)
     assert "needs a node with 2 GPU(s) and no node of this cluster has them now (most: 1)" in capsys.readouterr().out
-    run.warn_if_no_node_has_the_gpus(0.5)
+    cluster.warn_if_no_node_has_the_gpus(0.5)
     assert capsys.readouterr().out == ""

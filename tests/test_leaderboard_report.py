@@ -1,14 +1,14 @@
 """Leaderboard ranking by FID sample count, its W&B errors, and the report's plots (legends, FID series per count,
 empty sweeps, labelled reconstruction grids, the `wandb sync` hint)."""
-import json
 import os
 import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, saved_spec_of
 
 from sweeps import leaderboard, report
+from sweeps.spec import SweepSpec
 
 
 def fid_row(trial: str, value: float | None, n: int | None, best: float | None = None) -> dict:
@@ -77,7 +77,7 @@ def test_wandb_rows_rank_by_count_from_run_summaries(monkeypatch):
             Run("deep", {"epoch": 2, "fid": 9.0, "fid_n": 256, "best_fid_256": 9.0, "best_fid_128": 4.0})]
     api = type("Api", (), {"default_entity": "me", "runs": lambda self, path, filters: runs})
     monkeypatch.setattr(wandb, "Api", lambda: api())
-    rows = leaderboard.wandb_rows("sweep", "proj", None, "fid", ["model.sigma"], max_epochs=2)
+    rows = leaderboard.wandb_rows(saved_spec_of("sweep", searched=("model.sigma",)), "proj", None)
     assert [(r["trial"], r["n"], r["best"]) for r in leaderboard.rank_rows(rows, "min")] == [
         ("ncsn_deep", 256, 9.0), ("ncsn_early", 128, 5.0)]
     assert all("fid_n" not in r["extra"] for r in rows)
@@ -90,10 +90,7 @@ def test_wandb_rows_rank_by_count_from_run_summaries(monkeypatch):
 @pytest.fixture
 def fid_sweep(tmp_path):
     """A sweep folder with only its settings file: enough for the leaderboard to get to W&B."""
-    info = {"space": "ncsn", "preset": "smoke", "metric": "fid", "mode": "min", "max_epochs": 2,
-            "searched": ["model.sigma_max"], "fixed": {}}
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "gensweep_sweep.json").write_text(json.dumps(info))
+    saved_spec_of("s").save(str(tmp_path))
     return tmp_path
 
 
@@ -121,12 +118,10 @@ def test_source_wandb_without_login_is_one_line_and_exit_2(fid_sweep, tmp_path):
 def test_wandb_api_error_is_one_line_and_exit_2(fid_sweep, monkeypatch, capsys):
     import wandb
 
-    import trainables.wandb_logging
-
     def unreachable():
         raise ConnectionError("api.wandb.ai unreachable\n(retries exhausted)")
 
-    monkeypatch.setattr(trainables.wandb_logging, "is_logged_in", lambda: True)
+    monkeypatch.setattr(leaderboard, "is_logged_in", lambda: True)
     monkeypatch.setattr(wandb, "Api", unreachable)
     assert leaderboard.main(["--source", "wandb", "--name", "s", "--storage-path", str(fid_sweep)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -177,7 +172,7 @@ def test_fid_curves_have_one_series_per_sample_count_and_a_legend(tmp_path, save
                                {"epoch": 3, "fid": 40.0, "fid_n": 256}, {"epoch": 4, "fid": 30.0, "fid_n": 256}]),
         synthetic_trial("t2", [{"epoch": 1, "fid": 80.0, "fid_n": 128}], status="stopped (ASHA)"),
     ]
-    report.plot_curves({"metric": "fid", "mode": "min"}, trials, tmp_path / "curves.png")
+    report.plot_curves(saved_spec_of(), trials, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 5000
     ax = saved_figures["curves.png"].axes[0]
     for line in ax.get_lines():  # no line joins a 128-sample FID to a 256-sample one
@@ -190,7 +185,7 @@ def test_fid_curves_have_one_series_per_sample_count_and_a_legend(tmp_path, save
 
 def test_curves_without_any_metric_say_so(tmp_path, saved_figures):
     trials = [synthetic_trial("t1", [{"epoch": 1, "loss": 3.0}]), synthetic_trial("t2", [])]
-    path = report.plot_curves({"metric": "fid", "mode": "min"}, trials, tmp_path / "curves.png")
+    path = report.plot_curves(saved_spec_of(), trials, tmp_path / "curves.png")
     assert path.exists()
     texts = [t.get_text() for t in saved_figures["curves.png"].axes[0].texts]
     assert texts == ["no trial reported fid yet"]
@@ -213,7 +208,7 @@ def smoke_report(smoke_sweep):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report, "_save", keep)
-        paths = report.write_report(str(storage), "smoke")
+        paths = report.write_report(str(storage), SweepSpec.load(str(storage), "smoke"))
     return paths, figures
 
 
@@ -256,7 +251,7 @@ def test_offline_report_prints_the_wandb_sync_command(smoke_sweep, tmp_path):
 
 @pytest.mark.slow
 def test_local_leaderboard_of_a_non_fid_sweep_is_unchanged(smoke_sweep):
-    rows = leaderboard.local_rows(str(smoke_sweep[0]), "smoke")
+    rows = leaderboard.local_rows(str(smoke_sweep[0]), SweepSpec.load(str(smoke_sweep[0]), "smoke"))
     assert len(rows) == 6 and all(r["n"] is None for r in rows)  # ranked by test_bpd: no sample count
     ranked = [r["value"] for r in leaderboard.rank_rows(rows, "min")]
     assert ranked == sorted(ranked)

@@ -7,15 +7,21 @@ import torch
 from conftest import make_trainer
 
 from genmodels.data import synthetic_images
+from genmodels.experiment import Experiment
+from genmodels.io import load_checkpoint
 from genmodels.models.ncsn import NCSN, NCSNConfig, dsm_loss
 from genmodels.networks.unet import LogSigmaEmbedding
+from genmodels.registry import trial_config
 from genmodels.samplers import sigmas as schedules
 from genmodels.samplers.langevin import annealed_langevin
+from genmodels.samplers.sigmas import NoiseSchedule
 
 TINY = dict(arch="unet", width=8, unet_blocks=1, sigma_1=20.0, sigma_L=0.01, num_levels=3, langevin_steps=2,
             langevin_eps=1e-5)
 
 
+def criterion_eps(T: int, schedule: NoiseSchedule) -> float:
+    return schedules.ncsnv2_step_sizes([T], schedule.sigma_L, schedule.gamma)[0]
 
 
 def gaussian_score(mean: torch.Tensor, cov: torch.Tensor, sigmas: list[float]):
@@ -40,11 +46,12 @@ def test_ncsnv2_gamma_for_cifar_dimension():
 def test_ncsnv2_step_criterion_reproduces_the_paper():
     # CIFAR-10: 50 -> 0.01 in 232 levels, T = 5, eps = 6.2e-6 in NCSNv2's step convention, twice that in ours
     gamma = schedules.ratio(schedules.geometric(50.0, 0.01, 232))
-    eps = schedules.ncsnv2_step_size(5, 0.01, gamma)
+    eps, eps_1 = schedules.ncsnv2_step_sizes([5, 1], 0.01, gamma)
     assert eps == pytest.approx(2 * 6.2e-6, rel=0.02)
-    at = schedules.langevin_variance_ratio(eps, 5, 0.01, 1 / gamma)
-    assert at < schedules.langevin_variance_ratio(eps * 1.2, 5, 0.01, 1 / gamma)
-    assert at < schedules.langevin_variance_ratio(eps / 1.2, 5, 0.01, 1 / gamma)
+    at = schedules.langevin_variance_ratio(eps, 5, 0.01, gamma)
+    assert at < schedules.langevin_variance_ratio(eps * 1.2, 5, 0.01, gamma)
+    assert at < schedules.langevin_variance_ratio(eps / 1.2, 5, 0.01, gamma)
+    assert eps_1 > eps  # one step per level has to go further
 
 
 def test_variance_ratio_matches_langevin_on_a_point_mass():
@@ -56,7 +63,7 @@ def test_variance_ratio_matches_langevin_on_a_point_mass():
     alpha = eps * sigma ** 2 / sigma_L ** 2
     for _ in range(T):
         x = x + alpha / 2 * (-x / sigma ** 2) + math.sqrt(alpha) * torch.randn(x.shape, generator=g)
-    expected = schedules.langevin_variance_ratio(eps, T, sigma_L, sigma_prev / sigma)
+    expected = schedules.langevin_variance_ratio(eps, T, sigma_L, sigma / sigma_prev)
     assert x.var().item() / sigma ** 2 == pytest.approx(expected, rel=0.01)
 
 
@@ -77,13 +84,25 @@ def test_max_pairwise_distance_and_its_cache(tmp_path):
     assert schedules.max_pairwise_distance(images) == pytest.approx(full, rel=1e-5)
     assert schedules.max_pairwise_distance(images, n_sub=16) <= full + 1e-4
 
-    first = schedules.cached_max_pairwise_distance("synthetic", images, cache_dir=tmp_path)
+    first = schedules.cached_max_pairwise_distance(images, cache_dir=tmp_path)
     assert first == pytest.approx(full, rel=1e-5)
     cache = tmp_path / "sigma_1.json"
     stored = json.loads(cache.read_text())
-    stored["synthetic:64:2000"] = 123.0  # a second call must read the cache, not recompute
+    stored[f"{schedules.content_key(images)}:2000"] = 123.0  # a second call must read the cache, not recompute
     cache.write_text(json.dumps(stored))
-    assert schedules.cached_max_pairwise_distance("synthetic", images, cache_dir=tmp_path) == 123.0
+    assert schedules.cached_max_pairwise_distance(images, cache_dir=tmp_path) == 123.0
+
+
+def test_the_sigma_1_cache_is_keyed_by_content(tmp_path):
+    """Two training sets of one dataset and size (another --train-size subset, a changed copy) get their own
+    sigma_1; the same images, another tensor, hit the cache."""
+    a, b = synthetic_images(64, seed=0), synthetic_images(64, seed=1)
+    first = schedules.cached_max_pairwise_distance(a, cache_dir=tmp_path)
+    other = schedules.cached_max_pairwise_distance(b, cache_dir=tmp_path)
+    assert other != first and other == pytest.approx(schedules.max_pairwise_distance(b), rel=1e-6)
+    assert len(json.loads((tmp_path / "sigma_1.json").read_text())) == 2  # both kept
+    assert schedules.content_key(a.clone()) == schedules.content_key(a) != schedules.content_key(a.float())
+    assert schedules.cached_max_pairwise_distance(a.clone(), cache_dir=tmp_path) == first
 
 
 # ------------------------------------------------------------------------------------------------- sampler
@@ -94,7 +113,7 @@ def test_annealed_langevin_reproduces_a_gaussian(init):
     a = torch.tensor([[0.12, 0.0, 0.0], [0.05, 0.1, 0.0], [-0.03, 0.04, 0.08]])
     cov = a @ a.T  # eigenvalues 0.004 ... 0.02
     sigmas = schedules.geometric(1.0, 0.01, 10)
-    x = annealed_langevin(gaussian_score(mean, cov, sigmas), sigmas, (20_000, 3), steps_per_level=100, eps=1e-4,
+    x = annealed_langevin(gaussian_score(mean, cov, sigmas), NoiseSchedule(sigmas, T=100, eps=1e-4), (20_000, 3),
                           init=init, generator=torch.Generator().manual_seed(0))
     target = cov + sigmas[-1] ** 2 * torch.eye(3)  # the chains sample p_sigma_L
     assert (x.mean(0) - mean).abs().max() < 0.005  # a few percent of the smallest standard deviation, 0.06
@@ -107,7 +126,7 @@ def test_final_denoising_step_is_tweedie():
     mean, cov = torch.tensor([0.4, 0.6]), torch.tensor([[0.02, 0.005], [0.005, 0.01]])
     sigmas = schedules.geometric(1.0, 0.05, 4)
     score = gaussian_score(mean, cov, sigmas)
-    kw = dict(sigmas=sigmas, shape=(64, 2), steps_per_level=3, eps=1e-3)
+    kw = dict(schedule=NoiseSchedule(sigmas, T=3, eps=1e-3), shape=(64, 2))
     x = annealed_langevin(score, **kw, generator=torch.Generator().manual_seed(1))
     x_denoised = annealed_langevin(score, **kw, denoise=True, generator=torch.Generator().manual_seed(1))
     # E[x_0 | x] for Gaussian data: mean + cov (cov + sigma_L^2 I)^-1 (x - mean)
@@ -117,7 +136,8 @@ def test_final_denoising_step_is_tweedie():
 
 def test_sampler_is_seeded():
     score = lambda x, levels: -x  # noqa: E731
-    run = lambda seed: annealed_langevin(score, [1.0, 0.5], (8, 3), 3, 0.1,  # noqa: E731
+    schedule = NoiseSchedule([1.0, 0.5], T=3, eps=0.1)
+    run = lambda seed: annealed_langevin(score, schedule, (8, 3),  # noqa: E731
                                          generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
 
@@ -136,12 +156,12 @@ def test_dsm_loss_at_the_optimal_score_of_a_gaussian():
     x = mean + torch.randn(400_000, 4, generator=g) @ torch.linalg.cholesky(cov).T
     lam = torch.linalg.eigvalsh(cov)
     closed_form = sum(0.5 * (lam / (lam + s ** 2)).sum().item() for s in sigmas) / len(sigmas)
-    sigma_t = torch.tensor(sigmas)
-    optimal = dsm_loss(gaussian_score(mean, cov, sigmas), x, sigma_t, generator=g).mean().item()
+    schedule = NoiseSchedule(sigmas, T=1)
+    optimal = dsm_loss(gaussian_score(mean, cov, sigmas), x, schedule, generator=g).mean().item()
     assert optimal == pytest.approx(closed_form, rel=0.01)
     # any other score does worse, e.g. the clean data's score at every level, or the optimum halved
-    clean = dsm_loss(gaussian_score(mean, cov, [0.0] * len(sigmas)), x, sigma_t, generator=g).mean().item()
-    shrunk = dsm_loss(lambda y, lv: 0.5 * gaussian_score(mean, cov, sigmas)(y, lv), x, sigma_t,
+    clean = dsm_loss(gaussian_score(mean, cov, [0.0] * len(sigmas)), x, schedule, generator=g).mean().item()
+    shrunk = dsm_loss(lambda y, lv: 0.5 * gaussian_score(mean, cov, sigmas)(y, lv), x, schedule,
                       generator=g).mean().item()
     assert clean > 1.1 * closed_form and shrunk > 1.05 * closed_form
 
@@ -150,7 +170,7 @@ def test_dsm_loss_is_zero_for_a_point_mass():
     # one data point m: p_sigma = N(m, sigma^2 I), the score -(x~ - m) / sigma^2 makes sigma s + z vanish
     x = torch.full((16, 3, 4, 4), 0.3)
     loss = dsm_loss(lambda y, lv: -(y - 0.3) / torch.tensor([2.0, 0.1])[lv].view(-1, 1, 1, 1) ** 2, x,
-                    torch.tensor([2.0, 0.1]))
+                    NoiseSchedule([2.0, 0.1], T=1))
     assert loss.abs().max().item() < 1e-5
 
 
@@ -164,7 +184,7 @@ def test_score_network_shapes_and_one_over_sigma_scaling(arch, channels):
     x0 = torch.rand(4, channels, 32, 32)
     norms = []
     for level in (0, 2, 4):  # sigma = 50, 0.7, 0.01
-        sigma = model.sigmas[level]
+        sigma = model.schedule.sigmas[level]
         levels = torch.full((4,), level)
         s = model.score(x0 + sigma * torch.randn_like(x0), levels)
         assert s.shape == x0.shape and s.dtype == torch.float32
@@ -200,22 +220,27 @@ def test_unet_output_depends_on_sigma_through_the_embedding():
 
 def test_schedules_in_the_model():
     model = NCSN(NCSNConfig(**{**TINY, "sigma_schedule": "ncsnv2", "data_sigma_1": 40.0}), 3)
-    assert model.sigmas[0].item() == pytest.approx(40.0) and len(model.sigmas) > 200
-    assert model.gamma == pytest.approx(schedules.ncsnv2_gamma(3072), abs=2e-4)
+    schedule = model.schedule
+    assert schedule.sigmas[0].item() == pytest.approx(40.0) and schedule.sigma_1 == 40.0 and schedule.L > 200
+    assert schedule.L == len(schedule.sigmas) and schedule.sigma_L == 0.01 == pytest.approx(schedule.sigmas[-1].item())
+    assert schedule.gamma == pytest.approx(schedules.ncsnv2_gamma(3072), abs=2e-4)
     with pytest.raises(ValueError, match="data_sigma_1"):
         NCSN(NCSNConfig(**{**TINY, "sigma_schedule": "ncsnv2"}), 3)
-    by_ratio = NCSN(NCSNConfig(**{**TINY, "num_levels": 0, "gamma": 0.6}), 3)
-    assert len(by_ratio.sigmas) == schedules.levels_for_ratio(20.0, 0.01, 0.6)
-    auto = NCSN(NCSNConfig(**{**TINY, "langevin_eps": 0.0, "langevin_steps": 5}), 3)
-    assert auto.step_size() == pytest.approx(schedules.ncsnv2_step_size(5, 0.01, auto.gamma))
+    by_ratio = NCSN(NCSNConfig(**{**TINY, "num_levels": None, "gamma": 0.6}), 3)
+    assert by_ratio.schedule.L == schedules.levels_for_ratio(20.0, 0.01, 0.6)
+    with pytest.raises(ValueError, match="gamma"):
+        NCSN(NCSNConfig(**{**TINY, "num_levels": None}), 3)
+    auto = NCSN(NCSNConfig(**{**TINY, "langevin_eps": None, "langevin_steps": 5}), 3)
+    assert auto.schedule.eps == pytest.approx(criterion_eps(5, auto.schedule))
 
 
 def test_fewer_steps_take_larger_but_bounded_steps():
-    model = NCSN(NCSNConfig(**{**TINY, "langevin_steps": 100, "langevin_eps": 2e-6}), 3)
-    assert model.step_size() == 2e-6 and model.step_size(100) == 2e-6
-    short = model.step_size(5)
+    schedule = NCSN(NCSNConfig(**{**TINY, "langevin_steps": 100, "langevin_eps": 2e-6}), 3).schedule
+    assert schedule.eps == 2e-6 and schedule.eps_for(100) == 2e-6 and schedule.eps_for(200) == 2e-6
+    short = schedule.eps_for(5)
     assert 2e-6 < short <= 2e-6 * 100 / 5
-    assert short <= max(2e-6, model.criterion_step_size(5)) * (1 + 1e-9)
+    assert short <= max(2e-6, criterion_eps(5, schedule)) * (1 + 1e-9)
+    assert schedule.alphas(5) == pytest.approx([short * (s / 0.01) ** 2 for s in schedule.sigmas.tolist()])
 
 
 def test_evaluate_is_repeatable_and_reports_the_schedule():
@@ -252,10 +277,79 @@ def test_a_searched_eps_changes_the_step_at_every_rung():
     """Two trials whose eps differ take different steps with fewer Langevin steps too. (A cap at the criterion's
     eps once gave both the same step, so their rung-0 samples and grids were identical.)"""
     def step(eps: float, steps: int) -> float:
-        return NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5, "langevin_eps": eps}), 3).step_size(steps)
+        return NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5, "langevin_eps": eps}), 3).schedule.eps_for(steps)
 
-    c1 = NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5}), 3).criterion_step_size(1)
+    c1 = criterion_eps(1, NCSN(NCSNConfig(**{**TINY, "langevin_steps": 5}), 3).schedule)
     low, high = 0.3 * c1, 0.6 * c1  # both 5x above the one-step criterion: the old cap made them equal
     assert step(low, 1) != step(high, 1)
     assert step(high, 1) / step(low, 1) == pytest.approx(2.0)  # the rung keeps the trials' own ratio
     assert step(low, 5) == low
+
+
+def test_the_step_size_search_runs_once_per_schedule(monkeypatch):
+    """NCSNv2's criterion (a golden-section search) runs when a NoiseSchedule is built, for every T it may need,
+    and never again in an epoch, an evaluation or a sample at any budget."""
+    calls = []
+    search = schedules.ncsnv2_step_sizes
+    monkeypatch.setattr(schedules, "ncsnv2_step_sizes", lambda *a, **kw: calls.append(a) or search(*a, **kw))
+    params = {**TINY, "langevin_eps": None, "langevin_steps": 4, "ema_decay": 0.9, "epochs": 1, "steps_per_epoch": 2,
+              "batch_size": 8}
+    trainer = make_trainer("ncsn", params, synthetic_images(32), synthetic_images(8, seed=1), device="cpu")
+    assert len(calls) == 1 and list(calls[0][0]) == [1, 2, 3, 4]  # one model built (the EMA copy is a copy)
+    calls.clear()
+    trainer.train_epoch()
+    trainer.evaluate()
+    for model in (trainer.model, trainer.eval_model):
+        model.sample(2, budget=0.25)
+        model.sample(2)
+        model.sample(2, T=7)
+    assert calls == []
+
+
+def test_runs_that_stored_0_for_unset_settings_load_and_mean_the_same(tmp_path):
+    """Configs written before num_levels, gamma, data_sigma_1 and langevin_eps took None (a checkpoint's flat config,
+    a sweep's param space) hold 0 for "not set", and checkpoints hold the sigmas at the model's top level."""
+    legacy = {"model.num_levels": 0, "model.gamma": 0.5, "model.data_sigma_1": 0.0, "model.langevin_eps": 0.0}
+    cfg = trial_config({**legacy, "model.langevin_steps": 3}, "ncsn").model
+    assert (cfg.num_levels, cfg.gamma, cfg.data_sigma_1, cfg.langevin_eps) == (None, 0.5, None, None)
+    assert cfg == trial_config({"num_levels": "none", "gamma": 0.5, "langevin_eps": None, "langevin_steps": 3},
+                               "ncsn").model
+
+    params = {**TINY, "num_levels": None, "gamma": 0.5, "langevin_eps": None, "ema_decay": 0.9, "epochs": 1,
+              "steps_per_epoch": 2, "batch_size": 8}
+    train, test = synthetic_images(32), synthetic_images(8, seed=1)
+    trainer = make_trainer("ncsn", params, train, test, device="cpu")
+    trainer.train_epoch()
+    trainer.save(tmp_path / "state.pt")
+    state = load_checkpoint(tmp_path / "state.pt")
+    state["config"].update(legacy)
+    for weights in (state["model"], state["ema"]):
+        weights["sigmas"] = weights.pop("schedule.sigmas")
+    torch.save(state, tmp_path / "legacy.pt")
+
+    def draw(path):
+        model = Experiment.from_checkpoint(path, train, test, {"model.init": "gaussian"}, device="cpu").eval_model
+        torch.manual_seed(0)
+        return model.schedule, model.eval().sample(2)
+
+    (schedule, samples), (legacy_schedule, legacy_samples) = draw(tmp_path / "state.pt"), draw(tmp_path / "legacy.pt")
+    assert legacy_schedule.L == schedule.L == schedules.levels_for_ratio(20.0, 0.01, 0.5)
+    assert legacy_schedule.eps == schedule.eps == pytest.approx(criterion_eps(2, schedule))
+    assert torch.equal(legacy_samples, samples)
+
+
+def test_a_checkpoint_of_other_sigmas_does_not_load():
+    model = NCSN(NCSNConfig(**TINY), 3)
+    other = NCSN(NCSNConfig(**{**TINY, "sigma_1": 10.0}), 3)
+    with pytest.raises(ValueError, match="sigmas"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_prepare_derives_sigma_1_for_the_ncsnv2_schedule_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENSWEEP_DATA", str(tmp_path))
+    images = synthetic_images(64)
+    assert NCSN.prepare(trial_config({}, "ncsn"), images) == {}  # geometric: nothing needs the data
+    ncsnv2 = trial_config({"sigma_schedule": "ncsnv2"}, "ncsn")
+    derived = NCSN.prepare(ncsnv2, images)
+    assert derived == {"data_sigma_1": pytest.approx(schedules.max_pairwise_distance(images), rel=1e-6)}
+    assert NCSN.prepare(ncsnv2.replace("model", **derived), images) == {}  # already resolved

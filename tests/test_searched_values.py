@@ -1,6 +1,8 @@
 """Every searched hyperparameter changes what a trial computes: for each space, two trials that differ in one
 searched value (at the smoke preset's point) differ in their training, their test metrics or their samples at the
-FID ladder's first rung (the budget the sample grids between rungs use too)."""
+FID ladder's first rung (the budget the sample grids between rungs use too). A value the space searches and the smoke
+preset pins (T, arch, width) is tried at the smoke point too, with the space's first two values; so the NCSN spaces,
+one per sigma schedule, show that no schedule ignores a value its space searches."""
 from __future__ import annotations
 
 import pytest
@@ -9,14 +11,17 @@ import torch
 from genmodels.data import synthetic_images
 from genmodels.engine import EMA
 from genmodels.experiment import Experiment, make_experiment
+from genmodels.registry import qualified
 from sweeps.param_space import build_param_space, domain_values, is_domain, representative
-from sweeps.spaces import FID_LADDERS, SPACES
+from sweeps.spaces import FID_SETTINGS, SPACES
 
 STEPS = {"vqvae": 30}  # a dead code is restarted only after restart_window (20) steps
 # ema_decay: the EMA's warm-up, min(decay, (1 + step) / (10 + step)), sets the average for ~1 / (1 - decay) steps,
 # longer than any short run here; test_ema_decay_changes_the_average_after_its_warm_up covers it.
 SLOW_TO_SHOW = {"train.ema_decay"}
-RUNG0 = FID_LADDERS["smoke"].step_fractions[0]
+# a network's width shows in its parameter count; training one at a full preset's width here would take a minute
+SIZES = {"model.width"}
+RUNG0 = FID_SETTINGS["smoke"].step_fractions[0]
 
 
 def outcome(exp: Experiment) -> list[torch.Tensor]:
@@ -33,9 +38,11 @@ def pairs(space_name: str):
     space = SPACES[space_name]
     param_space = build_param_space(space, "smoke", {}, {}, seed=0)
     point = representative(param_space)
+    space_params = qualified(space.model, space.params)
     for key, value in param_space.items():
-        if is_domain(value) and key not in SLOW_TO_SHOW:
-            a, b = domain_values(value)[:2]
+        domain = value if is_domain(value) else space_params.get(key)  # the preset's domain, else the space's
+        if is_domain(domain) and key not in SLOW_TO_SHOW:
+            a, b = domain_values(domain)[:2]
             yield space, key, {**point, key: a}, {**point, key: b}
 
 
@@ -45,12 +52,18 @@ CASES = [(name, key, a, b) for name in sorted(SPACES) if not SPACES[name].needs_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("space_name, key, a, b", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_one_searched_value_changes_the_trial(space_name, key, a, b):
+def test_one_searched_value_changes_the_trial(space_name, key, a, b, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENSWEEP_DATA", str(tmp_path))  # NCSNv2's sigma_1 cache
     images = synthetic_images(64, seed=0)
     steps = STEPS.get(SPACES[space_name].model, 3)
     small = {"train.steps_per_epoch": steps, "train.batch_size": 8, "train.eval_images": 16, "train.epochs": 1}
-    results = [outcome(make_experiment(SPACES[space_name].model, {**cfg, **small}, images[:48], images[48:],
-                                       device="cpu")) for cfg in (a, b)]
+
+    def trial(cfg: dict) -> list[torch.Tensor]:
+        exp = make_experiment(SPACES[space_name].model, {**cfg, **small}, images[:48], images[48:], device="cpu")
+        return [torch.tensor([float(sum(p.numel() for p in exp.model.parameters()))])] if key in SIZES else \
+            outcome(exp)
+
+    results = [trial(cfg) for cfg in (a, b)]
     assert any(x.shape != y.shape or not torch.allclose(x, y) for x, y in zip(*results)), (key, a[key], b[key])
 
 

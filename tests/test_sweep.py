@@ -101,5 +101,5 @@ def test_diverged_trial_reports_and_ends_cleanly(monkeypatch, tmp_path):
     data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
     config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
               "train.epochs": 3, "train.batch_size": 8}
-    tr.train_trial(config, data, tr.SweepContext(space="vae", metric="test_bpd"))
+    tr.train_trial(config, data, metric="test_bpd")
     assert len(reports) == 1 and reports[0]["diverged"] == 1 and "test_bpd" not in reports[0]

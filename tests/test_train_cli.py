@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import make_trainer, run_cli
 
 from genmodels.data import DataUnavailable, load_images, synthetic_images
 
@@ -45,11 +45,9 @@ def test_progress_lines_come_before_the_first_epoch_line(tmp_path):
 
 
 def test_trainer_is_quiet_unless_progress_is_set(capsys):
-    from genmodels.experiment import make_experiment
-
     images = synthetic_images(64)
-    trainer = make_experiment("vae", {"arch": "conv-small", "width": 8, "batch_size": 8, "eval_k": 2},
-                              images, images[:8], device="cpu").trainer
+    trainer = make_trainer("vae", {"arch": "conv-small", "width": 8, "batch_size": 8, "eval_k": 2}, images,
+                           images[:8], device="cpu")
     trainer.train_epoch()
     trainer.evaluate()
     assert capsys.readouterr().out == ""
@@ -146,6 +144,6 @@ def test_bad_resume_or_out_is_one_line_before_training(case, checkpoint, tmp_pat
         args, words = [*TINY, "--out", str(tmp_path / "file")], [str(tmp_path / "file"), "is a file"]
     else:
         out = unwritable(tmp_path)
-        args, words = [*TINY, "--out", str(out)], [str(out), "cannot write"]
+        args, words = [*TINY, "--out", str(out)], [str(out), "is not writable"]
     result = run_cli(["-m", "genmodels.train", "--model", "vae", *args], timeout=60)
     assert_one_line_error(result, *words)

@@ -17,9 +17,11 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from genmodels.engine import CHECKPOINT_FILE, load_checkpoint
+from genmodels.engine import CHECKPOINT_FILE
+from genmodels.io import load_checkpoint
 
 ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
+IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable, logged to W&B
 
 
 def trial_dirname(model_name: str, trial_id: str) -> str:

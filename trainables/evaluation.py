@@ -15,17 +15,10 @@ from genmodels.experiment import Experiment
 from genmodels.metrics.fid import FIDScorer, RefStats, fid_metric_name
 
 
-def asha_milestones(max_t: int, grace_period: int, reduction_factor: int) -> tuple[int, ...]:
-    """The training iterations at which ASHA records and compares results (as ray.tune's ASHAScheduler)."""
-    milestones, t = [], grace_period
-    while t < max_t:
-        milestones.append(t)
-        t *= reduction_factor
-    return tuple(milestones)
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FIDPlan:
+    """A sweep's FID settings (sweeps.spec.FIDSettings) as its trials use them, with what the driver computed
+    once for all of them: the reference statistics and ASHA's milestones (the sweep spec's, ASHA's own rungs)."""
     network: str  # "inception" | "standin"
     weights_path: str | None
     ref: RefStats  # reference statistics of the test split, computed once by the driver
@@ -60,7 +53,7 @@ def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
     rung = plan.rung(exp.epoch)
     if not final and (rung is None or plan.rank_by is None):  # ranked by something else: FID once, at the end
         return {}
-    scorer = _scorer(plan, exp.trainer.device)
+    scorer = _scorer(plan, exp.device)
     model = exp.eval_model
     out: dict[str, Any] = {"fid_network": scorer.name}
     seed = exp.cfg.train.seed + 1  # the same noise for every trial and rung: differences come from the models
@@ -78,7 +71,7 @@ def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
             out["fid"], out["fid_n"] = r["fid"], r["n"]
     if model.can_reconstruct and ((final and plan.rfid) or plan.rank_by == "rfid"):
         scorer.kid_subsets = 0
-        test = exp.trainer.test_images(plan.ref.num)
+        test = exp.test_images(plan.ref.num)
         r = scorer.reconstruction_fid(model, test, plan.ref)
         out[fid_metric_name(r["n"], "rfid")] = out["rfid"] = r["fid"]
         out["rfid_n"] = r["n"]

@@ -5,12 +5,11 @@ into a typed TrialConfig here, at the Ray boundary.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 import torch
@@ -25,19 +24,13 @@ from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
 from trainables.wandb_logging import IMAGES_DIR
 
 
-@dataclasses.dataclass
-class SweepContext:
-    """What a trial knows of its sweep that is not a hyperparameter (kept out of the trial config, so out of the
-    search): the ranking metric and its direction, and the FID plan."""
-    space: str
-    metric: str
-    mode: str = "min"
-    fid: FIDPlan | None = None
-    folder: str = ""  # the sweep's folder in storage (local path or URI), where each trial finds its checkpoints
-
-
-def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: SweepContext) -> None:
+def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], metric: str, mode: str = "min",
+                fid: FIDPlan | None = None, folder: str = "") -> None:
     """Train one trial: report every epoch with a checkpoint; resume from Tune's checkpoint if there is one.
+
+    Besides its config (the hyperparameters), a trial knows of its sweep only what `tune.with_parameters` gives it
+    from the sweep's spec: the ranking `metric` and its `mode`, the `fid` plan, and the sweep's `folder` in storage
+    (local path or URI), where it finds its own checkpoints.
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
     Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
@@ -45,18 +38,19 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: Sw
     """
     # Ray logs "Checkpoint successfully created" at every report, from every trial, to the driver's screen.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    folder = f"{sweep.folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
-        if sweep.folder else None
-    if folder and has_ended(folder):
+    trial_folder = f"{folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
+        if folder else None
+    if trial_folder and has_ended(trial_folder):
         return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
+    ranking = Ranking(metric, mode, fid)
     if config.get("checkpoint"):
-        return evaluate_checkpoint(config, data, sweep)
+        return evaluate_checkpoint(config, data, ranking)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
-    newest = newest_state(folder, tune.get_checkpoint())
+    newest = newest_state(trial_folder, tune.get_checkpoint())
     if newest:
         exp.restore_state(newest[0])
-    exp.trainer.extra["resumed_from_epoch"] = exp.epoch
+    exp.extra["resumed_from_epoch"] = exp.epoch
     # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,
     # which only exists on the driver's node.
@@ -64,8 +58,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: Sw
 
     def on_epoch(metrics: dict[str, float]) -> None:
         images_dir = trial_dir / IMAGES_DIR / f"epoch_{exp.epoch:04d}"
-        extra, final_images = evaluate_extra(exp, sweep, exp.done, images_dir)
-        report_with_checkpoint(exp, {**metrics, **extra}, sweep, images_dir, exp.done, final_images)
+        extra, final_images = evaluate_extra(exp, ranking, exp.done, images_dir)
+        report_with_checkpoint(exp, {**metrics, **extra}, ranking, images_dir, exp.done, final_images)
 
     try:
         exp.run(on_epoch)
@@ -75,14 +69,21 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: Sw
         tune.report({"diverged": 1, "epoch": exp.epoch, "error": str(e), "done": True})
 
 
-def evaluate_extra(exp: Experiment, sweep: SweepContext, final: bool,
+class Ranking(NamedTuple):
+    """How the sweep ranks this trial: what `track_best` and the FID ladder need."""
+    metric: str
+    mode: str
+    fid: FIDPlan | None
+
+
+def evaluate_extra(exp: Experiment, ranking: Ranking, final: bool,
                    images_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.trainer.step, "diverged": 0, "node_id": node_id,
-                               "resumed_from_epoch": exp.trainer.extra.get("resumed_from_epoch", 0)}
-    if sweep.fid:
-        metrics.update(fid_metrics(sweep.fid, exp, final))
+    metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.step, "diverged": 0, "node_id": node_id,
+                               "resumed_from_epoch": exp.extra.get("resumed_from_epoch", 0)}
+    if ranking.fid:
+        metrics.update(fid_metrics(ranking.fid, exp, final))
     images: dict[str, Path] = {}
     if final:
         final_metrics, images = exp.finish(images_dir)
@@ -90,13 +91,13 @@ def evaluate_extra(exp: Experiment, sweep: SweepContext, final: bool,
     return metrics, images
 
 
-def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], sweep: SweepContext, images_dir: Path,
+def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], ranking: Ranking, images_dir: Path,
                            final: bool, final_images: dict[str, Path]) -> None:
     """Track the best ranking value, write this epoch's grids, and report with a checkpoint holding the trainer
     state and the grids (the W&B callback logs those from there)."""
-    metrics.update(track_best(exp.trainer.extra.setdefault("best", {}), metrics, sweep.metric, sweep.mode))
+    metrics.update(track_best(exp.extra.setdefault("best", {}), metrics, ranking.metric, ranking.mode))
     # Sample grids between rungs at the first rung's sampler budget: a full Langevin chain every epoch costs minutes.
-    budget = 1.0 if final or not sweep.fid else sampling_budget(sweep.fid, 0)
+    budget = 1.0 if final or not ranking.fid else sampling_budget(ranking.fid, 0)
     images = {**exp.write_grids(images_dir, budget=budget), **final_images}
     with tempfile.TemporaryDirectory() as d:
         exp.save(Path(d) / CHECKPOINT_FILE)
@@ -118,12 +119,12 @@ def track_best(best: dict[str, float], metrics: dict[str, Any], metric: str, mod
     return {key: best[key]}
 
 
-def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], sweep: SweepContext) -> None:
+def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], ranking: Ranking) -> None:
     """No training: the model of a finished run, with the trial's model settings (the searched sampler values and
     any --fixed ones) and seed overriding its saved config, scored once at the final FID budget. What `ncsn-sampling`
     sweeps. The overrides are read from the trial's own config, so a resumed sweep applies them as well."""
     overrides = {k: v for k, v in config.items() if k.startswith("model.") or k == "train.seed"}
     exp = Experiment.from_checkpoint(config["checkpoint"], data["train"], data["test"], overrides)
     images_dir = Path.cwd() / IMAGES_DIR / "final"
-    extra, final_images = evaluate_extra(exp, sweep, True, images_dir)
-    report_with_checkpoint(exp, {**exp.evaluate(), **extra}, sweep, images_dir, True, final_images)
+    extra, final_images = evaluate_extra(exp, ranking, True, images_dir)
+    report_with_checkpoint(exp, {**exp.evaluate(), **extra}, ranking, images_dir, True, final_images)

@@ -7,40 +7,37 @@ needed.
 
 Why a worker thread: each W&B call (init, log with images, artifact upload, finish) takes from milliseconds to many
 seconds, and Tune calls its callbacks in its driver loop: a callback that does the work itself stalls the whole sweep
-(Tune warns that `callbacks.on_trial_result` was slow). Here the hooks only put an item on a queue and return; one
-thread does all W&B work in queue order, so each run receives its data in the order Tune reported it.
+(Tune warns that `callbacks.on_trial_result` was slow). Here the hooks only submit the work to a one-thread executor
+and return; it runs the work in the order submitted, so each run receives its data in the order Tune reported it.
 
 Why a bounded close: at the end of a sweep, and on Ctrl-C, `close()` (called by Tune's `on_experiment_end` and by the
 CLI) finishes every open run, waiting at most `timeout_s` seconds in all. Runs that did not finish by then are
-abandoned: their data is already in W&B's files on disk (`wandb sync` uploads offline runs), and W&B's own exit hook
-finishes them when the process ends.
+abandoned (the work still queued is cancelled): their data is already in W&B's files on disk (`wandb sync` uploads
+offline runs), and W&B's own exit hook finishes them when the process ends.
 
 Only public APIs: Ray's `ray.tune.Callback` hooks, the `ray.tune.Checkpoint` and Trial objects they receive, and W&B's
 `wandb.setup/init/Image/Artifact` and Run methods (no private Ray classes, no Ray actors).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import logging
-import netrc
 import numbers
 import os
-import queue
 import re
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 from ray.tune import Callback
 
 from genmodels.config import ConfigError
 from genmodels.registry import trial_config
-
-IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable
+from trainables.checkpoints import IMAGES_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +47,6 @@ TUNE_KEYS = frozenset({
     "node_ip", "time_this_iter_s", "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
     "timesteps_total", "episodes_total", "checkpoint_dir_name", "warmup_time",
 })
-
-_STOP = object()  # the queue item that ends the worker thread
-
-
-def is_logged_in() -> bool:
-    """True when W&B credentials exist (an API key in the environment, or `wandb login`'s netrc entry)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 def artifact_name(trial_name: str) -> str:
@@ -131,7 +115,7 @@ class WandbLogger(Callback):
         self.max_epochs, self.log_artifacts, self.metric = max_epochs, log_artifacts, metric
         self._reset_runtime()
 
-    # Tune pickles its callbacks with the tuner's state (Tuner.restore brings them back): no thread, queue or lock.
+    # Tune pickles its callbacks with the tuner's state (Tuner.restore brings them back): no executor or lock.
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in
                 ("project", "entity", "group", "tags", "max_epochs", "log_artifacts", "metric")}
@@ -141,21 +125,20 @@ class WandbLogger(Callback):
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first hook
+        self._last: concurrent.futures.Future | None = None  # the work submitted last: done when all of it is
         self._lock = threading.Lock()
         self._open: dict[str, Any] = {}  # trial_id -> Trial, for runs started and not yet ended (driver side)
-        self._last_step: dict[str, int | None] = {}  # trial_id -> step of its last enqueued result
+        self._last_step: dict[str, int | None] = {}  # trial_id -> step of its last submitted result
         self._unfinished: set[str] = set()  # trial_ids whose run the worker has not finished yet
         self._deadline: float | None = None  # set by the first close()
-        self._abandon = threading.Event()  # close() gave up: the worker drops what is left
+        self._gave_up = False  # close() stopped waiting and cancelled the work still queued
         # Worker-thread state only.
         self._runs: dict[str, Any] = {}  # trial_id -> wandb Run
         self._steps: dict[str, int] = {}  # trial_id -> last step logged
         self._warned: set[str] = set()
-        self._set_up = False
 
-    # ---- Tune's hooks: each only enqueues -------------------------------------------------------------------------
+    # ---- Tune's hooks: each only submits -------------------------------------------------------------------------
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         key = trial.trial_id
@@ -212,21 +195,21 @@ class WandbLogger(Callback):
         if first:
             for trial in list(self._open.values()):  # interrupted sweeps: trials still running or paused
                 self._end_trial(trial, failed=getattr(trial, "status", None) == "ERROR", closing=True)
-            if self._thread is not None:
-                self._queue.put(_STOP)
-        if self._thread is not None and not self._abandon.is_set():
+        if self._executor is not None and not self._gave_up:
             try:
-                self._thread.join(max(0.0, deadline - time.monotonic()))
+                done, _ = concurrent.futures.wait([self._last], timeout=max(0.0, deadline - time.monotonic()))
             except KeyboardInterrupt:  # a second Ctrl-C: stop waiting now, here and in any later close()
                 self._give_up()
                 raise
-            if self._thread.is_alive():
+            if not done:
                 self._give_up()
+            self._executor.shutdown(wait=False)  # no more work: its thread ends once idle
         with self._lock:
             return len(self._unfinished)
 
     def _give_up(self) -> None:
-        self._abandon.set()
+        self._gave_up = True
+        self._executor.shutdown(wait=False, cancel_futures=True)  # the call running now, if any, ends on its own
         with self._lock:
             abandoned = len(self._unfinished)
         if abandoned:
@@ -242,11 +225,10 @@ class WandbLogger(Callback):
     # ---- driver-side helpers --------------------------------------------------------------------------------------
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="wandb-logger", daemon=True)
-            self._thread.start()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-logger")
             WandbLogger._live.add(self)
-        self._queue.put((fn, args))
+        self._last = self._executor.submit(self._call, fn, *args)
 
     def _end_trial(self, trial, failed: bool, closing: bool = False) -> None:
         key = trial.trial_id
@@ -275,30 +257,20 @@ class WandbLogger(Callback):
 
     # ---- the worker thread: all W&B calls ---------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP or self._abandon.is_set():
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception as e:  # one bad item must not stop the logging of the others
-                self._warn_once(fn.__name__, f"W&B logging failed in {fn.__name__}: {type(e).__name__}: {e}")
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # one failed call must not stop the logging of the others
+            self._warn_once(fn.__name__, f"W&B logging failed in {fn.__name__}: {type(e).__name__}: {e}")
 
     def _warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            logger.warning(message)
-        else:
-            logger.debug(message)
+        logger.log(logging.DEBUG if kind in self._warned else logging.WARNING, message)
+        self._warned.add(kind)
 
     def _start_run(self, key: str, init_kwargs: dict[str, Any]) -> None:
         import wandb
 
-        if not self._set_up:
-            wandb.setup(wandb.Settings(silent=True))  # also quiets messages such as "Adding directory to artifact"
-            self._set_up = True
+        wandb.setup(wandb.Settings(silent=True))  # also quiets messages such as "Adding directory to artifact"
         if init_kwargs.get("dir"):
             os.makedirs(init_kwargs["dir"], exist_ok=True)
         try:
@@ -381,11 +353,6 @@ def read_checkpoint_images(checkpoint) -> dict[str, Any]:
             with fs.open_input_file(info.path) as f:
                 images[Path(info.path).stem] = wandb.Image(Image.open(io.BytesIO(f.read())).convert("RGB"))
     return images
-
-
-def local_checkpoint_dir(trial) -> str:
-    """A local folder holding the trial's latest checkpoint (downloaded next to the trial's logs if remote)."""
-    return _local_dir(trial.checkpoint, os.path.join(trial.local_path, "final_model"))
 
 
 def _local_dir(checkpoint, download_dir: str | None) -> str:

@@ -51,12 +51,12 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                     dict(width=32, res_blocks=1, prior_width=16, prior_layers=4, codebook_size=64, batch_size=32,
                          stage1_epochs=0, epochs=4, steps_per_epoch=25)),
     "ncsn": ("ncsn", dict(arch="unet", width=128, ema_decay=0.999, batch_size=128, epochs=100, steps_per_epoch=2000),
-             dict(arch="unet", width=8, unet_blocks=1, num_levels=3, ema_decay=0.999, batch_size=64, epochs=4,
-                  steps_per_epoch=8)),
+             dict(arch="unet", width=8, unet_blocks=1, num_levels=None, gamma=0.1, ema_decay=0.999, batch_size=64,
+                  epochs=4, steps_per_epoch=8)),
     "ncsn_refinenet": ("ncsn", dict(arch="refinenet", width=128, ema_decay=0.999, batch_size=128, epochs=100,
                                     steps_per_epoch=2000),
-                       dict(arch="refinenet", width=8, num_levels=3, ema_decay=0.999, batch_size=16, epochs=4,
-                            steps_per_epoch=8)),
+                       dict(arch="refinenet", width=8, num_levels=None, gamma=0.1, ema_decay=0.999, batch_size=16,
+                            epochs=4, steps_per_epoch=8)),
 }
 CIFAR_TRAIN_IMAGES = 50_000  # a full trial's epoch, for its length in steps
 
@@ -137,6 +137,7 @@ def _load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
 
 def environment(device: torch.device) -> dict[str, Any]:
     env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),

@@ -143,18 +143,17 @@ def _pack_worker(rank: int, model_name: str, params: dict[str, Any], device: str
         dev = torch.device(device)
         bs = int(params["batch_size"])
         images = bench_images((warmup + steps + 1) * bs, seed=rank)
-        trainer = make_experiment(model_name, {**params, "steps_per_epoch": warmup, "seed": rank}, images,
-                               images[:bs], device=dev).trainer
-        trainer.train_epoch()
-        trainer.cfg.steps_per_epoch = steps
+        exp = make_experiment(model_name, {**params, "steps_per_epoch": steps, "seed": rank}, images, images[:bs],
+                              device=dev)
+        exp.train_epoch(warmup)
         sync(dev)
         barrier.wait(timeout=600)
         start = time.time()  # wall clock: comparable across processes
-        trainer.train_epoch()
+        exp.train_epoch()
         sync(dev)
         peak = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None
         queue.put(dict(rank=rank, start=start, end=time.time(), images=steps * bs,
-                       graph_captured=trainer.graph_captured, peak_memory_bytes=peak))
+                       graph_captured=exp.graph_captured, peak_memory_bytes=peak))
     except BaseException:  # noqa: BLE001 - every failure (OOM included) goes back to the parent as a row
         barrier.abort()
         queue.put(dict(rank=rank, error=traceback.format_exc()))

@@ -2,7 +2,7 @@
 
     python -m genmodels.bench profile --model ncsn --cuda-graphs off --json prof-ncsn.json
 
-Trains `--warmup` steps, then profiles `--steps` more of the engine's real step (`Trainer.train_epoch`), and
+Trains `--warmup` steps, then profiles `--steps` more of the engine's real step (`Experiment.train_epoch`), and
 reports the ops with the most self time on the device (on a CPU: on the host), their share of it, and their calls
 per step; meta gives the kernels launched per step. With CUDA graphs on, the replayed kernels show up as the graph's
 launch, so a breakdown by op wants `--cuda-graphs off` (the same kernels, launched one by one).
@@ -36,15 +36,14 @@ def bench_profile(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
     model_name, params = bench_config(args.model, args.size or ("full" if cuda else "small"))
     bs = int(params["batch_size"])
     images = bench_images((args.warmup + args.steps + 1) * bs)
-    trainer = make_experiment(model_name, {**params, "steps_per_epoch": args.warmup, "eval_images": bs,
-                                           "cuda_graphs": args.cuda_graphs == "on"},
-                              images, images[:bs], device=device).trainer
-    trainer.train_epoch()
-    trainer.cfg.steps_per_epoch = args.steps
+    exp = make_experiment(model_name, {**params, "steps_per_epoch": args.steps, "eval_images": bs,
+                                       "cuda_graphs": args.cuda_graphs == "on"},
+                          images, images[:bs], device=device)
+    exp.train_epoch(args.warmup)
     sync(device)
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as prof:
-        trainer.train_epoch()
+        exp.train_epoch()
         sync(device)
     events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]
     total = sum(_self_time(e, cuda) for e in events)
@@ -52,7 +51,7 @@ def bench_profile(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                  share=_self_time(e, cuda) / total, calls_per_step=e.count / args.steps)
             for e in sorted(events, key=lambda e: -_self_time(e, cuda))[:args.top]]
     kernels = sum(e.count for e in prof.events() if _is_kernel(e)) if cuda else None
-    meta = {"model": args.model, "batch_size": bs, "cuda_graphs": trainer.graph_captured, "steps": args.steps,
+    meta = {"model": args.model, "batch_size": bs, "cuda_graphs": exp.graph_captured, "steps": args.steps,
             "time": "device" if cuda else "host", "total_ms_per_step": total / 1000 / args.steps,
             "kernels_per_step": kernels / args.steps if kernels is not None else None}
     return rows, meta

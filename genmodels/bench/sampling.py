@@ -29,8 +29,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_sampling(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from genmodels.data import load_images
-    from genmodels.engine import load_checkpoint
     from genmodels.experiment import Experiment
+    from genmodels.io import load_checkpoint
     from genmodels.metrics.fid import FIDScorer
 
     device = torch.device(args.device)
@@ -40,18 +40,25 @@ def bench_sampling(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
         raise SystemExit(f"bench sampling: {args.checkpoint} is a {config.get('model_name')} run; it needs an NCSN")
     data_dir = args.data_dir or config.get("data.data_dir") or None
     real = load_images(config["data.dataset"], "test", data_dir=data_dir, limit=n)
-    model = Experiment.from_checkpoint(args.checkpoint, real, real, device=device).eval_model.eval()
+
+    def sampler(precision: str) -> torch.nn.Module:
+        """The checkpoint's EMA model built for this precision: a config is never changed once checked."""
+        overrides = {"model.sampling_precision": precision}
+        return Experiment.from_checkpoint(args.checkpoint, real, real, overrides, device).eval_model.eval()
+
+    models = {precision: sampler(precision) for precision in ("fp32", "bf16")}
+    model = models["fp32"]
     scorer = FIDScorer(args.network, weights_path=args.fid_weights, device=device, kid_subsets=0)
     ref = scorer.reference(real, key=f"{config['data.dataset']}-test")
     T = args.steps_per_level or model.cfg.langevin_steps
     batch = args.batch_size or model.sampling_batch()
-    steps = len(model.sigmas) * T + int(model.cfg.denoise)
+    steps = model.schedule.L * T + int(model.cfg.denoise)
     rows = []
     for precision, seed in (("fp32", 0), ("fp32", 1), ("bf16", 0)):
-        model.cfg.sampling_precision = precision
+        model = models[precision]
         torch.manual_seed(seed)
         samples: list[torch.Tensor] = []
-        seconds = timed_run(lambda: samples.append(model.sample(n, steps_per_level=T, batch_size=batch)), device)
+        seconds = timed_run(lambda: samples.append(model.sample(n, T=T, batch_size=batch)), device)
         fid = scorer.score(samples[0], ref)["fid"]
         rows.append(dict(precision=precision, seed=seed, n=n, chains_per_batch=min(batch, n), steps_per_level=T,
                          seconds=seconds, chain_steps_per_s=n * steps / seconds, fid=fid))

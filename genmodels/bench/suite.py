@@ -149,6 +149,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-
 if __name__ == "__main__":
     main()

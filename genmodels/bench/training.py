@@ -96,20 +96,19 @@ def baseline_training(model_name: str, params: dict[str, Any], images: torch.Ten
 
 def fast_training(model_name: str, params: dict[str, Any], images: torch.Tensor, device: torch.device,
                   steps: int, warmup: int, repeats: int, count_syncs: bool = True) -> dict[str, Any]:
-    """Train through the engine (Trainer.train_epoch with steps_per_epoch), as every trial does; images/s of
+    """Train through the engine (Experiment.train_epoch with steps_per_epoch), as every trial does; images/s of
     `steps`-step epochs after a `warmup`-step epoch (allocator, cuDNN autotuning, compilation)."""
     from genmodels.experiment import make_experiment
 
     reset_memory(device)
     batch_size = int(params["batch_size"])
-    trainer = make_experiment(model_name, {**params, "steps_per_epoch": warmup, "eval_images": batch_size},
-                           images, images[:batch_size], device=device).trainer
-    warmup_s = timed_run(trainer.train_epoch, device)
-    trainer.cfg.steps_per_epoch = steps
-    seconds = [timed_run(trainer.train_epoch, device) for _ in range(repeats)]
+    exp = make_experiment(model_name, {**params, "steps_per_epoch": steps, "eval_images": batch_size},
+                          images, images[:batch_size], device=device)
+    warmup_s = timed_run(lambda: exp.train_epoch(warmup), device)
+    seconds = [timed_run(exp.train_epoch, device) for _ in range(repeats)]
     result = _measurement(batch_size, steps, seconds, warmup_s, peak_memory(device))
-    result["graph_captured"] = trainer.graph_captured
-    result["host_syncs_per_epoch"] = _count_host_syncs(trainer.train_epoch) if count_syncs and \
+    result["graph_captured"] = exp.graph_captured
+    result["host_syncs_per_epoch"] = _count_host_syncs(exp.train_epoch) if count_syncs and \
         device.type == "cuda" else None
     return result
 
@@ -137,11 +136,11 @@ def sampling_rate(model: nn.Module, device: torch.device, batch: int, steps_per_
                   autocast: bool = False, graphed: bool | None = None) -> dict[str, Any]:
     """Annealed Langevin steps per second of `model.sample` (NCSN) on `batch` chains; one step is one score
     evaluation of the whole batch (the final denoising step included). `graphed`: as NCSN.sample takes it."""
-    steps = len(model.sigmas) * steps_per_level + int(model.cfg.denoise)
+    steps = model.schedule.L * steps_per_level + int(model.cfg.denoise)
 
     def run() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            model.sample(batch, steps_per_level=steps_per_level, batch_size=batch, graphed=graphed)
+            model.sample(batch, T=steps_per_level, batch_size=batch, graphed=graphed)
 
     warmup_s = timed_run(run, device)
     seconds = [timed_run(run, device) for _ in range(repeats)]
@@ -239,17 +238,26 @@ def write_partial(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 def _train_row(name: str, what: str, params: dict[str, Any], gflops: float, peak: float | None,
                base: dict[str, Any] | None, fast: dict[str, Any] | None) -> dict[str, Any]:
-    def mib(m: dict[str, Any] | None) -> float | None:
-        return m["peak_memory_bytes"] / 2 ** 20 if m and m["peak_memory_bytes"] is not None else None
+    return _row(name, what, int(params["batch_size"]), "images/s", "images_per_s", gflops, peak, base, fast)
 
-    def mfu(m: dict[str, Any] | None) -> float | None:
-        return gflops * 1e9 * m["images_per_s"] / peak if m and peak else None
 
-    b, f = (m["images_per_s"] if m else None for m in (base, fast))
-    return dict(model=name, what=what, batch_size=int(params["batch_size"]), unit="images/s", baseline=b, fast=f,
-                speedup=f / b if b and f else None, mem_baseline_mib=mib(base), mem_fast_mib=mib(fast),
-                gflops_per_image=gflops, mfu_baseline=mfu(base), mfu_fast=mfu(fast), baseline_run=base,
-                fast_run=fast)
+def _row(name: str, what: str, batch_size: int, unit: str, rate: str, gflops: float | None, peak: float | None,
+         base: dict[str, Any] | None, fast: dict[str, Any] | None, images_per_unit: int = 1) -> dict[str, Any]:
+    """The baseline's run against the fast one's: `rate` (the key of each run's figure, in `unit`), peak memory, and
+    MFU (one `unit` is `images_per_unit` images' worth of `gflops`). Every row of bench train is one of these."""
+    b, f = (m[rate] if m else None for m in (base, fast))
+    return dict(model=name, what=what, batch_size=batch_size, unit=unit, baseline=b, fast=f,
+                speedup=f / b if b and f else None, mem_baseline_mib=_mib(base), mem_fast_mib=_mib(fast),
+                gflops_per_image=gflops, mfu_baseline=_mfu(b, images_per_unit, gflops, peak),
+                mfu_fast=_mfu(f, images_per_unit, gflops, peak), baseline_run=base, fast_run=fast)
+
+
+def _mib(run: dict[str, Any] | None) -> float | None:
+    return run["peak_memory_bytes"] / 2 ** 20 if run and run.get("peak_memory_bytes") is not None else None
+
+
+def _mfu(rate: float | None, images_per_unit: int, gflops: float | None, peak: float | None) -> float | None:
+    return gflops * 1e9 * images_per_unit * rate / peak if rate and gflops and peak else None
 
 
 def _compile_payback(eager: dict[str, Any], compiled: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
@@ -285,7 +293,7 @@ def _sampling_rows(name: str, params: dict[str, Any], images: torch.Tensor, devi
         del model
     if run_fast:
         reset_memory(device)
-        model = make_experiment("ncsn", params, images[:batch], images[:batch], device=device).trainer.eval_model.eval()
+        model = make_experiment("ncsn", params, images[:batch], images[:batch], device=device).eval_model.eval()
         gflops = gflops or score_flops_per_image(model, device) / 1e9
         fast = {**sampling_rate(model, device, batch, T, reps), "peak_memory_bytes": peak_memory(device)}
     rows = [_sampling_row(name, "sampling (Langevin steps)", batch, gflops, peak, base, fast)]
@@ -309,29 +317,12 @@ def _sampler_batch_row(name: str, model: nn.Module, device: torch.device, T: int
     for key, batch, graphed in (("baseline", TODAYS_CHAINS, False), ("fast", chains, True)):
         run = sampling_rate(model, device, batch, T, reps, graphed=graphed)
         runs[key] = {**run, "chain_steps_per_s": run["steps_per_s"] * batch}
-    b, f = runs["baseline"]["chain_steps_per_s"], runs["fast"]["chain_steps_per_s"]
-
-    def mfu(rate: float) -> float | None:
-        return gflops * 1e9 * rate / peak if peak and gflops else None
-
-    return dict(model=name, what=f"sampling chain-steps/s: eager at {TODAYS_CHAINS} chains vs graphed at {chains}",
-                batch_size=chains, unit="chain-steps/s", baseline=b, fast=f, speedup=f / b, mem_baseline_mib=None,
-                mem_fast_mib=None, gflops_per_image=gflops, mfu_baseline=mfu(b), mfu_fast=mfu(f),
-                baseline_run=runs["baseline"], fast_run=runs["fast"])
+    return _row(name, f"sampling chain-steps/s: eager at {TODAYS_CHAINS} chains vs graphed at {chains}", chains,
+                "chain-steps/s", "chain_steps_per_s", gflops, peak, runs["baseline"], runs["fast"])
 
 
 def _sampling_row(name: str, what: str, batch: int, gflops: float, peak: float | None,
                   base: dict[str, Any] | None, fast: dict[str, Any] | None) -> dict[str, Any]:
-    def mib(m: dict[str, Any] | None) -> float | None:
-        return m["peak_memory_bytes"] / 2 ** 20 if m and m["peak_memory_bytes"] is not None else None
-
-    def mfu(m: dict[str, Any] | None) -> float | None:
-        return gflops * 1e9 * batch * m["steps_per_s"] / peak if m and peak else None
-
-    b, f = (m["steps_per_s"] if m else None for m in (base, fast))
-    return dict(model=name, what=what, batch_size=batch, unit="steps/s", baseline=b, fast=f,
-                speedup=f / b if b and f else None, mem_baseline_mib=mib(base), mem_fast_mib=mib(fast),
-                gflops_per_image=gflops, mfu_baseline=mfu(base), mfu_fast=mfu(fast), baseline_run=base,
-                fast_run=fast)
+    return _row(name, what, batch, "steps/s", "steps_per_s", gflops, peak, base, fast, images_per_unit=batch)
 
 

@@ -38,14 +38,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from filelock import FileLock
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from genmodels.engine import save_atomic
 from genmodels.errors import ResourceUnavailable
 from genmodels.fid_weights import NUM_CLASSES
-from genmodels.models.base import GenerativeModel
+from genmodels.io import load_checkpoint, save_atomic
 
 NETWORKS = ("inception", "standin")
 INCEPTION_NAME = "tf-inception-2015-12-05"
@@ -179,25 +179,9 @@ class RefStats:
         return dataclasses.asdict(self)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_path`: concurrent trials compute a missing reference once, not each."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): atomic renames alone still keep the cache uncorrupted
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _load_ref(path: Path) -> RefStats | None:
     try:
-        return RefStats(**torch.load(path, map_location="cpu", weights_only=True))
+        return RefStats(**load_checkpoint(path))
     except Exception:  # missing, truncated (a writer killed before renames were atomic) or an older layout
         return None
 
@@ -334,7 +318,7 @@ class FIDScorer:
         if ref is not None:
             return ref
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.cache_dir / f"{full_key}.lock"):
+        with FileLock(self.cache_dir / f"{full_key}.lock"):  # concurrent trials compute a missing entry once
             ref = _load_ref(path)  # another process may have written it while we waited
             if ref is None:
                 ref = self.reference_from_features(self.features(images), key=full_key, total=len(images))
@@ -395,9 +379,10 @@ class FIDScorer:
         self._check_ref(ref)  # before spending time on features
         return self.score_features(self.features(fake), ref)
 
-    def sample_fid(self, model: GenerativeModel, n: int, ref: RefStats, batch_size: int | None = None,
+    def sample_fid(self, model: nn.Module, n: int, ref: RefStats, batch_size: int | None = None,
                    seed: int | None = None, budget: float = 1.0) -> dict[str, Any]:
-        """FID/KID of n samples of `model`, drawn `batch_size` at a time (default: the model's `sampling_batch`,
+        """FID/KID of n samples of `model` (a GenerativeModel, typed nn.Module: genmodels.models imports the
+        metrics, not the other way round), drawn `batch_size` at a time (default: the model's `sampling_batch`,
         else the scorer's) with `model.sample(b, budget=budget)` (e.g. steps_per_level for NCSN). With `seed`, the
         samples are reproducible and the caller's RNG state is left as it was."""
         bs = batch_size or model.sampling_batch() or self.batch_size
@@ -412,7 +397,7 @@ class FIDScorer:
                 torch.manual_seed(seed)
             return self.score(batches(), ref)
 
-    def reconstruction_fid(self, model: GenerativeModel, images: torch.Tensor, ref: RefStats,
+    def reconstruction_fid(self, model: nn.Module, images: torch.Tensor, ref: RefStats,
                            batch_size: int | None = None) -> dict[str, Any]:
         """FID/KID of `model`'s reconstructions of uint8 `images` against `ref`, which should be those images'
         reference (e.g. `reference(test_images, "cifar10-test")`). Name it `fid_metric_name(n, "rfid")`."""

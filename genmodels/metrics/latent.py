@@ -7,16 +7,19 @@
   moved over [-3, 3] prior standard deviations from one test image's encoding;
 - for IWAE, best-weight reconstruction: rows of [image, decode(posterior mean), decode(z*)], where z* is the
   posterior sample with the largest importance weight of the model's `eval_k` samples.
+
+`model` is a VAE-family model (encode, decode, log_weights), typed nn.Module: genmodels.models.vae imports this
+module, not the other way round.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from genmodels.data import dequantize, to_unit
 from genmodels.images import save_grid
-from genmodels.models.base import GenerativeModel  # VAE-family models: encode, decode, log_weights
 
 
 def linear_path(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
@@ -43,7 +46,7 @@ def slerp_path(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(model: GenerativeModel, x0: torch.Tensor, x1: torch.Tensor, steps: int,
+def interpolate(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, steps: int,
                 kind: str = "linear") -> torch.Tensor:
     """Decodings (N, steps, C, H, W) along the path between the posterior means of uint8 images x0 and x1."""
     path_fn = {"linear": linear_path, "slerp": slerp_path}[kind]
@@ -53,7 +56,7 @@ def interpolate(model: GenerativeModel, x0: torch.Tensor, x1: torch.Tensor, step
 
 
 @torch.no_grad()
-def traversal(model: GenerativeModel, images: torch.Tensor, n_dims: int = 8, steps: int = 10,
+def traversal(model: nn.Module, images: torch.Tensor, n_dims: int = 8, steps: int = 10,
               span: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodings (n_dims, steps, C, H, W) moving each of the n_dims most active units over [-span, span] from the
     encoding of images[0]; and the indices of those units, most active first."""
@@ -66,7 +69,7 @@ def traversal(model: GenerativeModel, images: torch.Tensor, n_dims: int = 8, ste
 
 
 @torch.no_grad()
-def best_weight_reconstruction(model: GenerativeModel, x: torch.Tensor, k: int) -> torch.Tensor:
+def best_weight_reconstruction(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     """Decoding of the posterior sample with the largest importance weight out of k, per uint8 image."""
     xd = dequantize(x)
     mu, logvar = model.encode(xd)
@@ -76,7 +79,7 @@ def best_weight_reconstruction(model: GenerativeModel, x: torch.Tensor, k: int) 
 
 
 @torch.no_grad()
-def latent_grids(model: GenerativeModel, test_images_uint8: torch.Tensor, out_dir: str | Path, n_pairs: int = 8,
+def latent_grids(model: nn.Module, test_images_uint8: torch.Tensor, out_dir: str | Path, n_pairs: int = 8,
                  steps: int = 10, best_weight: bool = False) -> dict[str, Path]:
     """Write the latent-space grids of `model` (in eval mode) for some test images; returns {name: PNG path}.
     `best_weight` adds the best-weight reconstructions (for models trained on an importance-weighted bound)."""

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 import torch
 
 from genmodels.data import dequantize, to_unit
-from genmodels.metrics.likelihood import kl_standard_normal
 from genmodels.models.vae import VAE, VAEConfig
 from genmodels.networks.vgg import LAYER_SETS, PerceptualLoss, vgg19_state_dict
 
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from genmodels.config import TrialConfig
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DFCConfig(VAEConfig):
     arch: str = "resnet"  # conv-small | conv | resnet (the DFC seed used the ResNet-VAE)
     norm: str = "group"
@@ -58,12 +57,8 @@ class DFCVAE(VAE):
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xd = dequantize(x)
-        mu, logvar = self.encode(xd)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        mean = self.decode(z)
+        _, _, mean, nll, kl = self._elbo_terms(xd)
         perceptual = self.perceptual(mean, to_unit(x))
-        kl = kl_standard_normal(mu.float(), logvar.float())
-        nll = -self.log_likelihood(xd, mean)
         per_image = self.cfg.alpha * perceptual + self.cfg.beta * kl + self.cfg.pixel_weight * nll
         if self.cfg.learn_scale:  # fits sigma only: the decoder mean is detached
             per_image = per_image - self.log_likelihood(xd, mean.detach())

@@ -24,7 +24,7 @@ from genmodels.models.vae import VAE, VAEConfig
 ESTIMATORS = ("iwae", "dreg")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class IWAEConfig(VAEConfig):
     norm: str = "group"  # group | none; batch is refused (see the module docstring)
     k: int = 5  # importance samples per training example; k = 1 is the VAE's ELBO

@@ -40,7 +40,7 @@ from genmodels.networks.convnets import (
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. 2016: unit i is active when Cov_x(E_q[z_i]) exceeds this
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VAEConfig(ModelConfig):
     arch: str = "conv"  # conv-small (3-32-64-128, the VAE seed) | conv (3-64-128-256-512, the beta-VAE seed) | resnet
     latent: int = 128
@@ -100,12 +100,16 @@ class VAE(GenerativeModel):
         """log p(x | z) per example, for dequantised x in [0, 1]."""
         return gaussian_log_prob(x.float(), mean.float(), self.log_scale.float())
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        xd = dequantize(x)
+    def _elbo_terms(self, xd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One reparameterised pass over dequantised x: the posterior (mu, logvar), the decoder mean of a sample
+        z ~ q(z|x), and per example -log p(x|z) and KL(q(z|x) || p(z)), the two terms of the negative ELBO. The
+        training loss and the evaluation of every VAE-family model start here."""
         mu, logvar = self.encode(xd)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        nll = -self.log_likelihood(xd, self.decode(z))
-        kl = kl_standard_normal(mu.float(), logvar.float())
+        mean = self.decode(mu + torch.randn_like(mu) * (0.5 * logvar).exp())
+        return mu, logvar, mean, -self.log_likelihood(xd, mean), kl_standard_normal(mu.float(), logvar.float())
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, _, _, nll, kl = self._elbo_terms(dequantize(x))
         loss = (nll + self.cfg.beta * kl).mean() / self.dims  # per-dim nats keeps the lr scale-free
         return loss, {"recon_nll": nll.mean(), "kl": kl.mean()}
 
@@ -176,10 +180,7 @@ class VAE(GenerativeModel):
         n = 0
         for x in batches:
             xd = dequantize(x)
-            mu, logvar = self.encode(xd)
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-            nll = -self.log_likelihood(xd, self.decode(z))
-            kl = kl_standard_normal(mu, logvar)
+            mu, logvar, _, nll, kl = self._elbo_terms(xd)
             recon = self.decode(mu)
             target = to_unit(x)
             totals["neg_elbo"] += (nll + kl).sum().item()

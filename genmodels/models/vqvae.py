@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 DECODE_CHUNK = 1024  # images decoded at once by sample(), to bound memory when the FID asks for thousands
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VQVAEConfig(ModelConfig):
     codebook_size: int = 512  # K
     code_dim: int = 64  # D

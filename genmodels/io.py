@@ -1,0 +1,63 @@
+"""Files that must never be seen half-written: checkpoints, reference statistics, caches, a sweep's settings.
+
+Every writer in the repository goes through `write_atomic`: the bytes go to a temporary file in the same folder, are
+flushed to disk, then renamed over the target, so a crash (or a SIGKILLed driver) leaves the old file whole.
+`writable_folder` is the one check that a folder named on a command line (--out, --storage-path) can hold them.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call `write(f)` on a temporary binary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def writable_folder(path: str | Path, flag: str) -> Path:
+    """Create the folder `path` if need be; OSError (one line naming `flag`, the option that chose it) unless it is
+    a folder this process can write to. A file is written to find out: root ignores permission bits, and a mount
+    may be read-only."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file, not a folder; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise OSError(f"{flag} {path} is not writable ({e.strerror or type(e).__name__}); pass a folder you can "
+                      f"write to") from None
+    return path
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """torch.save, atomically (see write_atomic)."""
+    import torch  # here, not at the top: sweeps.storage writes text through this module and needs no torch
+
+    return write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by save_atomic, tensors and plain containers only (weights_only: no pickled code)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)

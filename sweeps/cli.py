@@ -1,0 +1,269 @@
+"""Run a hyperparameter sweep: Ray Tune + Optuna (TPE) + ASHA, one W&B run per trial, a leaderboard at the end.
+
+    python sweeps/run.py --space vae --preset smoke
+    python sweeps/run.py --space vae --fixed beta=4 --num-samples 1
+    python sweeps/run.py --resume NAME
+
+Every value is checked before Ray starts: bad input gets one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import textwrap
+from typing import Any
+
+import torch
+from trainables.wandb_auth import is_logged_in
+
+from genmodels.config import DATASETS, ConfigError
+from genmodels.data import load_splits
+from genmodels.errors import ResourceUnavailable
+from genmodels.experiment import prepare
+from genmodels.registry import trial_config
+from sweeps import cluster
+from sweeps import param_space as ps
+from sweeps import storage as sweep_storage
+from sweeps.leaderboard import local_rows, pareto_front, print_front, print_table
+from sweeps.packing import auto_gpus_per_trial
+from sweeps.spaces import SPACES
+from sweeps.spec import SweepSpec, UsageError
+from sweeps.tuner import make_fid_plan, make_tuner, restore_tuner
+from trainables.wandb_logging import WandbLogger
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block first
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    spaces = "\n".join(textwrap.fill(s.description, 118, initial_indent=f"  {s.name:14} ", subsequent_indent=" " * 17)
+                        for s in SPACES.values())
+    p = OneLineParser(prog="run.py", description=__doc__, epilog=f"search spaces:\n{spaces}",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default="vae", help=f"search space: {', '.join(SPACES)} (default vae; see below)")
+    p.add_argument("--preset", default="auto", choices=["auto", "smoke", "full"],
+                   help="budgets: smoke (tiny, CPU, minutes), full (paper scale, GPU); auto = full if a GPU is "
+                        "visible, else smoke")
+    p.add_argument("--dataset", choices=DATASETS, help="override the preset's dataset (smoke: synthetic, "
+                                                        "full: cifar10)")
+    p.add_argument("--data-dir", help="folder holding (or to download) the datasets; default ~/.cache/gensweep/data")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the preset's)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials running at once (0 = as resources allow)")
+    p.add_argument("--gpus-per-trial", type=_gpus_per_trial, default=None,
+                   help="GPUs per trial, fractions allowed (0.25 = four trials share a GPU), or auto: measure one "
+                        "trial's peak GPU memory and pack as many as fit (at most 8); default 1 if a GPU is "
+                        "visible, else 0 (with --resume: the sweep's own)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1; with --resume: the sweep's own)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (host:port or 'auto'); default: $RAY_ADDRESS (set inside a Ray job), "
+                        "else start Ray in-process")
+    p.add_argument("--name", help="sweep name: W&B group and results folder (default SPACE-PRESET-TIME)")
+    p.add_argument("--storage-path", help=f"results root, local path or s3:// / gs:// URI (default "
+                                          f"{sweep_storage.default_storage()})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
+    p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable; "
+                        "section.field keys such as model.beta or train.epochs work too)")
+    p.add_argument("--metric", help="ranking metric, where the space offers a choice (e.g. vqvae: fid or rfid; "
+                                    "vae: test_bpd, test_iwae_bpd or fid)")
+    p.add_argument("--objectives", metavar="M1,M2",
+                   help="search several ranking metrics at once (e.g. fid,test_iwae_bpd): Optuna's multi-objective "
+                        "TPE gets all, ASHA stops trials on the first, the leaderboard shows the Pareto front")
+    p.add_argument("--seed-defaults", action="store_true",
+                   help="pin every searched value to the seed project's own configuration (one trial by default), "
+                        "to compare a sweep with it at the same preset; --fixed still overrides")
+    p.add_argument("--no-rfid", action="store_true",
+                   help="skip the reconstruction FID at the end of each trial (it doubles the Inception cost); "
+                        "not with --metric rfid")
+    p.add_argument("--fid-network", choices=["inception", "standin"],
+                   help="FID features: inception (TF 2015-12-05, comparable to papers; the full preset's) or standin "
+                        "(a small fixed random network, only for smoke runs; the smoke preset's)")
+    p.add_argument("--fid-weights", help="Inception weights file for offline machines (make one with "
+                                         "`python -m genmodels.fid_weights --out PATH`); implies --fid-network "
+                                         "inception")
+    p.add_argument("--final-fid-samples", type=int, help="samples for the FID at the end of each completed trial "
+                                                          "(full preset: 10000; 50000 to compare with papers)")
+    p.add_argument("--checkpoint", help="a trained checkpoint (state.pt) to evaluate instead of training, for "
+                                        "sampling-only spaces such as ncsn-sampling")
+    p.add_argument("--vgg-weights", help="VGG-19 weights file for the DFC perceptual loss on offline machines")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"), help="W&B project")
+    p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"), help="W&B entity (user or team)")
+    p.add_argument("--no-artifacts", action="store_true", help="do not log final checkpoints as W&B artifacts")
+    p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (under --storage-path)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.space not in SPACES:
+        raise UsageError(f"unknown space {args.space!r}; choose one of {', '.join(SPACES)}")
+    return args
+
+
+def _gpus_per_trial(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except (UsageError, ConfigError, ResourceUnavailable) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep_spec(args: argparse.Namespace, storage: str) -> SweepSpec:
+    """The sweep to run: new from the command line, or the saved one for --resume, where trials that start after the
+    resume get the resources the sweep started with unless given again now (a driver on a CPU-only head would
+    otherwise default new trials to no GPU)."""
+    if not args.resume:
+        return SweepSpec.from_args(args, storage)
+    spec = SweepSpec.load(storage, args.resume)
+    given = {key: value for key, value in [("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)]
+             if value is not None}
+    return spec.replace(resources={**spec.resources, **given}) if given else spec
+
+
+def run(args: argparse.Namespace) -> int:
+    """parse -> spec -> prepare -> data -> FID plan -> (locked) Ray, Tuner, leaderboard."""
+    storage = sweep_storage.resolve(args.storage_path or str(sweep_storage.default_storage()))
+    try:
+        sweep_storage.check_writable(storage)
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    spec = sweep_spec(args, storage)
+    gpus = spec.resources["gpu"]
+    if args.address and not args.resume and not torch.cuda.is_available() and (
+            args.preset == "auto" or args.gpus_per_trial is None):
+        # The defaults look at this machine, and a cluster's driver usually runs on a CPU-only head node.
+        print("gensweep: note: this driver sees no GPU, so --preset auto means smoke and trials request no GPU "
+              "by default; on a GPU cluster pass --preset full --gpus-per-trial 1 (or a fraction)")
+    if not args.address and gpus != "auto":
+        cluster.check_gpus(gpus)
+    point = trial_config(ps.representative(spec.param_space))
+    prepare(point)  # checks and weights first: fail before loading data
+    data = load_splits(point.data)
+    prepared = prepare(point, data["train"]).flat()  # values derived from the data (NCSNv2's sigma_1), for all
+    derived = {k: v for k, v in prepared.items() if k.startswith("model.") and point.flat()[k] != v}
+    spec = spec.replace(constants={**spec.constants, **derived}) if derived else spec
+    if gpus == "auto":
+        spec = spec.replace(resources={**spec.resources, "gpu": auto_gpus_per_trial(spec.model_name,
+                                                                                    spec.param_space, data)})
+    plan = make_fid_plan(spec, data["test"], point.data.dataset)
+    print(f"gensweep: space={spec.space} preset={spec.preset} model={spec.model_name} dataset={point.data.dataset} "
+          f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {spec.metric} ({spec.mode}); "
+          f"FID network: {spec.fid.network}" + ("" if spec.fid.network == "inception" else
+                                                  " (smoke stand-in: not comparable to published FIDs)"))
+    lock = sweep_storage.SweepLock(storage, spec.name)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return run_locked(spec, args, storage, data, plan)
+    finally:
+        lock.release()
+
+
+def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: dict[str, torch.Tensor],
+               plan) -> int:
+    """Start Ray, run (or resume) the sweep, print the leaderboard; the exit code says how it ended."""
+    wandb_mode = configure_wandb(args)
+    os.environ["WANDB_MODE"] = wandb_mode
+    cluster.init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    if args.address and spec.resources["gpu"]:
+        cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
+    if args.resume:
+        tuner = restore_tuner(spec, data, plan, storage)
+    else:
+        tuner = make_tuner(spec, data, plan, wandb_callbacks(args, wandb_mode, spec), storage)
+    cluster.warn_if_asha_is_serial(spec)
+    if not args.resume:
+        spec.save(storage)
+    resume = f"python sweeps/run.py --resume {spec.name} --storage-path {shlex.quote(storage)}" + (
+        f" --address {shlex.quote(args.address)}" if args.address else "")
+    print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune saves its state: stop now, resume from what is saved
+        interrupted = True
+    finally:
+        # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
+        WandbLogger.close_all(timeout_s=10)
+
+    rows = local_rows(storage, spec)
+    print()
+    if len(spec.objectives) > 1:
+        print_front(rows, list(spec.objectives), spec.mode)
+        log_front_to_wandb(rows, spec, args, wandb_mode, storage)
+    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} (local results)")
+    print(f"\nresults: {storage}/{spec.name} (image grids: {storage}/{spec.name}/<trial>/images/)")
+    if wandb_mode == "offline":
+        print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{spec.name}/*/wandb/"
+              f"offline-run-*`")
+    return exit_status(rows, interrupted, resume)
+
+
+def log_front_to_wandb(rows: list[dict[str, Any]], spec: SweepSpec, args: argparse.Namespace, wandb_mode: str,
+                       storage: str) -> None:
+    """The Pareto front as a table in a W&B run of its own, in the sweep's group."""
+    if wandb_mode == "disabled":
+        return
+    import wandb  # seconds to import, for multi-objective sweeps only (the trials' logger runs in its own thread)
+
+    objectives = list(spec.objectives)
+    front, where = pareto_front(rows, objectives, spec.mode)
+    keys = sorted({k for r in front for k in r["params"]})
+    table = wandb.Table(columns=["trial", *objectives, *keys],
+                        data=[[r["trial"], *[r["objectives"][m]["value"] for m in objectives],
+                               *[r["params"].get(k) for k in keys]] for r in front])
+    # beside the trials' runs, for `wandb sync`
+    folder = None if sweep_storage.is_uri(storage) else f"{storage}/{spec.name}"
+    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=spec.name, job_type="pareto",
+                     dir=folder, name=f"{spec.name}-pareto-front", reinit="create_new",
+                     config={"objectives": objectives, "compared": where})
+    run.log({"pareto_front": table})
+    run.finish()
+
+
+def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> int:
+    """0 when at least one trial completed; 130 when the sweep was interrupted (unfinished trials); 1 when no
+    trial completed. The last line says why."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    unfinished = sum(counts.get(s, 0) for s in ("running", "pending", "paused", "no result"))
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    if interrupted or unfinished:
+        print(f"gensweep: interrupted ({summary}); continue with: {resume}")
+        return 130
+    if not any(row["status"] in ("completed", "stopped (ASHA)") for row in rows):
+        print(f"gensweep: no trial completed ({summary or 'no trials'}); see the errors above")
+        return 1
+    return 0
+
+
+def configure_wandb(args: argparse.Namespace) -> str:
+    """W&B mode for every trial, decided before Ray starts so the workers inherit it."""
+    if args.no_wandb:
+        return "disabled"
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if is_logged_in() else "offline"
+
+
+def wandb_callbacks(args: argparse.Namespace, wandb_mode: str, spec: SweepSpec) -> list:
+    if wandb_mode == "disabled":
+        return []
+    dataset = str(spec.constants.get("data.dataset"))
+    return [WandbLogger(project=args.wandb_project, entity=args.wandb_entity, group=spec.name,
+                        tags=[spec.model_name, spec.space, spec.preset, dataset], max_epochs=spec.max_epochs,
+                        log_artifacts=not args.no_artifacts, metric=spec.metric)]

@@ -1,0 +1,80 @@
+"""Ray for a sweep: in-process on this machine, or a running cluster; what this driver can check about it first.
+
+Every check that can fail in one line (an address that does not answer, more GPUs per trial than any machine has)
+runs before a trial is started; the warnings say when a sweep will wait, or when ASHA's cuts depend on timing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket
+
+import optuna
+import ray
+import torch
+
+from sweeps.spec import SweepSpec, UsageError
+
+
+def check_address(address: str) -> None:
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or address, int(port or 6379)), timeout=5).close()
+    except (OSError, ValueError):
+        raise UsageError(f"cannot reach a Ray cluster at {address}; start one with `ray start --head` "
+                         f"or leave out --address to run locally") from None
+
+
+def check_gpus(gpus_per_trial: float, visible: int | None = None) -> None:
+    """UsageError unless this machine can ever give a trial `gpus_per_trial` GPUs (a fraction needs one GPU)."""
+    visible = torch.cuda.device_count() if visible is None else visible
+    needed = math.ceil(gpus_per_trial)
+    if needed > visible:
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g} needs {needed} GPU{'s' * (needed > 1)} per trial and "
+                         f"this machine has {visible}: every trial would wait forever; pass --gpus-per-trial "
+                         f"{min(visible, 1) if visible else 0} or run on a machine (or --address a cluster) with GPUs")
+
+
+def init_ray(address: str | None, env: dict[str, str]) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": noise on every start
+    runtime_env = {"env_vars": env}
+    # WARNING: Ray's and Tune's INFO lines (started, wrote results) say nothing the progress table does not.
+    if address:
+        check_address(address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        # One machine: keep Ray on loopback, so it neither depends on nor exposes the external interface.
+        ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
+
+
+def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:
+    """On a cluster, say so when no live node offers a trial's GPUs: its trials wait until such a node joins, which
+    an autoscaling cluster whose config has that node type will add, and any other cluster never will."""
+    needed = math.ceil(gpus_per_trial)
+    most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if most < needed:
+        print(f"gensweep: warning: --gpus-per-trial {gpus_per_trial:g} needs a node with {needed} GPU(s) and no node "
+              f"of this cluster has them now (most: {most:g}); trials wait until one joins (an autoscaler adds one "
+              f"only if a node type in the cluster's config offers them). Ctrl-C and pass a smaller "
+              f"--gpus-per-trial if none will.")
+
+
+def warn_if_asha_is_serial(spec: SweepSpec) -> None:
+    """Say so when fewer trials run at once than ASHA's reduction factor: an asynchronous rung then compares a trial
+    with the few that happened to report before it, so its cuts depend on arrival order."""
+    if not ray.is_initialized():
+        return
+    available, resources, n = ray.cluster_resources(), spec.resources, spec.num_samples
+    limits = [n, spec.max_concurrent or n, int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else n]
+    if resources["gpu"]:
+        limits.append(int(available.get("GPU", 0) // resources["gpu"]))
+    at_once = max(1, min(limits))
+    if at_once < spec.asha.reduction_factor:
+        print(f"gensweep: warning: {at_once} trial(s) at a time, fewer than ASHA's reduction factor "
+              f"{spec.asha.reduction_factor}: its early cuts then depend on which trials reported first. Run more at "
+              f"once (pack trials on a GPU with --gpus-per-trial 0.5, fewer --cpus-per-trial, or a cluster); see "
+              f"README, 'One GPU'.")
