@@ -60,6 +60,9 @@ class TrainConfig(Section):
     ema_decay: float = 0.0  # 0 = no EMA copy of the weights
     steps_per_epoch: int = 0  # 0 = one pass over the training split; otherwise a fixed report interval
     eval_images: int = 0  # test images per evaluation; 0 = the whole test split
+    # test images of the cheap evaluation (Experiment.run's epochs that need no full one: a sweep's epochs between
+    # ASHA's milestones), the first N, the same for every trial; 0 = a full evaluation every epoch
+    eval_subset: int = 256
     seed: int = 0
     flip: bool = True
     amp: bool = True  # bf16 autocast, on CUDA only
@@ -71,7 +74,7 @@ class TrainConfig(Section):
                          "compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")}
     ranges: ClassVar = {"epochs": (1, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
                         "grad_clip": (0, None), "ema_decay": (0, 1), "steps_per_epoch": (0, None),
-                        "eval_images": (0, None), "seed": (0, None)}
+                        "eval_images": (0, None), "eval_subset": (0, None), "seed": (0, None)}
     open_low: ClassVar = ("lr",)
 
 

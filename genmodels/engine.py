@@ -125,6 +125,8 @@ class Trainer:
                                      seed=cfg.seed)
         test = test_images[:cfg.eval_images] if cfg.eval_images else test_images
         self.test_batches = Batches(test, cfg.batch_size, self.device, shuffle=False, flip=False)
+        self.subset_batches = Batches(test[:cfg.eval_subset], cfg.batch_size, self.device, shuffle=False,
+                                      flip=False) if 0 < cfg.eval_subset < len(test) else None
         cuda = self.device.type == "cuda"
         # Inductor's CUDA graphs (reduce-overhead, max-autotune) would be captured inside ours: one or the other.
         self.cuda_graphs = cuda and cfg.cuda_graphs and not (cfg.compile and cfg.compile_mode in INDUCTOR_GRAPHS)
@@ -258,10 +260,15 @@ class Trainer:
             raise Diverged(f"loss is {value} at step {step}")
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Test-split metrics of the eval model (EMA weights when used), in fp32."""
-        with timed(self.progress, f"epoch {self.epoch}: evaluating on {len(self.test_batches.images)} test images"):
-            return self.eval_model.eval().evaluate(self.test_batches.epoch())
+    def evaluate(self, full: bool = True) -> dict[str, float]:
+        """Test-split metrics of the eval model (EMA weights when used), in fp32. `full=False`: the model's cheap
+        metrics (GenerativeModel.evaluate) on the first `eval_subset` test images, named `subset_...`, so that no
+        reader takes them for the full test split's."""
+        if full or self.subset_batches is None:
+            with timed(self.progress, f"epoch {self.epoch}: evaluating on {len(self.test_batches.images)} test images"):
+                return self.eval_model.eval().evaluate(self.test_batches.epoch())
+        metrics = self.eval_model.eval().evaluate(self.subset_batches.epoch(), full=False)
+        return {**{f"subset_{k}": v for k, v in metrics.items()}, "subset_images": len(self.subset_batches.images)}
 
     @torch.no_grad()
     def final_evaluate(self, out_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Path]]:

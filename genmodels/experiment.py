@@ -131,21 +131,25 @@ class Experiment:
         """Train one epoch (`steps` steps, else the config's) without evaluating: what the benchmarks time."""
         return self.trainer.train_epoch(steps)
 
-    def run_epoch(self) -> dict[str, float]:
-        """Train one epoch, then evaluate on the test split; raises engine.Diverged on a non-finite loss."""
+    def run_epoch(self, full_evaluation: Callable[[int], bool] | None = None) -> dict[str, float]:
+        """Train one epoch, then evaluate on the test split: fully when `full_evaluation(epoch)` says so (None:
+        always) and at the last epoch, else cheaply (Trainer.evaluate). Raises engine.Diverged on a non-finite loss."""
         metrics = self.train_epoch()
-        metrics.update(self.evaluate())
+        metrics.update(self.evaluate(full=full_evaluation is None or self.done or full_evaluation(self.epoch)))
         return {**metrics, "epoch": self.epoch, "step": self.step}
 
-    def run(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
+    def run(self, on_epoch: Callable[[dict[str, float]], None],
+            full_evaluation: Callable[[int], bool] | None = None) -> None:
         """The epoch loop: until the configured epochs are done, one epoch of training and evaluation, then
-        `on_epoch(metrics)` (write grids, save, report: `self.done` says whether it was the last). Raises
-        engine.Diverged on a non-finite loss."""
+        `on_epoch(metrics)` (write grids, save, report: `self.done` says whether it was the last). A sweep passes
+        `full_evaluation` (epoch -> bool: ASHA's milestones), so the expensive test metrics are computed where a
+        decision reads them and at the end, and the cheap ones in between. Raises engine.Diverged on a non-finite
+        loss."""
         while not self.done:
-            on_epoch(self.run_epoch())
+            on_epoch(self.run_epoch(full_evaluation))
 
-    def evaluate(self) -> dict[str, float]:
-        return self.trainer.evaluate()
+    def evaluate(self, full: bool = True) -> dict[str, float]:
+        return self.trainer.evaluate(full)
 
     def write_grids(self, out_dir: str | Path, budget: float = 1.0) -> dict[str, Path]:
         return self.trainer.write_grids(out_dir, budget=budget)

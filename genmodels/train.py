@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from genmodels.config import SECTIONS, ConfigError, fields_of, section_classes
-from genmodels.data import load_images
+from genmodels.data import load_splits
 from genmodels.engine import CHECKPOINT_FILE, PROGRESS_EVERY_S, Diverged, timed
 from genmodels.errors import ResourceUnavailable
 from genmodels.experiment import Experiment, prepare
@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = trial_config(settings, args.model)
         prepare(cfg)  # checks that need no data (e.g. weights files) before loading any
         output_folder(out)
-        limit = {"train": cfg.data.train_size or None, "test": cfg.data.test_size or None}
         with timed(log, f"loading {cfg.data.dataset} and building the model"):
-            data = {split: load_images(cfg.data.dataset, split, cfg.data.data_dir or None, limit=limit[split])
-                    for split in ("train", "test")}
+            data = load_splits(cfg.data)
             exp = Experiment.setup(cfg, data["train"], data["test"], progress=log, progress_every=every)
             if args.resume:
                 exp.restore(out / CHECKPOINT_FILE)

@@ -13,11 +13,27 @@ thread, as Ray gives a trial of one CPU (OMP_NUM_THREADS=1).
 
 overhead = (Tune wall time - direct wall time) / direct wall time, with and without ray.init, which a sweep pays
 once, not per trial.
+
+`--sweep`: how busy a whole sweep keeps its trial slots. It runs the preset's sweep through the real CLI in a
+subprocess (sweeps/run.py --space S --preset P --no-wandb, into a temporary folder), then reads each trial's reports
+from the result.json Tune writes in its folder (`--results FOLDER` reads a sweep that has already run instead):
+
+    python sweeps/bench_overhead.py --sweep --space vae --preset smoke --json busy.json
+
+A trial starts at its first report's timestamp less that report's time_this_iter_s and ends at its last report's
+timestamp (Tune's timestamps are whole seconds); its own time is its last time_total_s. busy fraction = the trials'
+own time / (slots x (last end - first start)), slots = CPUs / CPUs per trial (--slots); peak concurrency is the most
+trials running at once; a gap is how long after a trial's end the next trial started.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
 import math
+import os
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +55,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default 1 if a GPU is visible, else 0")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", type=Path, default=None)
+    busy = p.add_argument_group("--sweep: a whole sweep's busy fraction")
+    busy.add_argument("--sweep", action="store_true", help="run the preset's whole sweep through sweeps/run.py")
+    busy.add_argument("--results", type=Path, default=None, help="read this sweep folder's trials instead of running")
+    busy.add_argument("--sweep-args", default="", help="more run.py arguments, as one string (e.g. '--num-samples 4')")
+    busy.add_argument("--slots", type=int, default=os.cpu_count(),
+                      help="trials Tune can run at once: CPUs / CPUs per trial (default: this machine's CPUs)")
     return p.parse_args(argv)
+
+
+def trial_spans(folder: Path) -> list[dict[str, Any]]:
+    """Each trial's start, end and own seconds, from the result.json (a JSON report a line) in its folder."""
+    spans = []
+    for path in sorted(folder.glob("*/result.json")):
+        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if reports:
+            first, last = reports[0], reports[-1]
+            spans.append({"trial": path.parent.name, "start": first["timestamp"] - first["time_this_iter_s"],
+                          "end": last["timestamp"], "own_s": last["time_total_s"], "reports": len(reports)})
+    return spans
+
+
+def busy_figures(spans: list[dict[str, Any]], slots: int) -> dict[str, Any]:
+    """The sweep's trial time, busy fraction, peak concurrency and the gaps from a trial's end to the next start."""
+    if not spans:
+        raise ValueError("no trial reported anything (no result.json with a report)")
+    first, last = min(s["start"] for s in spans), max(s["end"] for s in spans)
+    own = sum(s["own_s"] for s in spans)
+    # at one instant, ends before starts: a trial starting the second another ends does not overlap it
+    running = peak = 0
+    for _, change in sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans]):
+        running += change
+        peak = max(peak, running)
+    starts = sorted(s["start"] for s in spans)
+    gaps = []
+    for end in sorted(s["end"] for s in spans):
+        i = bisect.bisect_left(starts, end)
+        if i < len(starts):  # the last trials to end have no next start
+            gaps.append(starts[i] - end)
+    return {"trials": len(spans), "trial_s": own, "span_s": last - first, "slots": slots,
+            "busy_fraction": own / (slots * (last - first)) if last > first else None, "peak_concurrency": peak,
+            "gap_mean_s": sum(gaps) / len(gaps) if gaps else None, "gap_max_s": max(gaps, default=None),
+            "gaps_s": gaps, "spans": [{**s, "start": s["start"] - first, "end": s["end"] - first} for s in spans]}
+
+
+def sweep_busy(args: argparse.Namespace) -> dict[str, Any]:
+    """--sweep / --results: run the sweep through the CLI (or read one), and how busy its trial slots were."""
+    from genmodels.bench.common import environment, write_json
+    from genmodels.engine import default_device
+
+    with tempfile.TemporaryDirectory(prefix="gsbusy") as tmp:
+        wall_s, command = None, None
+        folder = args.results
+        if folder is None:
+            command = [sys.executable, str(Path(__file__).resolve().parent / "run.py"), "--space", args.space,
+                       "--preset", args.preset, "--no-wandb", "--storage-path", tmp, "--name", "bench",
+                       *(["--data-dir", args.data_dir] if args.data_dir else []), *shlex.split(args.sweep_args)]
+            print(f"sweep: {shlex.join(command)}", flush=True)
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            wall_s = time.perf_counter() - start
+            if done.returncode != 0:
+                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
+                raise SystemExit(f"the sweep failed (exit {done.returncode}):\n{tail}")
+            folder = Path(tmp) / "bench"
+        figures = busy_figures(trial_spans(folder), args.slots)
+    report = {"space": args.space, "preset": args.preset, "command": command, "wall_s": wall_s, **figures,
+              **environment(default_device())}
+    wall = f"CLI wall {wall_s:.1f} s, " if wall_s is not None else ""
+    busy = "n/a" if figures["busy_fraction"] is None else f"{100 * figures['busy_fraction']:.0f}%"
+    gaps = "none" if figures["gap_mean_s"] is None else \
+        f"mean {figures['gap_mean_s']:.1f} s, max {figures['gap_max_s']:.1f} s"
+    print(f"sweep: {figures['trials']} trials, {wall}trials first start to last end {figures['span_s']:.1f} s; "
+          f"the trials' own time {figures['trial_s']:.1f} s; {figures['slots']} slots busy {busy}; peak "
+          f"concurrency {figures['peak_concurrency']}; from a trial's end to the next start: {gaps}")
+    write_json(args.json, report)
+    return report
 
 
 def direct_run(cfg: TrialConfig, data: dict, out_dir: Path) -> float:
@@ -99,6 +190,8 @@ def tune_run(space, preset: str, config: dict[str, Any], args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.sweep or args.results:
+        return sweep_busy(args)
     from sweeps.ray_env import configure_environment
 
     configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import

@@ -16,7 +16,6 @@ import textwrap
 from typing import Any
 
 import torch
-from trainables.wandb_auth import is_logged_in
 
 from genmodels.config import DATASETS, ConfigError
 from genmodels.data import load_splits
@@ -31,6 +30,7 @@ from sweeps.packing import auto_gpus_per_trial
 from sweeps.spaces import SPACES
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.tuner import make_fid_plan, make_tuner, restore_tuner
+from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
 
 
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="sweep name: W&B group and results folder (default SPACE-PRESET-TIME)")
     p.add_argument("--storage-path", help=f"results root, local path or s3:// / gs:// URI (default "
                                           f"{sweep_storage.default_storage()})")
+    p.add_argument("--checkpoint-every-s", type=float, default=300.0,
+                   help="seconds between a trial's checkpoints, besides those at ASHA's milestones and at its end "
+                        "(a fault loses at most this much training; 0 = every epoch; default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable; "

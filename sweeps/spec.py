@@ -50,6 +50,7 @@ class SweepSpec:
     num_samples: int
     max_concurrent: int = 0  # 0: as many as resources allow
     seed: int = 0
+    checkpoint_every_s: float = 300.0  # between milestones; a fault loses at most this much training
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # --fixed, as given (for the record)
     argv: tuple[str, ...] = ()
     # A new sweep's Ray Tune search domains. Tune keeps them in its own saved state, so they are not written here,
@@ -86,6 +87,8 @@ class SweepSpec:
         require(isinstance(self.max_concurrent, int) and self.max_concurrent >= 0,
                  f"--max-concurrent must not be negative, got {self.max_concurrent!r}")
         require(isinstance(self.seed, int) and self.seed >= 0, f"--seed must not be negative, got {self.seed!r}")
+        require(_number(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
+                f"--checkpoint-every-s must be a number >= 0, got {self.checkpoint_every_s!r}")
 
     @property
     def metric(self) -> str:
@@ -192,7 +195,8 @@ class SweepSpec:
                    domains={k: param_space[k] for k in ps.searched_keys(param_space)}, objectives=objectives,
                    mode=space.mode, asha=ASHASettings(epochs, min(p.grace_period, epochs), p.reduction_factor),
                    fid=fid, resources={"cpu": _given(args.cpus_per_trial, 1.0), "gpu": gpus}, num_samples=num_samples,
-                   max_concurrent=args.max_concurrent, seed=args.seed, fixed=fixed, argv=tuple(args.argv))
+                   max_concurrent=args.max_concurrent, seed=args.seed, checkpoint_every_s=args.checkpoint_every_s,
+                   fixed=fixed, argv=tuple(args.argv))
 
 
 def _check_name(name: Any) -> None:

@@ -18,19 +18,20 @@ from genmodels.metrics.fid import FIDScorer
 from sweeps import storage as sweep_storage
 from sweeps.leaderboard import short
 from sweeps.spec import SweepSpec
-from trainables.checkpoints import TrialEndRecorder, trial_dirname
+from trainables import checkpoints
 from trainables.evaluation import FIDPlan
-from trainables.trainable import train_trial
+from trainables.trainable import TrialPlan, train_trial
 
 
 def trial_name(trial) -> str:
     """Readable run names for the progress table and W&B: model, trial id, searched values."""
     parts = [f"{k.split('.')[-1]}={short(v)}" for k, v in getattr(trial, "evaluated_params", {}).items()]
-    return "_".join([trial_folder(trial), ",".join(parts)]) if parts else trial_folder(trial)
+    return "_".join([trial_dirname(trial), ",".join(parts)]) if parts else trial_dirname(trial)
 
 
-def trial_folder(trial) -> str:
-    return trial_dirname(trial.config["model_name"], trial.trial_id)
+def trial_dirname(trial) -> str:
+    """The trial's folder in the sweep (Tune's saved state names this function: sweeps started earlier resume)."""
+    return checkpoints.trial_dirname(trial.config["model_name"], trial.trial_id)
 
 
 class MilestoneOptunaSearch(OptunaSearch):
@@ -90,8 +91,9 @@ def sweep_reporter(results: str, mode: str, **kwargs: Any) -> tune.CLIReporter:
 
 
 def _trainable(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None, folder: str):
-    return tune.with_resources(tune.with_parameters(train_trial, data=data, metric=spec.metric, mode=spec.mode,
-                                                    fid=fid_plan, folder=folder), dict(spec.resources))
+    plan = TrialPlan(spec.metric, spec.mode, fid_plan, spec.milestones, spec.checkpoint_every_s)
+    return tune.with_resources(tune.with_parameters(train_trial, data=data, plan=plan, folder=folder),
+                               dict(spec.resources))
 
 
 def restore_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None,
@@ -127,9 +129,13 @@ def make_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan
                                     num_samples=spec.num_samples,
                                     # the ConcurrencyLimiter holds it when there is a searcher
                                     max_concurrent_trials=None if search_alg else spec.max_concurrent or None,
-                                    trial_name_creator=trial_name, trial_dirname_creator=trial_folder),
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
+                                    # A finished trial's process runs the next one: no new process to start, no
+                                    # torch import, dataset fetch or feature network load per trial (each trial
+                                    # seeds itself and builds its own model, optimizer and CUDA graphs).
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, progress_reporter=reporter, verbose=1,
-                                  callbacks=[*callbacks, TrialEndRecorder(folder)],
+                                  callbacks=[*callbacks, checkpoints.TrialEndRecorder(folder)],
                                   failure_config=tune.FailureConfig(max_failures=3),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   # The image grids trials write on any node reach storage every 5 minutes and when

@@ -393,3 +393,101 @@ def test_profile_bench_breaks_a_step_down_by_op():
     assert all(r["share"] > 0 for r in rows) and sum(r["share"] for r in rows) <= 1 + 1e-9
     assert any("conv" in r["op"] for r in rows)  # a conv VAE's step is mostly convolutions
     assert report["total_ms_per_step"] >= sum(r["self_ms_per_step"] for r in rows) - 1e-6
+
+
+def test_trial_bench_times_every_phase_of_both_plans(tmp_path):
+    from genmodels.bench.trial import PHASES, PLANS, main
+
+    out = tmp_path / "trial.json"
+    main(["--model", "vae", "--preset", "small", "--device", "cpu", "--epochs", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "trial" and report["preset"] == "small" and report["milestones"] == [1, 2, 4]
+    assert report["steps"] == report["real_steps"] == 8 and report["images"]["train"] == 512  # a real smoke epoch
+    assert set(report["plans"]) == set(PLANS)
+    for plan in report["plans"].values():
+        assert set(plan["seconds"]) == set(plan["shares"]) == set(PHASES)
+        assert all(s >= 0 for s in plan["seconds"].values()) and plan["seconds"]["train"] > 0
+        assert sum(plan["shares"].values()) == pytest.approx(1)
+        assert plan["total_s"] == pytest.approx(sum(plan["seconds"].values()))
+    assert report["process_start_s"] > 0
+
+
+def test_trial_plans_schedule_each_phase_as_the_trainable_does():
+    from genmodels.bench.trial import plan_seconds
+
+    unit = dict(startup=1.0, train=10.0, eval_full=5.0, eval_subset=1.0, grids=2.0, grids_final=3.0, checkpoint=1.0,
+                final_eval=7.0, fid_rungs=[4.0, 6.0], fid_final=8.0)
+    milestones = (1, 3, 9)  # the last one is the end: the final FID, not rung 2's
+    old = plan_seconds(unit, 9, milestones, "per-epoch", 300.0)
+    assert old == dict(startup=1.0, train=90.0, evaluation=45.0, fid=18.0, grids=8 * 2.0 + 3.0, checkpoint=9.0,
+                       final_eval=7.0)
+    new = plan_seconds(unit, 9, milestones, "milestones", 1e9)
+    assert new == dict(old, evaluation=3 * 5.0 + 6 * 1.0, grids=2 * 2.0 + 3.0, checkpoint=3.0)
+    # every 20 s: epochs 2, 4, 6, 8 add 11 s each since the last save, so 5 and 7 save too
+    assert plan_seconds(unit, 9, milestones, "milestones", 20.0)["checkpoint"] == 5.0
+    assert plan_seconds(unit, 9, milestones, "milestones", 0.0)["checkpoint"] == 9.0  # 0: every epoch
+
+
+def test_trial_presets_match_the_sweeps():
+    """The trial benchmark's schedules, evaluation settings, FID ladders and data sizes are the sweeps' own."""
+    import dataclasses
+
+    from ray.tune.search.sample import Domain
+
+    from genmodels.bench.common import SMOKE_IMAGES, TRIAL_PRESETS, bench_config
+    from genmodels.bench.trial import FID_LADDERS, STEP_FRACTIONS, asha_milestones
+    from genmodels.registry import trial_config
+    from sweeps.budgets import ASHASettings, FIDSettings
+    from sweeps.spaces import FID_SETTINGS, SMOKE_DATA, SPACES
+
+    spaces = {"vae": "vae", "resnet_vae": "resnet_vae", "iwae": "iwae", "dfc": "dfc", "vqvae": "vqvae",
+              "vqvae_prior": "vqvae", "ncsn": "ncsn", "ncsn_refinenet": "ncsn"}
+    assert set(TRIAL_PRESETS) == set(bench.BENCH_MODELS)
+    for name, presets in TRIAL_PRESETS.items():
+        space = SPACES[spaces[name]]
+        for size, trial_preset in zip(("full", "smoke"), presets):
+            preset = space.presets[size]
+            assert (trial_preset.grace_period, trial_preset.reduction_factor) == \
+                (preset.grace_period, preset.reduction_factor), (name, size)
+            assert trial_preset.fid_ranked == (space.metric == "fid"), name
+            model, params = bench_config(name, "full" if size == "full" else "small")
+            flat = trial_config({**params, **trial_preset.config}, model).flat()
+            fixed = {**space.params, **preset.config}
+            for key in ("eval_images", "eval_k", "final_eval_k", "eval_subset", "langevin_steps"):
+                if key in fixed and not isinstance(fixed[key], Domain):
+                    assert next(v for k, v in flat.items() if k.endswith(f".{key}")) == fixed[key], (name, size, key)
+    for size, (ladder, final) in FID_LADDERS.items():
+        settings = FID_SETTINGS["smoke" if size == "small" else "full"]
+        assert (settings.ladder, settings.final) == (ladder, final)
+    assert {f.name: f.default for f in dataclasses.fields(FIDSettings)}["step_fractions"] == STEP_FRACTIONS
+    assert SMOKE_IMAGES == (SMOKE_DATA["train_size"], SMOKE_DATA["test_size"])
+    for epochs, grace, rf in [(150, 10, 3), (50, 5, 3), (4, 1, 2), (90, 61, 3), (30, 61, 3), (10, 1, 3)]:
+        assert asha_milestones(epochs, grace, rf) == ASHASettings(epochs, min(grace, epochs), rf).milestones
+
+
+def _write_results(folder, trials):
+    """result.json files as Tune writes them: one JSON report a line."""
+    for name, reports in trials.items():
+        (folder / name).mkdir(parents=True)
+        lines = [json.dumps({"timestamp": ts, "time_this_iter_s": it, "time_total_s": total, "date": "d"})
+                 for ts, it, total in reports]
+        (folder / name / "result.json").write_text("\n".join(lines) + "\n")
+
+
+def test_sweep_busy_figures_from_the_trials_result_files(tmp_path):
+    from sweeps.bench_overhead import busy_figures, main, trial_spans
+
+    # (timestamp, time_this_iter_s, time_total_s) per report: a runs 98-104, b 98-110, c 105-108, d 110-112
+    _write_results(tmp_path, {"a": [(100, 2, 2), (104, 4, 6)], "b": [(101, 3, 3), (110, 9, 12)],
+                              "c": [(106, 1, 1), (108, 2, 3)], "d": [(112, 2, 2)]})
+    spans = {s["trial"]: (s["start"], s["end"], s["own_s"]) for s in trial_spans(tmp_path)}
+    assert spans == {"a": (98, 104, 6), "b": (98, 110, 12), "c": (105, 108, 3), "d": (110, 112, 2)}
+    report = main(["--results", str(tmp_path), "--slots", "2", "--json", str(tmp_path / "busy.json")])
+    assert report["trials"] == 4 and report["trial_s"] == 23 and report["span_s"] == 14 and report["wall_s"] is None
+    assert report["busy_fraction"] == pytest.approx(23 / (2 * 14))
+    assert report["peak_concurrency"] == 2  # d starts the second b ends: no overlap
+    assert report["gaps_s"] == [1, 2, 0]  # after a (104 -> c at 105), c (108 -> d at 110), b (110 -> d)
+    assert json.loads((tmp_path / "busy.json").read_text())["busy_fraction"] == report["busy_fraction"]
+    back_to_back = [{"start": 0, "end": 10, "own_s": 10}, {"start": 10, "end": 20, "own_s": 10}]
+    assert busy_figures(back_to_back, 1)["peak_concurrency"] == 1
+    assert busy_figures(back_to_back, 1)["busy_fraction"] == 1

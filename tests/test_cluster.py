@@ -186,9 +186,10 @@ def test_trial_trains_on_the_shared_data_and_reports_where_it_resumed(tmp_path, 
     monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: restore_from["checkpoint"])
     config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
               "train.batch_size": 8, "train.steps_per_epoch": 2}
-    tr.train_trial({**config, "train.epochs": 1}, data, metric="test_bpd")
+    plan = tr.TrialPlan("test_bpd", milestones=(1, 2))  # grids at milestones and the end
+    tr.train_trial({**config, "train.epochs": 1}, data, plan)
     restore_from["checkpoint"] = tr.tune.Checkpoint.from_directory(tmp_path / "checkpoint_1")
-    tr.train_trial({**config, "train.epochs": 3}, data, metric="test_bpd")
+    tr.train_trial({**config, "train.epochs": 3}, data, plan)
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in reports] == [(1, 0), (2, 1), (3, 1)]
     assert all(r["node_id"] == "" for r in reports)  # not inside Ray here
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]

@@ -353,3 +353,10 @@ def test_prepare_derives_sigma_1_for_the_ncsnv2_schedule_only(tmp_path, monkeypa
     derived = NCSN.prepare(ncsnv2, images)
     assert derived == {"data_sigma_1": pytest.approx(schedules.max_pairwise_distance(images), rel=1e-6)}
     assert NCSN.prepare(ncsnv2.replace("model", **derived), images) == {}  # already resolved
+
+
+def test_cheap_evaluation_is_the_full_one():
+    torch.manual_seed(0)
+    model = NCSN(NCSNConfig(**TINY), 3).eval()
+    batches = list(synthetic_images(24).split(8))
+    assert model.evaluate(batches, full=False) == model.evaluate(batches)

@@ -26,7 +26,8 @@ def test_ncsn_smoke_ranked_by_fid_then_sampling_only_sweep(tmp_path):
     assert len(fids) == 3 and fids == sorted(fids)  # by the deepest rung's sample count, then by FID
     assert "fid_256" in header  # the final FID, named by its sample count
 
-    checkpoint = sorted((tmp_path / "ncsn").glob("ncsn_*/checkpoint_000003/state.pt"))[0]
+    # a completed trial's last checkpoint (checkpoints come at milestones and the end: the highest number)
+    checkpoint = sorted((tmp_path / "ncsn").glob("ncsn_*/checkpoint_*/state.pt"), key=lambda p: p.parent.name)[-1]
     r = run_cli(["sweeps/run.py", "--space", "ncsn-sampling", "--preset", "smoke", "--num-samples", "2",
                  "--no-wandb", "--storage-path", str(tmp_path), "--name", "sampling", "--checkpoint",
                  str(checkpoint)])

@@ -1,8 +1,8 @@
 """End to end through Ray Tune: the smoke sweep, the leaderboard, and the CLI's one-line errors."""
-import json
-
 import pytest
 from conftest import run_cli
+
+from sweeps.spec import SweepSpec
 
 
 @pytest.mark.slow
@@ -44,8 +44,8 @@ def test_trials_write_grids_checkpoints_and_offline_wandb_runs(smoke_sweep):
         run = list(t.glob("wandb/offline-run-*"))
         assert run, f"no offline W&B run in {t}"
         assert list(run[0].glob("files/media/images/samples_*.png"))  # grids reached W&B as images
-    info = json.loads((storage / "smoke" / "gensweep_sweep.json").read_text())
-    assert info["metric"] == "test_bpd" and set(info["searched"]) == {
+    spec = SweepSpec.load(str(storage), "smoke")
+    assert spec.metric == "test_bpd" and set(spec.searched) == {
         "model.beta", "model.latent", "train.lr", "model.likelihood_scale", "model.learn_scale"}
 
 
@@ -101,5 +101,55 @@ def test_diverged_trial_reports_and_ends_cleanly(monkeypatch, tmp_path):
     data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
     config = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4,
               "train.epochs": 3, "train.batch_size": 8}
-    tr.train_trial(config, data, metric="test_bpd")
+    tr.train_trial(config, data, tr.TrialPlan("test_bpd"))
     assert len(reports) == 1 and reports[0]["diverged"] == 1 and "test_bpd" not in reports[0]
+
+
+def reports_of_trials(monkeypatch, tmp_path, configs, plan) -> list[list[dict]]:
+    """Run trials one after another in this process, as a reused Ray actor runs them; each trial's reports."""
+    import trainables.trainable as tr
+    from genmodels.data import synthetic_images
+
+    trials: list[list[dict]] = []
+    monkeypatch.setattr(tr.tune, "report", lambda metrics, checkpoint=None: trials[-1].append(
+        {**metrics, "with_checkpoint": checkpoint is not None}))
+    monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    data = {"train": synthetic_images(32), "test": synthetic_images(24, seed=1)}
+    for config in configs:
+        trials.append([])
+        tr.train_trial(config, data, plan)
+    return trials
+
+
+TINY = {"model_name": "vae", "model.arch": "conv-small", "model.width": 4, "model.latent": 4, "train.epochs": 4,
+        "train.batch_size": 8, "train.steps_per_epoch": 2, "train.eval_subset": 8, "model.eval_k": 4}
+
+
+def test_a_reused_actors_trial_is_the_same_as_a_fresh_one(monkeypatch, tmp_path):
+    """Tune reuses a finished trial's process for the next trial (reuse_actors): nothing of one trial may leak into
+    the next, so a trial run after another computes exactly what it computes first in a fresh process."""
+    import trainables.trainable as tr
+
+    other = {**TINY, "model.latent": 8, "train.lr": 3e-3, "train.seed": 5}
+    first, _, again = reports_of_trials(monkeypatch, tmp_path, [TINY, other, TINY], tr.TrialPlan("test_bpd"))
+    drop = ("node_id",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in first] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in again]
+
+
+def test_full_evaluation_grids_and_checkpoints_come_at_milestones(monkeypatch, tmp_path):
+    """The ranking metric (the full test split at the space's k) only where ASHA reads it and at the end; a cheap
+    `subset_` evaluation in between; grids and checkpoints at milestones and the end (checkpoint_every_s apart
+    otherwise)."""
+    import trainables.trainable as tr
+
+    plan = tr.TrialPlan("test_iwae_bpd", milestones=(1, 2, 4), checkpoint_every_s=3600)
+    (reports,) = reports_of_trials(monkeypatch, tmp_path, [{**TINY, "train.epochs": 5}], plan)
+    assert [r["epoch"] for r in reports if "test_iwae_bpd" in r] == [1, 2, 4, 5]
+    assert [r["epoch"] for r in reports if "subset_test_bpd" in r] == [3]
+    assert reports[2]["subset_images"] == 8 and "test_iwae_bpd" not in reports[2] and "test_bpd" not in reports[2]
+    assert [r["epoch"] for r in reports if r["with_checkpoint"]] == [1, 2, 4, 5]
+    assert [r["checkpointed"] for r in reports] == [1, 1, 0, 1, 1]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "epoch_0001", "epoch_0002", "epoch_0004", "epoch_0005"]

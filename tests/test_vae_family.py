@@ -318,3 +318,42 @@ def test_best_weight_sample_has_the_largest_importance_weight():
         candidates = model.decode(z.flatten(0, 1)).view(50, 3, -1)
         dist = (candidates - best.unsqueeze(0)).norm(dim=2)
     assert dist.argmin(0).tolist() == log_w.argmax(0).tolist()
+
+
+# ---------------------------------------------------------------- the cheap evaluation between ASHA's milestones
+
+@pytest.mark.parametrize("name,cfg", [("vae", {"norm": "batch"}), ("iwae", {}), ("dfc", {"vgg_weights": "random"})])
+def test_cheap_evaluation_is_the_full_one_without_the_importance_weighted_bound(name, cfg):
+    torch.manual_seed(0)
+    model = tiny(name, **cfg).eval()
+    x = synthetic_images(8, seed=2)  # one batch: with more, the bound's draws shift the next batch's dequantisation
+    torch.manual_seed(1)
+    full = model.evaluate([x])
+    torch.manual_seed(1)
+    cheap = model.evaluate([x], full=False)
+    assert set(cheap) == set(full) - {"test_iwae_nll", "test_iwae_bpd", "test_iwae_bpd_k4"}
+    assert cheap == {key: full[key] for key in cheap}
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Log every tensor-to-Python read (each one a host sync on a GPU) from here on."""
+    reads = []
+    for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def counted(tensor, *args, _original=getattr(torch.Tensor, method), _method=method):
+            reads.append(_method)
+            return _original(tensor, *args)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return reads
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("name,cfg", [("vae", {}), ("iwae", {}), ("dfc", {"vgg_weights": "random"})])
+def test_evaluation_reads_the_host_as_often_for_six_batches_as_for_two(name, cfg, full, monkeypatch):
+    torch.manual_seed(0)
+    model = tiny(name, **cfg).eval()
+    x = synthetic_images(12, seed=3)
+    reads = count_host_reads(monkeypatch)
+    model.evaluate(x.split(6), full=full)
+    two = len(reads)
+    model.evaluate(x.split(2), full=full)
+    assert 0 < two and len(reads) - two == two

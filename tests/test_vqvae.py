@@ -272,3 +272,11 @@ def test_resume_inside_stage_1_and_across_the_boundary_is_exact(tmp_path):
     assert resumed.model.stage == 2
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_cheap_evaluation_is_the_full_one():
+    torch.manual_seed(0)
+    model = build_model("vqvae", TINY, channels=3).eval()
+    model.start_epoch(model.cfg.stage1_epochs)  # with the prior's metrics
+    batches = list(synthetic_images(16, 1).split(8))
+    assert model.evaluate(batches, full=False) == model.evaluate(batches)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,18 +20,25 @@ from genmodels.engine import CHECKPOINT_FILE, Diverged
 from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
-from trainables.checkpoints import has_ended, newest_state, trial_dirname
+from trainables.checkpoints import IMAGES_DIR, has_ended, newest_state, trial_dirname
 from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
-from trainables.wandb_logging import IMAGES_DIR
 
 
-def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], metric: str, mode: str = "min",
-                fid: FIDPlan | None = None, folder: str = "") -> None:
-    """Train one trial: report every epoch with a checkpoint; resume from Tune's checkpoint if there is one.
+class TrialPlan(NamedTuple):
+    """What a trial knows of its sweep besides its hyperparameters (from the sweep's spec, through
+    `tune.with_parameters`): the ranking metric and its direction, the FID plan, ASHA's milestones (where the full
+    evaluation, the FID ladder, the grids and a checkpoint are due) and how often to checkpoint in between."""
+    metric: str
+    mode: str = "min"
+    fid: FIDPlan | None = None
+    milestones: tuple[int, ...] = ()
+    checkpoint_every_s: float = 0.0  # 0: a checkpoint with every report
 
-    Besides its config (the hyperparameters), a trial knows of its sweep only what `tune.with_parameters` gives it
-    from the sweep's spec: the ranking `metric` and its `mode`, the `fid` plan, and the sweep's `folder` in storage
-    (local path or URI), where it finds its own checkpoints.
+
+def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan, folder: str = "") -> None:
+    """Train one trial: report every epoch, with a checkpoint at milestones, at the end and every
+    `plan.checkpoint_every_s` in between; resume from the newest checkpoint if there is one (in the trial's folder
+    of the sweep's `folder` in storage, local path or URI, or Tune's own).
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
     Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
@@ -42,9 +50,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], metric: s
         if folder else None
     if trial_folder and has_ended(trial_folder):
         return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
-    ranking = Ranking(metric, mode, fid)
     if config.get("checkpoint"):
-        return evaluate_checkpoint(config, data, ranking)
+        return evaluate_checkpoint(config, data, plan)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     newest = newest_state(trial_folder, tune.get_checkpoint())
@@ -55,35 +62,33 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], metric: s
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,
     # which only exists on the driver's node.
     trial_dir = Path.cwd()
+    last_checkpoint = time.monotonic()
 
     def on_epoch(metrics: dict[str, float]) -> None:
+        nonlocal last_checkpoint
+        milestone = exp.done or exp.epoch in plan.milestones
+        due = milestone or time.monotonic() - last_checkpoint >= plan.checkpoint_every_s
         images_dir = trial_dir / IMAGES_DIR / f"epoch_{exp.epoch:04d}"
-        extra, final_images = evaluate_extra(exp, ranking, exp.done, images_dir)
-        report_with_checkpoint(exp, {**metrics, **extra}, ranking, images_dir, exp.done, final_images)
+        extra, final_images = evaluate_extra(exp, plan, exp.done, images_dir)
+        report(exp, {**metrics, **extra}, plan, images_dir if milestone else None, due, final_images)
+        last_checkpoint = time.monotonic() if due else last_checkpoint
 
     try:
-        exp.run(on_epoch)
+        exp.run(on_epoch, full_evaluation=lambda epoch: epoch in plan.milestones)
     except Diverged as e:
         # No ranking metric in this report, and done=True: Tune stops the trial on it before ASHA or Optuna see it
         # (Optuna records the trial as pruned), and the sweep goes on (Tune's strict metric check is off).
         tune.report({"diverged": 1, "epoch": exp.epoch, "error": str(e), "done": True})
 
 
-class Ranking(NamedTuple):
-    """How the sweep ranks this trial: what `track_best` and the FID ladder need."""
-    metric: str
-    mode: str
-    fid: FIDPlan | None
-
-
-def evaluate_extra(exp: Experiment, ranking: Ranking, final: bool,
+def evaluate_extra(exp: Experiment, plan: TrialPlan, final: bool,
                    images_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.step, "diverged": 0, "node_id": node_id,
                                "resumed_from_epoch": exp.extra.get("resumed_from_epoch", 0)}
-    if ranking.fid:
-        metrics.update(fid_metrics(ranking.fid, exp, final))
+    if plan.fid:
+        metrics.update(fid_metrics(plan.fid, exp, final))
     images: dict[str, Path] = {}
     if final:
         final_metrics, images = exp.finish(images_dir)
@@ -91,14 +96,19 @@ def evaluate_extra(exp: Experiment, ranking: Ranking, final: bool,
     return metrics, images
 
 
-def report_with_checkpoint(exp: Experiment, metrics: dict[str, Any], ranking: Ranking, images_dir: Path,
-                           final: bool, final_images: dict[str, Path]) -> None:
-    """Track the best ranking value, write this epoch's grids, and report with a checkpoint holding the trainer
-    state and the grids (the W&B callback logs those from there)."""
-    metrics.update(track_best(exp.extra.setdefault("best", {}), metrics, ranking.metric, ranking.mode))
-    # Sample grids between rungs at the first rung's sampler budget: a full Langevin chain every epoch costs minutes.
-    budget = 1.0 if final or not ranking.fid else sampling_budget(ranking.fid, 0)
-    images = {**exp.write_grids(images_dir, budget=budget), **final_images}
+def report(exp: Experiment, metrics: dict[str, Any], plan: TrialPlan, grids_dir: Path | None, checkpoint: bool,
+           final_images: dict[str, Path]) -> None:
+    """Track the best ranking value, write grids into `grids_dir` (at milestones and the end), and report, with a
+    checkpoint holding the trainer state and those grids when one is due (the W&B callback logs the grids from
+    there). A report without a checkpoint says so (`checkpointed` 0): a fault loses the epochs since the last."""
+    metrics.update(track_best(exp.extra.setdefault("best", {}), metrics, plan.metric, plan.mode))
+    # Grids between the end's at the first rung's sampler budget: a full Langevin chain per milestone costs minutes.
+    budget = 1.0 if exp.done or not plan.fid else sampling_budget(plan.fid, 0)
+    images = {**(exp.write_grids(grids_dir, budget=budget) if grids_dir else {}), **final_images}
+    metrics["checkpointed"] = int(checkpoint)
+    if not checkpoint:
+        tune.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as d:
         exp.save(Path(d) / CHECKPOINT_FILE)
         (Path(d) / IMAGES_DIR).mkdir()
@@ -119,12 +129,12 @@ def track_best(best: dict[str, float], metrics: dict[str, Any], metric: str, mod
     return {key: best[key]}
 
 
-def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], ranking: Ranking) -> None:
+def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan) -> None:
     """No training: the model of a finished run, with the trial's model settings (the searched sampler values and
     any --fixed ones) and seed overriding its saved config, scored once at the final FID budget. What `ncsn-sampling`
     sweeps. The overrides are read from the trial's own config, so a resumed sweep applies them as well."""
     overrides = {k: v for k, v in config.items() if k.startswith("model.") or k == "train.seed"}
     exp = Experiment.from_checkpoint(config["checkpoint"], data["train"], data["test"], overrides)
     images_dir = Path.cwd() / IMAGES_DIR / "final"
-    extra, final_images = evaluate_extra(exp, ranking, True, images_dir)
-    report_with_checkpoint(exp, {**exp.evaluate(), **extra}, ranking, images_dir, True, final_images)
+    extra, final_images = evaluate_extra(exp, plan, True, images_dir)
+    report(exp, {**exp.evaluate(), **extra}, plan, images_dir, True, final_images)

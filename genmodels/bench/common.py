@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -59,6 +59,31 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                             epochs=4, steps_per_epoch=8)),
 }
 CIFAR_TRAIN_IMAGES = 50_000  # a full trial's epoch, for its length in steps
+CIFAR_TEST_IMAGES = 10_000
+SMOKE_IMAGES = (512, 256)  # the smoke presets' synthetic train and test splits (sweeps/spaces.py's SMOKE_DATA)
+
+
+class TrialPreset(NamedTuple):
+    """What a whole trial adds to a BENCH_MODELS network at one preset: ASHA's schedule, whether the sweep ranks by
+    FID (then the FID ladder runs at every milestone), and the evaluation settings the preset sets."""
+    grace_period: int
+    reduction_factor: int
+    fid_ranked: bool
+    config: dict[str, Any] = {}
+
+
+# name: (full, small), from sweeps/spaces.py's presets like BENCH_MODELS (tests/test_bench.py checks that they agree)
+_FAMILY_SMOKE_EVAL = dict(eval_images=128, eval_k=8, final_eval_k=32)
+TRIAL_PRESETS: dict[str, tuple[TrialPreset, TrialPreset]] = {
+    "vae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, dict(eval_k=8, final_eval_k=32))),
+    "resnet_vae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, _FAMILY_SMOKE_EVAL)),
+    "iwae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, _FAMILY_SMOKE_EVAL)),
+    "dfc": (TrialPreset(5, 3, True), TrialPreset(1, 2, True, _FAMILY_SMOKE_EVAL)),
+    "vqvae": (TrialPreset(61, 3, True), TrialPreset(7, 2, True)),
+    "vqvae_prior": (TrialPreset(61, 3, True), TrialPreset(7, 2, True)),
+    "ncsn": (TrialPreset(10, 3, True), TrialPreset(1, 2, True, dict(langevin_steps=5))),
+    "ncsn_refinenet": (TrialPreset(10, 3, True), TrialPreset(1, 2, True, dict(langevin_steps=5))),
+}
 
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), matched against torch.cuda.get_device_name.
 GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))

@@ -3,11 +3,12 @@ characterised in one call:
 
     python -m genmodels.bench all --budget-s 420 --json all.json
 
-Train (fast path against the seeds' way, with NCSN sampling and compile payback) for each model, then pack, fid
-and flops, each in a process of its own with a share of the budget (time a step leaves unused passes to the next).
-A step that runs over its share is stopped and recorded as `timed out`, with the rows it wrote before the stop (train
-writes each as it is measured); one that fails is recorded with the end of its error; the rest still run. What a
-step measured is its own benchmark's JSON, kept whole under `runs`.
+Train (fast path against the seeds' way, with NCSN sampling and compile payback) for each model, then pack, fid,
+flops and, on a GPU, a VAE trial's wall time by phase (trial), each in a process of its own with a share of the
+budget (time a step leaves unused passes to the next). A step that runs over its share is stopped and recorded
+as `timed out`, with the rows it wrote before the stop (train writes each as it is measured); one that fails is
+recorded with the end of its error; the rest still run. What a step measured is its own benchmark's JSON, kept
+whole under `runs`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 
 from genmodels.bench.common import BENCH_MODELS, environment, write_json
 
-# Shares of the budget; train's is split over models. On a GPU, pack measures three variants (graphs on and off, MPS).
+# Shares of the budget; train's is split over models. On a GPU, pack measures three variants (graphs on and off, MPS),
+# and trial a full-preset VAE trial (on a CPU that takes minutes: run `bench trial` with --steps there).
 SHARES = {"train": 0.6, "pack": 0.15, "fid": 0.15, "flops": 0.1}
-CUDA_SHARES = {"train": 0.55, "pack": 0.25, "fid": 0.12, "flops": 0.08}
+CUDA_SHARES = {"train": 0.55, "pack": 0.2, "fid": 0.1, "flops": 0.07, "trial": 0.08}
 TRAIN_WEIGHTS = {"ncsn": 4.0, "ncsn_refinenet": 2.5}  # of train's share, against 1 for each other model (GPU)
 MIN_STEP_S = 5.0  # a step given less time than this is skipped, not started
 
@@ -47,6 +49,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     fid = ["--networks", "inception,standin" if args.fid_weights or cuda else "standin"]
     steps.append(("fid", [*fid, *(["--fid-weights", args.fid_weights] if args.fid_weights else [])], shares["fid"]))
     steps.append(("flops", ["--models", ",".join(models)], shares["flops"]))
+    if "trial" in shares and "vae" in models:
+        weights = ["--fid-weights", args.fid_weights] if args.fid_weights else []
+        steps.append(("trial", ["--model", "vae", "--preset", "full", *weights], shares["trial"]))
     return [(name, extra, share * args.budget_s) for name, extra, share in steps]
 
 

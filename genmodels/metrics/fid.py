@@ -383,8 +383,8 @@ class FIDScorer:
                    seed: int | None = None, budget: float = 1.0) -> dict[str, Any]:
         """FID/KID of n samples of `model` (a GenerativeModel, typed nn.Module: genmodels.models imports the
         metrics, not the other way round), drawn `batch_size` at a time (default: the model's `sampling_batch`,
-        else the scorer's) with `model.sample(b, budget=budget)` (e.g. steps_per_level for NCSN). With `seed`, the
-        samples are reproducible and the caller's RNG state is left as it was."""
+        else the scorer's) with `model.sample(b, budget=budget)` (e.g. NCSN's Langevin steps per level T). With
+        `seed`, the samples are reproducible and the caller's RNG state is left as it was."""
         bs = batch_size or model.sampling_batch() or self.batch_size
 
         def batches() -> Iterator[torch.Tensor]:

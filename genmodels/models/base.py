@@ -50,8 +50,13 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """Metrics on the test split, averaged per image."""
+    def evaluate(self, batches: Iterable[torch.Tensor], full: bool = True) -> dict[str, float]:
+        """Metrics on the test split, averaged per image, with sums kept on the device and read to the host once,
+        not per batch.
+
+        `full=False` is the cheap evaluation the engine runs between ASHA's milestones, on a small fixed test subset:
+        only what the training curves need, under the same names as in the full evaluation (its keys are a subset
+        of the full one's), and never the expensive estimates (e.g. the VAE family's importance-weighted bound)."""
         return {}
 
     @torch.no_grad()

@@ -147,29 +147,33 @@ class VQVAE(GenerativeModel):
         return loss, logs
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[torch.Tensor], full: bool = True) -> dict[str, float]:
+        # Already cheap (one encoder, decoder and prior pass per image): the same metrics whatever `full` says.
+        prior_trained = bool(self.prior_trained)  # a buffer: read once, not per batch
         usage = torch.zeros(self.cfg.codebook_size, dtype=torch.long, device=self.device)
-        mse = psnr_sum = prior_nll = 0.0
+        sums = 0  # of squared error, PSNR and prior NLL, on the device
         n = 0
         for x in batches:
             codes = self.codes(x)
             recon, target = self.decode_codes(codes), to_unit(x)
             usage += torch.bincount(codes.flatten(), minlength=self.cfg.codebook_size)
-            mse += ((recon - target) ** 2).flatten(1).mean(1).sum().item()
-            psnr_sum += psnr(recon, target).sum().item()
-            if self.prior_trained:
-                prior_nll += self.prior.nll(codes).sum().item()
+            nll = self.prior.nll(codes) if prior_trained else torch.zeros(len(x), device=self.device)
+            terms = [((recon - target) ** 2).flatten(1).mean(1), psnr(recon, target), nll]
+            sums = sums + torch.stack([t.sum().double() for t in terms])
             n += len(x)
+        tallies = [perplexity(usage), (usage == 0).sum(), self.quantizer.dead_codes(), self.quantizer.codes_restarted]
+        mse, psnr_sum, prior_nll, test_perplexity, test_dead, dead, restarted = torch.cat(
+            [sums, torch.stack([t.double() for t in tallies])]).tolist()
         codes_per_image = self.grid[0] * self.grid[1]
         metrics = {
             "test_mse": mse / n,
             "test_psnr": psnr_sum / n,
-            "test_perplexity": perplexity(usage).item(),
-            "test_dead_codes": int((usage == 0).sum()),  # codes no test vector is assigned to
-            "dead_codes": int(self.quantizer.dead_codes()),  # unused in the last restart_window training steps
-            "codes_restarted": int(self.quantizer.codes_restarted),
+            "test_perplexity": test_perplexity,
+            "test_dead_codes": int(test_dead),  # codes no test vector is assigned to
+            "dead_codes": int(dead),  # unused in the last restart_window training steps
+            "codes_restarted": int(restarted),
         }
-        if self.prior_trained:
+        if prior_trained:
             metrics["test_prior_bits_per_code"] = prior_nll / (n * codes_per_image * math.log(2))
             # The rate term of the VQ-VAE bound, -log p(z) of the prior, spread over the image's dimensions.
             metrics["test_prior_bpd"] = prior_nll / (n * self.dims * math.log(2))
