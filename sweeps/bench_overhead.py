@@ -93,8 +93,10 @@ def busy_figures(spans: list[dict[str, Any]], slots: int) -> dict[str, Any]:
         i = bisect.bisect_left(starts, end)
         if i < len(starts):  # the last trials to end have no next start
             gaps.append(starts[i] - end)
-    return {"trials": len(spans), "trial_s": own, "span_s": last - first, "slots": slots,
-            "busy_fraction": own / (slots * (last - first)) if last > first else None, "peak_concurrency": peak,
+    span = last - first
+    return {"trials": len(spans), "trial_s": own, "span_s": span, "slots": slots,
+            "busy_fraction": own / (slots * span) if span > 0 else None, "peak_concurrency": peak,
+            "mean_concurrency": own / span if span > 0 else None,
             "gap_mean_s": sum(gaps) / len(gaps) if gaps else None, "gap_max_s": max(gaps, default=None),
             "gaps_s": gaps, "spans": [{**s, "start": s["start"] - first, "end": s["end"] - first} for s in spans]}
 
@@ -115,6 +117,9 @@ def sweep_busy(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             wall_s = time.perf_counter() - start
+            if args.json:  # the sweep's own output, beside the figures
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.with_suffix(".log").write_text(done.stdout + done.stderr)
             if done.returncode != 0:
                 tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
                 raise SystemExit(f"the sweep failed (exit {done.returncode}):\n{tail}")
@@ -127,8 +132,9 @@ def sweep_busy(args: argparse.Namespace) -> dict[str, Any]:
     gaps = "none" if figures["gap_mean_s"] is None else \
         f"mean {figures['gap_mean_s']:.1f} s, max {figures['gap_max_s']:.1f} s"
     print(f"sweep: {figures['trials']} trials, {wall}trials first start to last end {figures['span_s']:.1f} s; "
-          f"the trials' own time {figures['trial_s']:.1f} s; {figures['slots']} slots busy {busy}; peak "
-          f"concurrency {figures['peak_concurrency']}; from a trial's end to the next start: {gaps}")
+          f"the trials' own time {figures['trial_s']:.1f} s; {figures['slots']} slots busy {busy}; concurrency "
+          f"peak {figures['peak_concurrency']}, mean {figures['mean_concurrency'] or 0:.2f}; from a trial's end to "
+          f"the next start: {gaps}")
     write_json(args.json, report)
     return report
 

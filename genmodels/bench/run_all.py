@@ -50,8 +50,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     steps.append(("fid", [*fid, *(["--fid-weights", args.fid_weights] if args.fid_weights else [])], shares["fid"]))
     steps.append(("flops", ["--models", ",".join(models)], shares["flops"]))
     if "trial" in shares and "vae" in models:
+        # a quarter epoch and a fifth of the test split (scaled to the real ones): the end's 1000-sample bound fits
         weights = ["--fid-weights", args.fid_weights] if args.fid_weights else []
-        steps.append(("trial", ["--model", "vae", "--preset", "full", *weights], shares["trial"]))
+        steps.append(("trial", ["--model", "vae", "--preset", "full", "--steps", "100", "--test-images", "2000",
+                                *weights], shares["trial"]))
     return [(name, extra, share * args.budget_s) for name, extra, share in steps]
 
 

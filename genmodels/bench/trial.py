@@ -1,8 +1,9 @@
 """`python -m genmodels.bench trial`: one trial's wall time by phase, at a preset's real shapes and batch, for a
 sweep's two evaluation plans side by side, measured in this process:
 
-    python -m genmodels.bench trial --model vae --preset full --epochs 2 --steps 5 --json trial.json   # a CPU
-    python -m genmodels.bench trial --model ncsn --preset full --device cuda --json trial.json
+    python -m genmodels.bench trial --model vae --preset full --device cuda --json trial.json
+    python -m genmodels.bench trial --model vae --preset full --epochs 2 --steps 5                 # a CPU: minutes
+    python -m genmodels.bench trial --model ncsn --preset full --epochs 1 --steps 2 --one-step-sampling --max-samples 8
 
 Plans: `per-epoch` (a full evaluation, grids and a checkpoint every epoch: the trainable before milestones) and
 `milestones` (those at ASHA's milestones and at the end, the cheap subset evaluation in between, and a checkpoint
@@ -11,11 +12,12 @@ ranks by FID, and the final evaluation, FID and grids at the end.
 
 Each phase is timed on this run's few epochs and scaled to a real one: training by steps (a real epoch is 50,000
 CIFAR-10 images, or the preset's steps_per_epoch), evaluation by test images (synthetic images in the real dataset's
-train / test ratio; with --steps below a real epoch, fewer of both), an FID by its samples (--max-samples). A whole
-trial is the preset's epochs of those costs under each plan's schedule. Start-up is building the Experiment until
-its first training step is done, with the data already in memory (as a trial gets it); a new process's interpreter
-start and imports, measured in a subprocess, come on top once per trial process and are not in the shares (Tune's
-reuse_actors runs one trial after another in the same process).
+train / test ratio; with --steps below a real epoch, fewer of both; or --test-images), an FID by its samples
+(--max-samples), a sampler's chains by their steps (--one-step-sampling). A whole trial is the preset's epochs of
+those costs under each plan's schedule. Start-up is building the Experiment until its first training step is done,
+with the data already in memory (as a trial gets it); a new process's interpreter start and imports, measured in a
+subprocess, come on top once per trial process and are not in the shares (Tune's reuse_actors runs one trial after
+another in the same process).
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     real_steps = int(params.get("steps_per_epoch") or real_train // batch)
     steps = min(args.steps or real_steps, real_steps)
     n_train = min(real_train, steps * batch)
-    n_test = max(2, round(n_train * real_test / real_train))
+    n_test = min(args.test_images or max(2, round(n_train * real_test / real_train)), real_test)
     # the images evaluation sees (the first eval_images of the test split), really and here
     real_eval, n_eval = (min(params.get("eval_images") or n, n) for n in (real_test, n_test))
     # Trainer's rule: a cheap evaluation only where the subset is smaller than the evaluated split; else a full one
@@ -125,7 +127,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     n_subset = 0 if not real_subset else real_subset if real_subset < n_eval else max(1, n_eval // 2)
     params.update(steps_per_epoch=steps, eval_subset=n_subset)
     scale = {"train": real_steps / steps, "eval_full": real_eval / n_eval,
-             "eval_subset": real_subset / n_subset if n_subset else real_eval / n_eval}
+             "eval_subset": real_subset / n_subset if n_subset else real_eval / n_eval, "grids": 1.0}
 
     train, test = bench_images(n_train), bench_images(n_test, seed=1)
     cfg = prepare(trial_config(params, model_name), train)  # the sweep's driver does this once, before any trial
@@ -136,6 +138,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     milestones = asha_milestones(epochs, args.grace_period or preset.grace_period,
                                  args.reduction_factor or preset.reduction_factor)
     between = fractions[0]  # the grids' sampling budget between the end's (the first rung's)
+    langevin_steps = getattr(cfg.model, "langevin_steps", 0) if args.one_step_sampling else 0
+
+    def sampling(budget: float) -> tuple[float, float]:
+        """The budget to sample at, and the factor to scale the time by: --one-step-sampling runs one Langevin
+        step per level where the budget asks for round(T * budget), as NCSN.sample counts them."""
+        if not langevin_steps:
+            return budget, 1.0
+        return 1 / langevin_steps, max(1, round(langevin_steps * budget))
+
+    scale["grids"] = sampling(between)[1]
+
+    def grids(folder: str, budget: float) -> float:
+        return timed_run(lambda: exp.write_grids(out / folder, budget=sampling(budget)[0]), device)
+
     runs: dict[str, list[float]] = {k: [] for k in ("train", "eval_full", "eval_subset", "grids", "checkpoint")}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -143,18 +159,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             runs["train"].append(timed_run(exp.train_epoch, device))
             runs["eval_full"].append(timed_run(lambda: exp.evaluate(full=True), device))
             runs["eval_subset"].append(timed_run(lambda: exp.evaluate(full=False), device))
-            runs["grids"].append(timed_run(lambda: exp.write_grids(out / "grids", budget=between), device))
+            runs["grids"].append(grids("grids", between))
             runs["checkpoint"].append(timed_run(lambda: exp.save(out / "state.pt"), device))
         unit = {k: statistics.median(v) * scale.get(k, 1.0) for k, v in runs.items()}
         unit["startup"] = startup
         model = exp.eval_model
 
-        @torch.no_grad()
-        def final_grids() -> None:  # at the end: at the full sampling budget, and the model's own final grids
-            exp.write_grids(out / "final", budget=1.0)
-            model.final_images(exp.test_images(n_eval), out / "final")
-
-        unit["grids_final"] = timed_run(final_grids, device)
+        # at the end: grids at the full sampling budget, and the model's own final grids
+        final_images = torch.no_grad()(lambda: model.final_images(exp.test_images(n_eval), out / "final"))
+        unit["grids_final"] = grids("final", 1.0) * sampling(1.0)[1] + timed_run(final_images, device)
         unit["final_eval"] = timed_run(exp.finish, device) * scale["eval_full"]  # metrics only: no out_dir
 
         # FID as trainables/evaluation.py runs it: the rung's samples at milestones when the sweep ranks by FID,
@@ -169,7 +182,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 return 0.0
             m = min(n, args.max_samples or n)
             scorer.kid_subsets = 100 if kid else 0
-            s = timed_run(lambda: scorer.sample_fid(model, m, ref, seed=seed, budget=budget), device) * n / m
+            at, factor = sampling(budget)
+            s = timed_run(lambda: scorer.sample_fid(model, m, ref, seed=seed, budget=at), device) * factor * n / m
             fid_calls.append(dict(n=n, measured_n=m, budget=budget, kid=kid, seconds=s))
             return s
 
@@ -188,12 +202,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         total = sum(seconds.values())
         plans[plan] = {"total_s": total, "seconds": seconds, "shares": {k: v / total for k, v in seconds.items()}}
     notes = []
-    if steps < real_steps:
+    if steps < real_steps or n_test < real_test:
         notes.append(f"measured {steps} of a real epoch's {real_steps} steps, on {n_train} synthetic training and "
                      f"{n_test} test images (the real {real_train} / {real_test}); per-epoch figures scaled to a "
                      f"real epoch")
     if n_subset != real_subset:
         notes.append(f"the subset evaluation measured on {n_subset} images, scaled to the real {real_subset}")
+    if langevin_steps:
+        notes.append(f"sampled at one Langevin step per level, scaled to the {langevin_steps} x budget steps (the "
+                     f"denoising step and FID's features scaled with them: an overestimate)")
     if any(c["measured_n"] < c["n"] for c in fid_calls):
         notes.append(f"FID measured on at most {args.max_samples} samples, scaled by the sample count")
     return {"model": args.model, "model_name": model_name, "preset": args.preset, "epochs": epochs,
@@ -214,6 +231,9 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs measured (default 2); the trial has the preset's")
     p.add_argument("--steps", type=int, default=None, help="training steps per measured epoch (default: a real "
                                                            "epoch's; fewer on a CPU, e.g. 5)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="test images to evaluate on, scaled to the real split (default: the real train / test ratio "
+                        "of the training images measured)")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA's (default: the model's sweep preset's)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA's (default: the model's sweep preset's)")
     p.add_argument("--checkpoint-every-s", type=float, default=300.0,
@@ -223,6 +243,9 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-n", type=int, default=None, help="FID samples at the end (default: the preset's)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="draw at most this many samples per FID and scale the time by the count (default: all)")
+    p.add_argument("--one-step-sampling", action="store_true",
+                   help="NCSN on a CPU (a full Langevin chain costs minutes an image there): sample at one step per "
+                        "level and scale each sampling call (grids, FID) by the steps its budget asks for")
     p.add_argument("--fid-weights", default=None, help="Inception weights file: FID with Inception, not the standin")
     p.add_argument("--no-rfid", action="store_true", help="no reconstruction FID at the end (run.py --no-rfid)")
 
