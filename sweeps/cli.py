@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from sweeps.leaderboard import local_rows, pareto_front, print_front, print_tabl
 from sweeps.packing import auto_gpus_per_trial
 from sweeps.spaces import SPACES
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.tuner import make_fid_plan, make_tuner, restore_tuner
+from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
 
@@ -129,6 +130,11 @@ def sweep_spec(args: argparse.Namespace, storage: str) -> SweepSpec:
     if not args.resume:
         return SweepSpec.from_args(args, storage)
     spec = SweepSpec.load(storage, args.resume)
+    if not restorable(storage, spec.name):
+        raise UsageError(f"sweep {spec.name!r} was saved but stopped before Tune saved any state (no trial ran); "
+                         f"delete {sweep_storage.join(storage, spec.name)} and start it again: python sweeps/run.py "
+                         f"{shlex.join(spec.argv)}" + ("" if "--name" in " ".join(spec.argv) else
+                                                      f" --name {spec.name}"))
     given = {key: value for key, value in [("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)]
              if value is not None}
     return spec.replace(resources={**spec.resources, **given}) if given else spec
@@ -141,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         sweep_storage.check_writable(storage)
     except OSError as e:
         raise UsageError(str(e)) from None
+    if args.address:
+        cluster.check_address(args.address)  # seconds, before the data and the FID reference are loaded
     spec = sweep_spec(args, storage)
     gpus = spec.resources["gpu"]
     if args.address and not args.resume and not torch.cuda.is_available() and (
@@ -181,6 +189,7 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     wandb_mode = configure_wandb(args)
     os.environ["WANDB_MODE"] = wandb_mode
     cluster.init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    cluster.allow_pending_trials(spec, on_cluster=bool(args.address))
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
     if args.resume:
@@ -209,7 +218,7 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         log_front_to_wandb(rows, spec, args, wandb_mode, storage)
     print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} (local results)")
     print(f"\nresults: {storage}/{spec.name} (image grids: {storage}/{spec.name}/<trial>/images/)")
-    if wandb_mode == "offline":
+    if wandb_mode == "offline" and logged_offline(storage, spec.name):
         print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{spec.name}/*/wandb/"
               f"offline-run-*`")
     return exit_status(rows, interrupted, resume)
@@ -237,12 +246,20 @@ def log_front_to_wandb(rows: list[dict[str, Any]], spec: SweepSpec, args: argpar
     run.finish()
 
 
+def logged_offline(storage: str, name: str) -> bool:
+    """Whether the sweep's trials wrote offline W&B runs (a sweep started with --no-wandb has none to sync)."""
+    return sweep_storage.is_uri(storage) or any(Path(storage, name).glob("*/wandb/offline-run-*"))
+
+
 def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> int:
     """0 when at least one trial completed; 130 when the sweep was interrupted (unfinished trials); 1 when no
-    trial completed. The last line says why."""
+    trial completed. The last line says why; each diverged trial gets a line saying where."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
+        if row["status"] == "diverged":
+            why = row.get("error") or "a non-finite loss"
+            print(f"gensweep: {row['trial']} diverged in epoch {row['epochs'] + 1}: {why}")
     unfinished = sum(counts.get(s, 0) for s in ("running", "pending", "paused", "no result"))
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     if interrupted or unfinished:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 
 import optuna
@@ -49,6 +50,21 @@ def init_ray(address: str | None, env: dict[str, str]) -> None:
         # One machine: keep Ray on loopback, so it neither depends on nor exposes the external interface.
         ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING)
+
+
+def allow_pending_trials(spec: SweepSpec, on_cluster: bool) -> None:
+    """Let Tune start as many trials at once as fit. With a searcher of its own (Optuna here) and no concurrency
+    limit, Tune keeps one trial pending at a time (`TUNE_MAX_PENDING_TRIALS_PG` "auto"), so trials start one after
+    another even where several fit. Pending trials are the ones that fit now (a cluster: at least 16, so that an
+    autoscaler sees the demand); `--max-concurrent` caps them, and a value set in the environment wins."""
+    if spec.max_concurrent or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        return  # the ConcurrencyLimiter sets it, or the user did
+    available, resources = ray.cluster_resources(), spec.resources
+    fit = [int(available.get("CPU", 0) // resources["cpu"])]
+    if resources["gpu"]:
+        fit.append(int(available.get("GPU", 0) // resources["gpu"]))
+    pending = max(1, min(spec.num_samples, *fit))
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(pending, 16) if on_cluster else pending)
 
 
 def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:

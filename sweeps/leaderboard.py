@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainables.wandb_auth import is_logged_in
-
 from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
 from sweeps.storage import default_storage, join, resolve
+from trainables.wandb_auth import is_logged_in
 
 
 def short(v: Any) -> str:
@@ -53,13 +52,23 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return {"value": scored[metric], "n": n, "best": scored.get(f"best_{fid_metric_name(n, metric)}")}
 
 
-def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial from the Ray Tune experiment folder (configs, ranking values, statuses)."""
+def tune_results(storage: str, spec: SweepSpec):
+    """Tune's ExperimentAnalysis of the sweep's folder; UsageError (one line) when Tune saved no state there yet (a
+    driver stopped before any trial started leaves gensweep's settings only)."""
     from ray.tune import ExperimentAnalysis  # Ray: only for the local results (the W&B source needs none)
 
-    from trainables.checkpoints import trial_dirname
+    try:
+        return ExperimentAnalysis(join(storage, spec.name))
+    except ValueError:
+        raise UsageError(f"no trial of sweep {spec.name!r} has reported yet (Tune saved no state in "
+                         f"{join(storage, spec.name)})") from None
 
-    analysis = ExperimentAnalysis(join(storage, spec.name))
+
+def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per trial from the Ray Tune experiment folder (configs, ranking values, statuses)."""
+    from trainables.checkpoints import trial_dirname  # imports Ray, as the results do
+
+    analysis = tune_results(storage, spec)
     frames = analysis.trial_dataframes  # every result: the last one may lack an FID computed only at rungs
     rows = []
     for trial in analysis.trials:
@@ -71,7 +80,7 @@ def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
                      **ranking_fields(history, spec.metric),
                      "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
                      "epochs": last.get("epoch", 0), "status": trial_status(last, spec.max_epochs, trial.status),
-                     "extra": _extra_columns(last)})
+                     "error": last.get("error"), "extra": _extra_columns(last)})
     return rows
 
 
@@ -225,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no W&B runs in group {spec.name!r}; showing local results", file=sys.stderr)
             source = "local"
     if source == "local":
-        rows = local_rows(storage, spec)
+        try:
+            rows = local_rows(storage, spec)
+        except UsageError as e:
+            print(f"leaderboard.py: error: {e}", file=sys.stderr)
+            return 2
     if len(spec.objectives) > 1 and source == "local":
         print_front(rows, list(spec.objectives), spec.mode)
     print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-from trainables.wandb_auth import is_logged_in
 
 from genmodels.metrics.fid import fid_metric_name
 from sweeps.leaderboard import (
@@ -30,9 +29,11 @@ from sweeps.leaderboard import (
     short,
     sweep_arguments,
     trial_status,
+    tune_results,
 )
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.storage import is_uri, join
+from sweeps.storage import is_uri
+from trainables.wandb_auth import is_logged_in
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,9 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def trial_histories(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
     """Per trial: its id, legend label, config, status and per-epoch results."""
-    from ray.tune import ExperimentAnalysis  # seconds to import; --help and bad arguments need no Ray
-
-    analysis = ExperimentAnalysis(join(storage, spec.name))
+    analysis = tune_results(storage, spec)
     frames = analysis.trial_dataframes
     trials = []
     for trial in analysis.trials:

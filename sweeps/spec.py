@@ -173,7 +173,8 @@ class SweepSpec:
         fixed = ps.parse_fixed(args.fixed)
         param_space = ps.build_param_space(space, preset, {**(space.seed_defaults if args.seed_defaults else {}),
                                                            **fixed}, ps.cli_overrides(space, args), args.seed)
-        objectives = tuple(_metric(space, m.strip()) for m in args.objectives.split(",")) if args.objectives else ()
+        objectives = tuple(_metric(space, m.strip(), "--objectives") for m in args.objectives.split(",")) \
+            if args.objectives else ()
         require(not objectives or (len(set(objectives)) >= 2 and not args.metric),
                  "--objectives takes two or more different metrics, and replaces --metric (the first objective is "
                  "the one ASHA stops on)")
@@ -190,6 +191,9 @@ class SweepSpec:
         gpus = _given(args.gpus_per_trial, float(torch.cuda.is_available()))
         # nothing is left to search with --seed-defaults: one trial unless asked for more
         num_samples = _given(args.num_samples, 1 if args.seed_defaults else p.num_samples)
+        require(num_samples == 1 or any(ps.is_domain(v) for v in param_space.values()),
+                f"--num-samples {num_samples} with nothing left to search (--seed-defaults or --fixed pin every "
+                f"searched value) runs {num_samples} identical trials, same values and seed; leave out --num-samples")
         return cls(name=name, space=space.name, preset=preset, model_name=space.model,
                    constants=ps.constants(param_space), searched=tuple(ps.searched_keys(param_space)),
                    domains={k: param_space[k] for k in ps.searched_keys(param_space)}, objectives=objectives,
@@ -205,10 +209,10 @@ def _check_name(name: Any) -> None:
              f"so the printed --resume and wandb sync commands can be pasted as they are")
 
 
-def _metric(space, requested: str | None) -> str:
+def _metric(space, requested: str | None, flag: str = "--metric") -> str:
     allowed = space.metrics or (space.metric,)
     require(not requested or requested in allowed,
-             f"--metric {requested} is not offered by space {space.name!r}; choose {', '.join(allowed)}")
+            f"{flag} {requested} is not offered by space {space.name!r}; choose {', '.join(allowed)}")
     return requested or space.metric
 
 

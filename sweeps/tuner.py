@@ -96,6 +96,11 @@ def _trainable(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan
                                dict(spec.resources))
 
 
+def restorable(storage: str, name: str) -> bool:
+    """Whether Tune saved the sweep's state (a driver killed in its first seconds leaves only gensweep's file)."""
+    return tune.Tuner.can_restore(sweep_storage.join(storage, name))
+
+
 def restore_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None,
                   storage: str) -> tune.Tuner:
     """The Tuner of an interrupted sweep. Tune's saved state holds the param space, the searcher (Optuna's

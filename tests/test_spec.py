@@ -30,7 +30,8 @@ def test_a_saved_spec_loads_as_it_was(tmp_path):
     assert loaded.fid == FIDSettings(network="standin", ladder=(128, 256), final=256)
 
 
-def test_resume_reads_the_saved_spec_not_argv(tmp_path):
+def test_resume_reads_the_saved_spec_not_argv(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "restorable", lambda storage, name: True)  # as if Tune had saved its state
     spec = new_spec(tmp_path, "--metric", "test_iwae_bpd", "--seed", "3")
     spec.save(str(tmp_path))
     resumed = cli.sweep_spec(cli.parse_args(["--resume", "s", "--storage-path", str(tmp_path)]), str(tmp_path))
@@ -102,3 +103,27 @@ def test_the_sweeps_scheduler_is_built_from_the_spec(tmp_path):
     spec = new_spec(tmp_path)
     rungs = sorted(int(float(t)) for t in re.findall(r"Iter ([\d.]+)", asha_scheduler(spec).debug_string()))
     assert spec.milestones == tuple(rungs) == (1, 2, 4)
+
+
+def test_a_sweep_saved_before_tune_started_says_how_to_start_it_again(tmp_path, capsys):
+    """A driver killed in its first seconds leaves gensweep's settings and no Tune state: --resume, the leaderboard
+    and the report say so in one line."""
+    from sweeps import leaderboard, report
+
+    new_spec(tmp_path, "--seed", "2").save(str(tmp_path))
+    assert cli.main(["--resume", "s", "--storage-path", str(tmp_path), "--no-wandb"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped before Tune saved any state" in err[0] and "--seed 2" in err[0], err
+    for tool, flag in [(leaderboard, ["--source", "local"]), (report, ["--no-wandb"])]:
+        assert tool.main(["--name", "s", "--storage-path", str(tmp_path), *flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no trial of sweep 's' has reported yet" in err[0], err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--objectives", "fid,nope"], "--objectives nope is not offered by space 'vae'"),
+    (["--seed-defaults", "--num-samples", "3"], "--num-samples 3 with nothing left to search"),
+])
+def test_from_args_refuses_in_one_line(tmp_path, flags, says):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        new_spec(tmp_path, *flags)
