@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         cluster.check_address(args.address)  # seconds, before the data and the FID reference are loaded
     spec = sweep_spec(args, storage)
+    if not spec.searched and spec.num_samples > 1 and not args.resume:
+        print(f"gensweep: note: nothing is left to search (--seed-defaults or --fixed pin every searched value), so "
+              f"the {spec.num_samples} trials are identical: same values, same seed (a determinism check; for one "
+              f"comparison trial, leave out --num-samples)")
     gpus = spec.resources["gpu"]
     if args.address and not args.resume and not torch.cuda.is_available() and (
             args.preset == "auto" or args.gpus_per_trial is None):
@@ -259,7 +263,7 @@ def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> i
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         if row["status"] == "diverged":
             why = row.get("error") or "a non-finite loss"
-            print(f"gensweep: {row['trial']} diverged in epoch {row['epochs'] + 1}: {why}")
+            print(f"gensweep: {row['trial']} diverged ({why})")
     unfinished = sum(counts.get(s, 0) for s in ("running", "pending", "paused", "no result"))
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     if interrupted or unfinished:

@@ -191,9 +191,6 @@ class SweepSpec:
         gpus = _given(args.gpus_per_trial, float(torch.cuda.is_available()))
         # nothing is left to search with --seed-defaults: one trial unless asked for more
         num_samples = _given(args.num_samples, 1 if args.seed_defaults else p.num_samples)
-        require(num_samples == 1 or any(ps.is_domain(v) for v in param_space.values()),
-                f"--num-samples {num_samples} with nothing left to search (--seed-defaults or --fixed pin every "
-                f"searched value) runs {num_samples} identical trials, same values and seed; leave out --num-samples")
         return cls(name=name, space=space.name, preset=preset, model_name=space.model,
                    constants=ps.constants(param_space), searched=tuple(ps.searched_keys(param_space)),
                    domains={k: param_space[k] for k in ps.searched_keys(param_space)}, objectives=objectives,

@@ -208,8 +208,8 @@ def test_diverged_trials_end_as_diverged_and_the_sweep_finishes(tmp_path):
                  "epochs=2", "--no-wandb", "--storage-path", str(tmp_path), "--name", "nan"], timeout=300)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "gensweep: no trial completed (2 diverged); see the errors above"
-    diverged = [line for line in r.stdout.splitlines() if " diverged in epoch 1: loss is " in line]
-    assert len(diverged) == 2, r.stdout[-3000:]  # each trial: where it diverged, and the loss
+    diverged = [line for line in r.stdout.splitlines() if " diverged (non-finite training metrics at epoch 1" in line]
+    assert len(diverged) == 2, r.stdout[-3000:]  # each trial: where it diverged, and on what
     rows = leaderboard_rows(r.stdout, "nan")
     assert len(rows) == 2 and all(row.endswith("diverged") for row in rows), r.stdout[-3000:]
     searcher = pickle.loads(sorted(tmp_path.glob("nan/searcher-state-*.pkl"))[-1].read_bytes())

@@ -122,7 +122,6 @@ def test_a_sweep_saved_before_tune_started_says_how_to_start_it_again(tmp_path, 
 
 @pytest.mark.parametrize("flags, says", [
     (["--objectives", "fid,nope"], "--objectives nope is not offered by space 'vae'"),
-    (["--seed-defaults", "--num-samples", "3"], "--num-samples 3 with nothing left to search"),
 ])
 def test_from_args_refuses_in_one_line(tmp_path, flags, says):
     with pytest.raises(UsageError, match=re.escape(says)):
