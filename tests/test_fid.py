@@ -262,3 +262,22 @@ def test_a_samplers_large_batch_reaches_the_feature_network_in_scorer_batches(tm
     scorer = FIDScorer("standin", device="cpu", cache_dir=tmp_path, batch_size=4)
     sizes = [len(f) for f in scorer.features([torch.rand(10, 3, 32, 32), torch.rand(3, 3, 32, 32)])]
     assert sizes == [4, 4, 2, 3]
+
+
+def test_inception_offline_without_weights_is_one_line_and_nothing_else(monkeypatch, tmp_path, capsys):
+    """torch.hub announces a download before it fails: offline, the user sees only gensweep's one line."""
+    import urllib.error
+
+    import torch.hub
+
+    from genmodels.errors import ResourceUnavailable
+    from genmodels.metrics.fid import load_inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ResourceUnavailable, match="cannot download torch-fidelity's weights: URLError"):
+        load_inception()
+    assert capsys.readouterr().err == ""

@@ -30,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -103,14 +105,20 @@ def load_inception(weights_path: str | Path | None = None) -> nn.Module:
 
     if weights_path is not None and not Path(weights_path).expanduser().is_file():
         raise ResourceUnavailable(f"FID Inception weights {weights_path} not found; {WEIGHTS_HINT}")
+    # torch.hub announces a download on stderr before it tries: held back, so that offline the error is the one line,
+    # and written out once the network has loaded
+    announced = io.StringIO()
     try:
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], antialias=False,
-                                  feature_extractor_weights_path=str(Path(weights_path).expanduser())
-                                  if weights_path else None)
+        with contextlib.redirect_stderr(announced):
+            network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], antialias=False,
+                                         feature_extractor_weights_path=str(Path(weights_path).expanduser())
+                                         if weights_path else None)
     except Exception as e:  # no network, bad file, wrong layout: all mean "no usable weights here"
         where = f"cannot load {weights_path}" if weights_path else "cannot download torch-fidelity's weights"
         raise ResourceUnavailable(f"FID Inception weights unavailable ({where}: {type(e).__name__}); "
                                   f"{WEIGHTS_HINT}") from None
+    sys.stderr.write(announced.getvalue())
+    return network
 
 
 _file_digests: dict[tuple[str, int, int], str] = {}
