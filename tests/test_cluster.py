@@ -411,8 +411,10 @@ def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
     for t, rows in results.items():
         assert [r["epoch"] for r in rows] == list(range(1, rows[-1]["epoch"] + 1)), report  # no epoch twice
         restarted = [r for r in rows if r["resumed_from_epoch"]]
-        if t in resumable:  # running trials continue from their checkpoints, the newest in their folder
-            assert restarted and restarted[0]["resumed_from_epoch"] >= resumable[t], report
+        if t in resumable:  # running trials continue from their checkpoints, the newest in their folder, unless
+            # they ran to their end in the moment before Ray stopped the dead driver's trials (seen in CI)
+            assert restarted or rows[-1]["epoch"] == epochs, report
+            assert not restarted or restarted[0]["resumed_from_epoch"] >= resumable[t], report
         if restarted:  # from a checkpoint it had reported (Tune's saved state may lag the trial's folder), once
             start = restarted[0]["resumed_from_epoch"]
             assert {r["resumed_from_epoch"] for r in restarted} == {start}, report
