@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     point = trial_config(ps.representative(spec.param_space))
     prepare(point)  # checks and weights first: fail before loading data
     data = load_splits(point.data)
-    prepared = prepare(point, data["train"]).flat()  # values derived from the data (NCSNv2's sigma_1), for all
-    derived = {k: v for k, v in prepared.items() if k.startswith("model.") and point.flat()[k] != v}
+    given, prepared = point.flat(), prepare(point, data["train"]).flat()  # + values derived from the data, for all
+    derived = {k: v for k, v in prepared.items() if k.startswith("model.") and given[k] != v}
     spec = spec.replace(constants={**spec.constants, **derived}) if derived else spec
     if gpus == "auto":
         spec = spec.replace(resources={**spec.resources, "gpu": auto_gpus_per_trial(spec.model_name,

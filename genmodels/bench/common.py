@@ -13,6 +13,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 
+def add_run_arguments(p) -> None:
+    """The flags every benchmark takes: where it runs, on how many CPU threads, and where its JSON goes."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

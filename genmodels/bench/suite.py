@@ -18,13 +18,13 @@ facts), a function adding its arguments to a subparser, and one entry in BENCHMA
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from genmodels.bench.common import (
     BENCH_MODELS,
+    add_run_arguments,
     bench_config,
     environment,
     flops_per_image,
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sub = parser.add_subparsers(dest="benchmark", required=True)
     for name, (add_arguments, _) in BENCHMARKS.items():
         p = sub.add_parser(name)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-        p.add_argument("--json", type=Path, default=None, help="also write the results here")
+        add_run_arguments(p)
         add_arguments(p)
     args = parser.parse_args(argv)
     if args.threads:

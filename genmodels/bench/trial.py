@@ -39,6 +39,7 @@ from genmodels.bench.common import (
     CIFAR_TRAIN_IMAGES,
     SMOKE_IMAGES,
     TRIAL_PRESETS,
+    add_run_arguments,
     bench_config,
     bench_images,
     environment,
@@ -252,9 +253,7 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m genmodels.bench trial", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_run_arguments(p)
     add_trial_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
