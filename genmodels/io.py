@@ -6,6 +6,7 @@ flushed to disk, then renamed over the target, so a crash (or a SIGKILLed driver
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,6 +32,20 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines text (Tune's result.json), in order. A line that does not parse, e.g. the last one
+    of a file a crash or a full disk cut short, or one being written right now, is passed over."""
+    objects = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            objects.append(obj)
+    return objects
 
 
 def writable_folder(path: str | Path, flag: str) -> Path:

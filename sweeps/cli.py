@@ -9,13 +9,16 @@ Every value is checked before Ray starts: bad input gets one line and exit code 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from genmodels.config import DATASETS, ConfigError
@@ -23,9 +26,10 @@ from genmodels.data import load_splits
 from genmodels.errors import ResourceUnavailable
 from genmodels.experiment import prepare
 from genmodels.registry import trial_config
-from sweeps import cluster
+from sweeps import cluster, full_storage
 from sweeps import param_space as ps
 from sweeps import storage as sweep_storage
+from sweeps.full_storage import StorageWatch
 from sweeps.leaderboard import local_rows, pareto_front, print_front, print_table
 from sweeps.packing import auto_gpus_per_trial
 from sweeps.spaces import SPACES
@@ -116,11 +120,57 @@ def _gpus_per_trial(text: str) -> float | str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    signals_received.clear()
+    full_storage.full_message = None
     try:
         return run(parse_args(argv))
     except (UsageError, ConfigError, ResourceUnavailable) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the sweep started (data, FID reference), or a second Ctrl-C during Ray's start
+        print("gensweep: stopped before the sweep started; nothing ran: run the same command again", file=sys.stderr)
+        return stop_code()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# SIGTERM (what `ray job stop`, Slurm and Kubernetes send) stops a sweep as Ctrl-C does; only the exit code differs.
+signals_received: list[int] = []
+
+
+def on_sigterm(signum: int, frame) -> None:
+    signals_received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or handler is on_sigterm:
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)  # Tune's while the sweep runs (save the state, stop); else Python's: raise
+
+
+def stop_code() -> int:
+    """The exit code of a sweep stopped by a signal: 128 + its number, as a shell reports a process it killed."""
+    return 143 if signal.SIGTERM in signals_received else 130
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C or SIGTERM while Ray starts: held until ray.init returns (a KeyboardInterrupt inside it leaves Ray's
+    processes half started and can crash the interpreter on its way out); a second one stops at once."""
+    held: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        print("gensweep: stopping once Ray has started (seconds); press Ctrl-C again to stop at once", flush=True)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signals_received.extend(held)
 
 
 def sweep_spec(args: argparse.Namespace, storage: str) -> SweepSpec:
@@ -192,28 +242,46 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     """Start Ray, run (or resume) the sweep, print the leaderboard; the exit code says how it ended."""
     wandb_mode = configure_wandb(args)
     os.environ["WANDB_MODE"] = wandb_mode
-    cluster.init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    with signals_held() as held:
+        cluster.init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    try:
+        if held:
+            print("gensweep: stopped while Ray was starting; nothing ran: run the same command again")
+            return stop_code()
+        return run_on_ray(spec, args, storage, data, plan, wandb_mode)
+    finally:
+        ray.shutdown()  # the local Ray's processes end with the driver, whatever ended the sweep
+
+
+def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: dict[str, torch.Tensor], plan,
+               wandb_mode: str) -> int:
     cluster.allow_pending_trials(spec, on_cluster=bool(args.address))
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
     if args.resume:
         tuner = restore_tuner(spec, data, plan, storage)
     else:
-        tuner = make_tuner(spec, data, plan, wandb_callbacks(args, wandb_mode, spec), storage)
+        watch = [] if sweep_storage.is_uri(storage) else [StorageWatch(sweep_storage.join(storage, spec.name))]
+        tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch], storage)
     cluster.warn_if_asha_is_serial(spec)
     if not args.resume:
         spec.save(storage)
     resume = f"python sweeps/run.py --resume {spec.name} --storage-path {shlex.quote(storage)}" + (
         f" --address {shlex.quote(args.address)}" if args.address else "")
     print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
-    interrupted = False
+    interrupted, folder = False, sweep_storage.join(storage, spec.name)
     try:
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune saves its state: stop now, resume from what is saved
         interrupted = True
+    except (OSError, EOFError) as e:  # EOFError: Tune reading back a state file the full disk cut short
+        if not (full_storage.is_full(e) or (full_storage.free_bytes(folder) or full_storage.MiB) < full_storage.MiB):
+            raise
+        full_storage.full_message = full_storage.describe(folder, full_storage.SPARE_BYTES)
     finally:
         # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
         WandbLogger.close_all(timeout_s=10)
+        ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 
     rows = local_rows(storage, spec)
     print()
@@ -225,7 +293,10 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     if wandb_mode == "offline" and logged_offline(storage, spec.name):
         print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{spec.name}/*/wandb/"
               f"offline-run-*`")
-    return exit_status(rows, interrupted, resume)
+    if full_storage.full_message:
+        print(f"gensweep: {full_storage.full_message}; free some space there, then continue with: {resume}")
+        return 1
+    return exit_status(rows, stop_code() if interrupted or signals_received else 0, resume)
 
 
 def log_front_to_wandb(rows: list[dict[str, Any]], spec: SweepSpec, args: argparse.Namespace, wandb_mode: str,
@@ -255,24 +326,28 @@ def logged_offline(storage: str, name: str) -> bool:
     return sweep_storage.is_uri(storage) or any(Path(storage, name).glob("*/wandb/offline-run-*"))
 
 
-def exit_status(rows: list[dict[str, Any]], interrupted: bool, resume: str) -> int:
-    """0 when at least one trial completed; 130 when the sweep was interrupted (unfinished trials); 1 when no
-    trial completed. The last line says why; each diverged trial gets a line saying where."""
+def exit_status(rows: list[dict[str, Any]], stopped_by: int, resume: str) -> int:
+    """0 when at least one trial completed; `stopped_by` (130 Ctrl-C, 143 SIGTERM) or 130 when the sweep stopped
+    with trials unfinished; 1 when no trial completed. The last line says why; each diverged trial gets a line
+    saying where."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         if row["status"] == "diverged":
             why = row.get("error") or "a non-finite loss"
             print(f"gensweep: {row['trial']} diverged ({why})")
-    unfinished = sum(counts.get(s, 0) for s in ("running", "pending", "paused", "no result"))
+    unfinished = sum(counts.get(s, 0) for s in UNFINISHED)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    if interrupted or unfinished:
+    if stopped_by or unfinished:
         print(f"gensweep: interrupted ({summary}); continue with: {resume}")
-        return 130
+        return stopped_by or 130
     if not any(row["status"] in ("completed", "stopped (ASHA)") for row in rows):
         print(f"gensweep: no trial completed ({summary or 'no trials'}); see the errors above")
         return 1
     return 0
+
+
+UNFINISHED = ("running", "pending", "paused", "no result", "unfinished")
 
 
 def configure_wandb(args: argparse.Namespace) -> str:

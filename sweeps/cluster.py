@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import socket
+from pathlib import Path
 
 import optuna
 import ray
@@ -18,14 +19,37 @@ from sweeps.spec import SweepSpec, UsageError
 
 
 def check_address(address: str) -> None:
-    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    """Fail in seconds, not minutes, when a cluster address does not answer. `auto` is resolved as Ray resolves it
+    (documented in `ray.init`): $RAY_ADDRESS, else the address the last `ray start` on this machine wrote to
+    `<ray temp dir>/ray_current_cluster`; a stale one there would have Ray retry for minutes, deaf to Ctrl-C."""
+    if address == "local" or address.startswith("ray://"):
         return
+    if address == "auto":
+        found = os.environ.get("RAY_ADDRESS") or _last_started_cluster()
+        if not found:
+            raise UsageError("--address auto: no Ray cluster was started on this machine (`ray start --head` starts "
+                             "one); start one, pass its host:port, or leave out --address to run locally")
+        if found != "auto" and "://" not in found:
+            _check_answers(found, f"--address auto found {found} (from the last `ray start` on this machine, or "
+                                  f"$RAY_ADDRESS), which does not answer: that cluster has stopped")
+        return
+    _check_answers(address, f"cannot reach a Ray cluster at {address}")
+
+
+def _last_started_cluster() -> str | None:
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        return (Path(temp) / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _check_answers(address: str, what: str) -> None:
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host or address, int(port or 6379)), timeout=5).close()
     except (OSError, ValueError):
-        raise UsageError(f"cannot reach a Ray cluster at {address}; start one with `ray start --head` "
+        raise UsageError(f"{what}; start a cluster with `ray start --head` "
                          f"or leave out --address to run locally") from None
 
 

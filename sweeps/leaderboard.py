@@ -6,34 +6,24 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
-from sweeps.storage import default_storage, join, resolve
+from sweeps.storage import default_storage, resolve
+from sweeps.sweep_results import is_number, sweep_trials, trial_status
 from trainables.wandb_auth import is_logged_in
 
 
 def short(v: Any) -> str:
-    """A table cell: floats to 3 significant digits."""
+    """A table cell: floats to 3 significant digits; `-` for a missing value (None, or NaN from a frame)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
-
-
-def trial_status(last: dict[str, Any], max_epochs: int, ray_status: str) -> str:
-    if last.get("diverged"):
-        return "diverged"
-    if ray_status == "ERROR":
-        return "error"
-    if ray_status in ("RUNNING", "PENDING", "PAUSED"):
-        return ray_status.lower()
-    if last.get("epoch", 0) >= max_epochs:
-        return "completed"
-    return "stopped (ASHA)" if last else "no result"
 
 
 def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -52,34 +42,16 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return {"value": scored[metric], "n": n, "best": scored.get(f"best_{fid_metric_name(n, metric)}")}
 
 
-def tune_results(storage: str, spec: SweepSpec):
-    """Tune's ExperimentAnalysis of the sweep's folder; UsageError (one line) when Tune saved no state there yet (a
-    driver stopped before any trial started leaves gensweep's settings only)."""
-    from ray.tune import ExperimentAnalysis  # Ray: only for the local results (the W&B source needs none)
-
-    try:
-        return ExperimentAnalysis(join(storage, spec.name))
-    except ValueError:
-        raise UsageError(f"no trial of sweep {spec.name!r} has reported yet (Tune saved no state in "
-                         f"{join(storage, spec.name)})") from None
-
-
 def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial from the Ray Tune experiment folder (configs, ranking values, statuses)."""
-    from trainables.checkpoints import trial_dirname  # imports Ray, as the results do
-
-    analysis = tune_results(storage, spec)
-    frames = analysis.trial_dataframes  # every result: the last one may lack an FID computed only at rungs
+    """One row per trial from the sweep's folder (configs, ranking values, statuses)."""
     rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        df = frames.get(trial.trial_id)
-        history = df.to_dict("records") if df is not None and len(df) else [last]
-        rows.append({"trial": trial_dirname(trial.config.get("model_name", ""), trial.trial_id),
-                     "params": {k: trial.config.get(k) for k in spec.searched},
+    for t in sweep_trials(storage, spec):
+        last = t["last"]
+        history = [*t["history"], last]  # every result: the last one may lack an FID computed only at rungs
+        rows.append({"trial": t["trial"], "params": {k: t["config"].get(k) for k in spec.searched},
                      **ranking_fields(history, spec.metric),
                      "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
-                     "epochs": last.get("epoch", 0), "status": trial_status(last, spec.max_epochs, trial.status),
+                     "epochs": last.get("epoch", 0), "status": t["status"],
                      "error": last.get("error"), "extra": _extra_columns(last)})
     return rows
 
@@ -98,7 +70,8 @@ def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[s
         rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",  # the run id is the trial's
                      "params": {k: run.config.get(k) for k in spec.searched},
                      **ranking_fields([summary], spec.metric),
-                     "epochs": summary.get("epoch", 0), "status": trial_status(summary, spec.max_epochs, state),
+                     "epochs": summary.get("epoch", 0),
+                     "status": trial_status(summary, spec.max_epochs, state, spec.milestones),
                      "extra": _extra_columns(summary)})
     return rows
 
@@ -110,11 +83,6 @@ def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
     """Metrics worth a glance beside the ranking metric, when a model reports them (FIDs named by sample count)."""
     fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k not in ("fid_network", "fid_n", "rfid_n")]
     return {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
-
-
-def is_number(v: Any) -> bool:
-    """A finite number (numpy's included: results come from pandas frames), not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -150,7 +118,7 @@ def nondominated(points: list[tuple[float, ...]]) -> list[tuple[tuple[float, ...
             if not any(all(a <= b for a, b in zip(o, p)) and o != p for o in points)]
 
 
-def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, file=sys.stdout) -> None:
+def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, file=None) -> None:
     """The Pareto front of a multi-objective sweep, printed before its ranked table."""
     front, where = pareto_front(rows, objectives, mode)
     print(f"Pareto front of {', '.join(objectives)} ({mode}){' compared ' + where if where else ''}: "
@@ -164,7 +132,7 @@ def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, fi
     print(file=file)
 
 
-def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=sys.stdout) -> None:
+def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=None) -> None:
     """The ranked table; for FID metrics with the sample count `n` of each value and the best at that count."""
     rows = rank_rows(rows, mode)
     with_n = any(r.get("n") for r in rows)

@@ -28,11 +28,10 @@ from sweeps.leaderboard import (
     resolve_sweep,
     short,
     sweep_arguments,
-    trial_status,
-    tune_results,
 )
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.storage import is_uri
+from sweeps.sweep_results import sweep_trials
 from trainables.wandb_auth import is_logged_in
 
 matplotlib.use("Agg")
@@ -40,20 +39,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def trial_histories(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
-    """Per trial: its id, legend label, config, status and per-epoch results."""
-    analysis = tune_results(storage, spec)
-    frames = analysis.trial_dataframes
-    trials = []
-    for trial in analysis.trials:
-        df = frames.get(trial.trial_id)
-        history = df.to_dict("records") if df is not None else []
-        last = trial.last_result or {}
-        trials.append({"name": str(trial), "id": trial.trial_id, "label": trial_label(trial.trial_id, trial.config,
-                                                                                      spec.searched),
-                       "dir": Path(trial.path) if "://" not in trial.path else None,
-                       "config": trial.config, "history": history, "last": last,
-                       "status": trial_status(last, spec.max_epochs, trial.status)})
-    return trials
+    """Per trial: its id, legend label, config, status and per-epoch results (sweep_results.sweep_trials: from Tune's
+    state, or from the trials' folders where that does not load)."""
+    return [{**t, "name": t["trial"], "label": trial_label(t["id"], t["config"], spec.searched)}
+            for t in sweep_trials(storage, spec)]
 
 
 def trial_label(trial_id: str, config: dict[str, Any], searched: tuple[str, ...]) -> str:
@@ -69,6 +58,9 @@ def metric_series(history: list[dict[str, Any]], metric: str) -> dict[int | None
             n = r.get(f"{metric}_n")
             series.setdefault(int(n) if is_number(n) else None, []).append((r["epoch"], r[metric]))
     return series
+
+
+END_MARKERS = {"stopped (ASHA)": "x", "completed": "o"}  # where a trial's curve ends; a square for any other status
 
 
 def plot_curves(spec: SweepSpec, trials: list[dict[str, Any]], path: Path) -> Path:
@@ -95,14 +87,14 @@ def plot_curves(spec: SweepSpec, trials: list[dict[str, Any]], path: Path) -> Pa
             ax.plot(xs, ys, styles[n], color=colour, marker="o", ms=3, lw=1, alpha=0.8)
             values += ys
         xs, ys = zip(*series[max(series, key=lambda n: n or 0)])  # where the trial ended: its deepest count
-        ax.plot(xs[-1], ys[-1], "x" if "ASHA" in t["status"] else "o", color=colour, ms=8, mfc="none")
+        ax.plot(xs[-1], ys[-1], END_MARKERS.get(t["status"], "s"), color=colour, ms=8, mfc="none")
         trial_handles.append(Line2D([], [], color=colour, marker="o", ms=3, label=t["label"]))
     count_handles = [Line2D([], [], color="grey", ls=styles[n], label=fid_metric_name(n, metric)) for n in counts if n]
     ax.legend(handles=trial_handles + count_handles, title="trial" + (", sample count" if count_handles else ""),
               fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end)")
+    ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end, square: ended otherwise or not yet)")
     if spec.mode == "min" and all(v > 0 for v in values):
         ax.set_yscale("log")
     return _save(fig, path)
@@ -145,7 +137,7 @@ RECONSTRUCTION_COLUMNS = 16  # engine.write_grids: 16 images a row, alternating 
 def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
     """The last sample and reconstruction grids of the k best trials, one row each, best first."""
     metric = spec.metric
-    rows = [{**ranking_fields(t["history"] or [t["last"]], metric), "t": t} for t in trials if t["dir"]]
+    rows = [{**ranking_fields([*t["history"], t["last"]], metric), "t": t} for t in trials if t["dir"]]
     ranked = [r for r in rank_rows(rows, spec.mode) if is_number(r["value"])]
     grids = [(r, _last_grids(r["t"]["dir"])) for r in ranked]
     grids = [(r, g) for r, g in grids if g][:k]

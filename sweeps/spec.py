@@ -82,6 +82,10 @@ class SweepSpec:
         gpu = self.resources.get("gpu")
         require(gpu == "auto" or (_number(gpu) and gpu >= 0),
                  f"--gpus-per-trial must be a number >= 0 or auto, got {gpu!r}")
+        # Ray shares a GPU between trials (a fraction) but gives a trial more than one only whole.
+        require(gpu == "auto" or gpu <= 1 or float(gpu).is_integer(),
+                 f"--gpus-per-trial {gpu:g}: more than one GPU per trial must be a whole number (Ray cannot give a "
+                 f"trial part of a second GPU); pass {math.floor(gpu)} or {math.ceil(gpu)}" if _number(gpu) else "")
         require(isinstance(self.num_samples, int) and self.num_samples >= 1,
                  f"--num-samples must be at least 1, got {self.num_samples!r}")
         require(isinstance(self.max_concurrent, int) and self.max_concurrent >= 0,

@@ -2,7 +2,9 @@
 node of a cluster can reach. Files are read and written through pyarrow.fs, as Ray Tune does with its own."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -54,10 +56,38 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
-def check_writable(storage: str) -> None:
-    """OSError (one line) unless the local results root can hold sweeps; URIs are checked by Ray when it writes."""
+def check_writable(storage: str, timeout_s: float = 20.0) -> None:
+    """OSError (one line) unless the results root can hold sweeps: a local folder this process can write to, or a
+    bucket that answers within `timeout_s` and takes a file (a bucket that cannot be reached would otherwise fail
+    as a traceback from inside Ray, or, on gs://, retry for minutes)."""
     if not is_uri(storage):
         writable_folder(storage, "--storage-path")
+        return
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        import pyarrow.fs
+
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+            with fs.open_output_stream(f"{path}/.gensweep-write-test") as f:
+                f.write(b"")
+            fs.delete_file(f"{path}/.gensweep-write-test")
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ...: each becomes one line
+            outcome.append(e)
+
+    # a daemon thread: a probe stuck in the cloud client's retries must not hold up this process's exit
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise OSError(f"--storage-path {storage} did not answer within {timeout_s:g} s; check the bucket's name, "
+                      f"the network and the credentials, or pass a local --storage-path")
+    if outcome[0] is not None:
+        reason = str(outcome[0]).strip().splitlines()[0] if str(outcome[0]).strip() else type(outcome[0]).__name__
+        raise OSError(f"--storage-path {storage} cannot be written ({reason}); check the bucket's name, the "
+                      f"network and the credentials, or pass a local --storage-path")
 
 
 class SweepLock:
@@ -89,6 +119,12 @@ class SweepLock:
         write_text_atomic(self.holder, f"pid {os.getpid()} on {os.uname().nodename}")
 
     def release(self) -> None:
+        """Let go; a sweep folder that holds nothing but the lock (a driver stopped before the sweep was saved)
+        goes too, so that the same command can start the sweep again."""
         if self._lock is not None and self._lock.is_locked:
             self.holder.unlink(missing_ok=True)  # while still locked: never another driver's name
             self._lock.release()
+            with contextlib.suppress(OSError):  # another driver got in first: the folder is its now
+                if {p.name for p in self.folder.iterdir()} <= {".driver.lock"}:
+                    (self.folder / ".driver.lock").unlink(missing_ok=True)
+                    self.folder.rmdir()

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from genmodels.io import json_lines
 from genmodels.metrics.fid import FIDScorer
 from sweeps import storage as sweep_storage
 from sweeps.leaderboard import short
@@ -66,10 +67,42 @@ def make_fid_plan(spec: SweepSpec, test_images: torch.Tensor, dataset: str) -> F
                    rfid=fid.rfid)
 
 
-def asha_scheduler(spec: SweepSpec) -> ASHAScheduler:
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive `--resume`. Tune does not save the scheduler with the sweep's state (only the
+    searcher and the callbacks; the scheduler comes back from tuner.pkl, pickled when the Tuner was made, with empty
+    rungs), so a restored ASHA would compare a trial reaching a milestone only with those that reached it after the
+    resume. Here each trial Tune adds has its own stored reports (result.json in its folder in storage) passed
+    through ASHA again, in order, decisions ignored: ASHA records a trial's value at each milestone it reaches, once,
+    so the rungs hold again what the first driver had recorded, whatever order the trials come back in. A new trial
+    (no folder yet, or no result.json) adds nothing; a line that does not parse (cut short by a crash) is passed
+    over. Reports the driver never synced to storage are not in result.json; a resumed trial reports those again
+    itself. Same constructor as ASHAScheduler; the "num_stopped" of the debug string counts the replayed stops."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        for result in self._stored_results(trial):
+            super().on_trial_result(tune_controller, trial, result)
+
+    @staticmethod
+    def _stored_results(trial) -> list[dict]:
+        if trial.storage is None:
+            return []
+        try:
+            folder = trial.path  # on trial.storage.storage_filesystem: a local path, or a bucket path for a URI
+        except RuntimeError:  # Tune names a new trial's folder when it first starts it
+            return []
+        try:
+            with trial.storage.storage_filesystem.open_input_stream(f"{folder}/{checkpoints.RESULT_FILE}") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:  # FileNotFoundError included: a trial that never reported
+            return []
+        return json_lines(text)
+
+
+def asha_scheduler(spec: SweepSpec) -> ResumableASHA:
     # ASHA counts epochs as the trial reports them: Tune's training_iteration restarts from its own (possibly older)
     # checkpoint after a resume, and decisions must stay on the epoch milestones the FID ladder uses.
-    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.asha.max_t,
+    return ResumableASHA(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.asha.max_t,
                          grace_period=spec.asha.grace_period, reduction_factor=spec.asha.reduction_factor)
 
 

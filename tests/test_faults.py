@@ -33,7 +33,8 @@ def run_main(argv, capsys):
     (["--fixed", "beta=-1"], "model.beta must be >= 0, got -1"),
     (["--fixed", "epochs=0"], "train.epochs must be >= 1, got 0"),
     (["--fixed", "bta=1"], "unknown setting 'bta' for model vae; did you mean model.beta?"),
-    (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5 needs 2 GPUs per trial and this machine has 0"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5: more than one GPU per trial must be a whole number"),
+    (["--gpus-per-trial", "2"], "--gpus-per-trial 2 needs 2 GPUs per trial and this machine has 0"),
     (["--cpus-per-trial", "0"], "--cpus-per-trial must be more than 0, got 0"),
     (["--fixed", "eval_subset=-1"], "train.eval_subset must be >= 0, got -1"),
     (["--checkpoint-every-s", "-5"], "--checkpoint-every-s must be a number >= 0, got -5.0"),
@@ -159,38 +160,6 @@ def stored_rows(storage: Path, name: str) -> dict[str, list[dict]]:
         if lines:
             rows[path.parent.name] = lines
     return rows
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_within_seconds_prints_the_board_and_exits_130(tmp_path):
-    storage, name = tmp_path / "runs", "interrupted"
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "sweeps/run.py", "--space", "vae", "--preset", "smoke",
-                               "--num-samples", "6", "--max-concurrent", "1", "--storage-path", str(storage),
-                               "--name", name, "--fixed", "steps_per_epoch=30"], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT, env={**_env(), "WANDB_MODE": "offline"})
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not stored_rows(storage, name):
-            time.sleep(0.3)
-        driver.send_signal(signal.SIGINT)
-        sent = time.time()
-        code = driver.wait(timeout=60)
-        stopped_in = time.time() - sent
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-    out = (tmp_path / "driver.log").read_text()
-    assert code == 130, out[-3000:]
-    assert stopped_in < 30, (stopped_in, out[-3000:])
-    assert f"Leaderboard of {name}" in out and f"--resume {name}" in out.splitlines()[-1], out[-3000:]
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.slow

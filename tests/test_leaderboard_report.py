@@ -1,5 +1,7 @@
-"""Leaderboard ranking by FID sample count, its W&B errors, and the report's plots (legends, FID series per count,
-empty sweeps, labelled reconstruction grids, the `wandb sync` hint)."""
+"""Leaderboard ranking by FID sample count, its W&B errors, the report's plots (legends, FID series per count,
+empty sweeps, labelled reconstruction grids, the `wandb sync` hint), and sweep folders on disk: statuses by ASHA's
+milestones, a Tune state cut short by a full disk, a sweep without Tune state, a running sweep."""
+import json
 import os
 import re
 from pathlib import Path
@@ -255,3 +257,232 @@ def test_local_leaderboard_of_a_non_fid_sweep_is_unchanged(smoke_sweep):
     assert len(rows) == 6 and all(r["n"] is None for r in rows)  # ranked by test_bpd: no sample count
     ranked = [r["value"] for r in leaderboard.rank_rows(rows, "min")]
     assert ranked == sorted(ranked)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. sweep folders on disk, as Tune and the driver write them: statuses, damaged Tune state, no state yet
+
+
+def vae_spec(name: str = "s") -> SweepSpec:
+    """A vae sweep of 4 epochs ranked by test_bpd: ASHA's milestones are epochs 1, 2 and 4."""
+    spec = saved_spec_of(name, space="vae", objectives=("test_bpd",), searched=("model.beta",), max_epochs=4)
+    assert spec.milestones == (1, 2, 4)
+    return spec
+
+
+def epoch_result(tid: str, epoch: int, **metrics) -> dict:
+    bpd = 9.0 - epoch / 10
+    return {"epoch": epoch, "test_bpd": bpd, "best_test_bpd": bpd, "test_psnr": 14.0, "diverged": 0,
+            "trial_id": tid, "training_iteration": epoch, "config": {"model_name": "vae", "model.beta": 0.5},
+            **metrics}
+
+
+def write_trial(sweep: Path, tid: str, epochs: int, ended: dict | None = None, cut: bool = False,
+                **last_metrics) -> Path:
+    """A trial's folder as Tune and the driver leave it: params.json, result.json (a line per epoch, and with
+    `cut` the next line cut short by a full disk) and, for a trial that ended, the driver's ENDED_FILE."""
+    from trainables.checkpoints import ENDED_FILE
+
+    folder = sweep / f"vae_{tid}"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"model_name": "vae", "model.beta": 0.5}))
+    lines = [json.dumps(epoch_result(tid, e, **(last_metrics if e == epochs else {}))) for e in range(1, epochs + 1)]
+    if cut:
+        lines.append(json.dumps(epoch_result(tid, epochs + 1))[:40])
+    (folder / "result.json").write_text("\n".join(lines) + ("" if cut or not lines else "\n"))
+    if ended is not None:
+        (folder / ENDED_FILE).write_text(json.dumps(ended))
+    return folder
+
+
+def write_tune_state(sweep: Path, trials: list[tuple[str, str, dict]]) -> Path:
+    """Tune's experiment_state-*.json listing the trials (id, Tune status, last result), serialised by Tune's own
+    Trial, as a driver saves it (no Ray started)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray.tune.experiment.trial import Trial
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    states = []
+    for tid, status, last in trials:
+        storage = StorageContext(storage_path=str(sweep.parent), experiment_dir_name=sweep.name,
+                                 trial_dir_name=f"vae_{tid}")
+        trial = Trial("vae", config={"model_name": "vae", "model.beta": 0.5}, trial_id=tid, storage=storage, stub=True)
+        trial.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])
+        trial.status = status
+        trial.run_metadata.last_result = last
+        states.append(trial.get_json_state())
+    path = sweep / "experiment_state-2026-01-01_00-00-00.json"
+    path.write_text(json.dumps({"trial_data": states, "runner_data": {}, "stats": {}}, cls=TuneFunctionEncoder))
+    return path
+
+
+def damaged_sweep(tmp_path: Path) -> tuple[Path, SweepSpec]:
+    """A sweep that a full disk hit: a trial of each kind in its folder (Tune's state is left to the test)."""
+    spec = vae_spec()
+    spec.save(str(tmp_path))
+    sweep = tmp_path / spec.name
+    write_trial(sweep, "done0001", 4, ended={"epoch": 4, "diverged": 0})
+    write_trial(sweep, "asha0001", 1, ended={"epoch": 1, "diverged": 0})
+    write_trial(sweep, "early001", 3, ended={"epoch": 3, "diverged": 0})
+    write_trial(sweep, "div00001", 2, ended={"epoch": 2, "diverged": 1}, diverged=1)
+    write_trial(sweep, "run00001", 2, cut=True)  # not ended: running, or its driver stopped
+    write_trial(sweep, "cut00001", 3, ended={"epoch": 4, "diverged": 0}, cut=True)  # epoch 4's line cut short
+    (write_trial(sweep, "blank001", 0) / "result.json").unlink()  # started, never reported
+    (sweep / "report").mkdir()  # report.py's output: not a trial
+    return sweep, spec
+
+
+EXPECTED_STATUSES = {"vae_done0001": ("completed", 4), "vae_asha0001": ("stopped (ASHA)", 1),
+                     "vae_early001": ("ended early", 3), "vae_div00001": ("diverged", 2),
+                     "vae_run00001": ("unfinished", 2), "vae_cut00001": ("completed", 4),
+                     "vae_blank001": ("no result", 0)}
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def truncated_pickle_in_state(state: Path) -> None:
+    """The state file parses, but a pickled value inside it (the trial's resources) is cut short."""
+    info = json.loads(state.read_text())
+    trial = json.loads(info["trial_data"][0][0])
+    trial["placement_group_factory"] = trial["placement_group_factory"][:60]
+    info["trial_data"][0][0] = json.dumps(trial)
+    state.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage", ["cut short", "empty", "garbage", "truncated pickle"])
+def test_a_damaged_tune_state_is_read_from_the_trials_own_folders(tmp_path, capfd, damage):
+    sweep, spec = damaged_sweep(tmp_path)
+    state = write_tune_state(sweep, [("done0001", "TERMINATED", epoch_result("done0001", 4))])
+    {"cut short": cut_short, "empty": lambda p: p.write_bytes(b""),
+     "garbage": lambda p: p.write_bytes(b"\x00\xff{\"trial_data\": [[\"\xe9"),
+     "truncated pickle": truncated_pickle_in_state}[damage](state)
+    for pickled in ("tuner.pkl", "searcher-state-2026-01-01_00-00-00.pkl"):  # Tune's pickles, cut by the same disk
+        (sweep / pickled).write_bytes(b"\x80\x05\x95\x10")
+    rows = leaderboard.local_rows(str(tmp_path), spec)
+    assert {r["trial"]: (r["status"], r["epochs"]) for r in rows} == EXPECTED_STATUSES
+    by_trial = {r["trial"]: r for r in rows}
+    assert by_trial["vae_done0001"]["value"] == pytest.approx(8.6) and by_trial["vae_done0001"]["params"] == {
+        "model.beta": 0.5}
+    assert by_trial["vae_run00001"]["value"] == pytest.approx(8.8)  # the line cut short is skipped, not fatal
+    assert by_trial["vae_cut00001"]["value"] == pytest.approx(8.7)  # the last result that was written whole
+    assert by_trial["vae_div00001"]["value"] is None and by_trial["vae_blank001"]["value"] is None
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"gensweep: Tune's state in {sweep} does not load (") and err[0].endswith(
+        "reading the trials' own results"), err
+
+
+def test_leaderboard_and_report_cli_read_a_damaged_sweep(tmp_path, capfd):
+    sweep, spec = damaged_sweep(tmp_path)
+    cut_short(write_tune_state(sweep, [("done0001", "TERMINATED", epoch_result("done0001", 4))]))
+    assert leaderboard.main(["--source", "local", "--name", "s", "--storage-path", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert "does not load" in err and "Traceback" not in err
+    body = out.splitlines()[3:]
+    assert body[0].split()[1] == "vae_done0001" and len(body) == len(EXPECTED_STATUSES)
+    assert not re.search(r"\bNone\b|\bnan\b", out), out
+    assert report.main(["--no-wandb", "--name", "s", "--storage-path", str(tmp_path)]) == 0
+    assert (sweep / "report" / "metric_per_epoch.png").stat().st_size > 5000
+
+
+def test_truncated_tune_pickles_leave_the_state_readable(tmp_path, capfd):
+    """ExperimentAnalysis reads the JSON state only: a cut tuner.pkl or searcher state (ResultGrid's EOFError)
+    does not send the leaderboard to the trials' folders."""
+    sweep, spec = damaged_sweep(tmp_path)
+    write_tune_state(sweep, [("done0001", "TERMINATED", epoch_result("done0001", 4)),
+                             ("early001", "TERMINATED", epoch_result("early001", 3))])
+    for pickled in ("tuner.pkl", "searcher-state-2026-01-01_00-00-00.pkl"):
+        (sweep / pickled).write_bytes(b"\x80\x05\x95\x10")
+    rows = leaderboard.local_rows(str(tmp_path), spec)
+    assert {r["trial"]: r["status"] for r in rows} == {"vae_done0001": "completed", "vae_early001": "ended early"}
+    assert capfd.readouterr().err == ""
+
+
+@pytest.fixture
+def fetch_warnings():
+    """What Tune's ExperimentAnalysis logs ("Failed to fetch metrics ...": its handler writes to stderr)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
+def test_a_running_sweep_has_no_fetch_warnings_and_a_dash_in_every_missing_cell(tmp_path, capfd, fetch_warnings):
+    spec = vae_spec()
+    spec.save(str(tmp_path))
+    sweep = tmp_path / spec.name
+    write_trial(sweep, "run00001", 2, cut=True)  # its next line half written
+    write_trial(sweep, "asha0001", 1, ended={"epoch": 1, "diverged": 0})
+    write_tune_state(sweep, [("run00001", "RUNNING", epoch_result("run00001", 1)),
+                             ("asha0001", "TERMINATED", epoch_result("asha0001", 1)),
+                             ("pend0001", "PENDING", {}),  # no folder yet
+                             ("new00001", "RUNNING", {})])  # folder not written yet
+    assert leaderboard.main(["--source", "local", "--name", "s", "--storage-path", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert not [r.getMessage() for r in fetch_warnings if r.levelname != "DEBUG"]
+    assert "Failed to fetch metrics" not in err, err
+    header, _, *body = [line.split() for line in out.splitlines()[1:]]
+    rows = {line[1]: line for line in body}
+    assert rows["vae_run00001"][-2:] == ["2", "pending"]  # Tune lists a running trial as pending once saved
+    assert rows["vae_run00001"][3] == "8.8"  # its results so far, read past the line being written
+    assert rows["vae_asha0001"][-3:] == ["1", "stopped", "(ASHA)"]
+    assert rows["vae_pend0001"][2:] == ["0.5", "-", "-", "-", "0", "pending"], rows["vae_pend0001"]
+    assert not re.search(r"\bNone\b|\bnan\b", out), out
+
+
+def test_missing_cells_print_a_dash():
+    rows = [fid_row("a", 5.0, 128, 4.0), {**fid_row("b", None, None), "params": {"model.beta": None},
+                                          "extra": {"fid_128": float("nan")}}]
+    rows[0]["extra"] = {"fid_128": 5.0}
+    _, _, _, second = table(rows)
+    assert second == ["2", "b", "-", "-", "-", "-", "-", "2", "completed"]
+    assert leaderboard.short(float("nan")) == "-" and leaderboard.short(None) == "-"
+    assert leaderboard.short(float("inf")) == "inf" and leaderboard.short(0) == "0"
+
+
+@pytest.mark.parametrize("tool", [leaderboard, report])
+def test_a_sweep_without_tune_state_says_no_trial_has_reported_yet(tmp_path, capfd, tool):
+    vae_spec().save(str(tmp_path))
+    argv = ["--name", "s", "--storage-path", str(tmp_path)]
+    assert tool.main([*(["--source", "local"] if tool is leaderboard else ["--no-wandb"]), *argv]) == 2
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no trial of sweep 's' has reported yet" in lines[0], err
+    assert out == "" and not (tmp_path / "s" / "report").exists()
+
+
+def test_asha_stops_only_at_its_milestones():
+    milestones = (1, 2, 4)
+
+    def status(last, ray_status="TERMINATED"):
+        return leaderboard.trial_status(last, 4, ray_status, milestones)
+
+    assert [status({"epoch": e}) for e in (1, 2, 3, 4)] == ["stopped (ASHA)", "stopped (ASHA)", "ended early",
+                                                            "completed"]
+    assert status({}) == "no result" and status({"trial_id": "x"}) == "no result"
+    assert status({"epoch": 3, "diverged": 1}) == "diverged"
+    assert status({"epoch": 3}, "ERROR") == "error" and status({"epoch": 3}, "RUNNING") == "running"
+
+
+def test_wandb_rows_say_ended_early_off_the_milestones(monkeypatch):
+    import wandb
+
+    class Run:
+        def __init__(self, rid, epoch):
+            self.id, self.state, self.config = rid, "finished", {"model_name": "vae"}
+            self.summary = {"epoch": epoch, "test_bpd": 8.0}
+
+    runs = [Run("a", 1), Run("b", 3), Run("c", 4)]
+    api = type("Api", (), {"default_entity": "me", "runs": lambda self, path, filters: runs})
+    monkeypatch.setattr(wandb, "Api", lambda: api())
+    rows = leaderboard.wandb_rows(vae_spec(), "proj", None)
+    assert {r["trial"]: r["status"] for r in rows} == {"vae_a": "stopped (ASHA)", "vae_b": "ended early",
+                                                        "vae_c": "completed"}

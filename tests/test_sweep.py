@@ -62,6 +62,10 @@ def test_leaderboard_prints_again_after_the_sweep(smoke_sweep):
     (["--num-samples", "-3"], "--num-samples must be at least 1"),
     (["--fixed", "bogus=1"], "--fixed: unknown setting 'bogus' for model vae"),
     (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (["--address", "auto"], "--address auto: no Ray cluster was started on this machine"),
+    (["--address", "auto", "STALE"], "--address auto found 127.0.0.1:1 (from the last `ray start`"),
+    (["--storage-path", "s3://gensweep-no-such-bucket/runs"], "--storage-path s3://gensweep-no-such-bucket/runs "
+                                                               "cannot be written"),
     (["--dataset", "cifar10"], "--data-dir"),
     (["--resume", "never-ran"], "no sweep named 'never-ran'"),
 ])
@@ -69,6 +73,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, 
     import sweeps.run as run
 
     monkeypatch.setenv("GENSWEEP_OFFLINE", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` leaves the address `--address auto` reads
+    if "STALE" in args:  # the address a cluster that has stopped left behind
+        args = [a for a in args if a != "STALE"]
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     code = run.main(["--preset", "smoke", "--no-wandb", "--data-dir", str(tmp_path), "--storage-path",
                      str(tmp_path), *args])
     lines = capsys.readouterr().err.strip().splitlines()

@@ -10,6 +10,7 @@ twice and no ended trial is trained again. Paths may be local folders or cloud U
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import pyarrow.fs
 from ray import tune
 
 from genmodels.engine import CHECKPOINT_FILE
-from genmodels.io import load_checkpoint
+from genmodels.io import json_lines, load_checkpoint
 
 ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
 IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable, logged to W&B
+RESULT_FILE = "result.json"  # Tune's record of a trial's reports, one JSON object a line
 
 
 def trial_dirname(model_name: str, trial_id: str) -> str:
@@ -73,6 +75,47 @@ def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tup
         if newest is None or (state["epoch"], state["step"]) > (newest[0]["epoch"], newest[0]["step"]):
             newest = state, checkpoint.path
     return newest
+
+
+def free_bytes(folder: str) -> int | None:
+    """Free space where the local `folder` lives (its nearest existing parent), or None for a URI (a bucket does not
+    fill up, and cannot be asked)."""
+    if "://" in folder:
+        return None
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+SPARE_BYTES = 16 * 2**20  # besides checkpoints: Tune's experiment state, result lines, W&B's offline files
+
+
+def has_room(trial_folder: str | None, size: int) -> bool:
+    """Whether a checkpoint of `size` bytes fits in the trial's folder in storage with SPARE_BYTES to spare."""
+    free = free_bytes(trial_folder) if trial_folder else None
+    return free is None or free >= size + SPARE_BYTES
+
+
+def recorded_epochs(trial_folder: str) -> set[int] | None:
+    """The epochs in the trial's result.json in its folder in storage, or None where it cannot be read. A line that
+    does not parse (the last one, cut short by a crash) is passed over.
+
+    The driver writes result.json in its staging folder as each report arrives and syncs it here with each snapshot
+    of the sweep's state (every 10 s or more, after every 2 checkpoints of a trial, and at the end, Ctrl-C
+    included). A resumed driver starts the trial's result.json from this copy, so an epoch missing here is missing
+    from the sweep's record too."""
+    fs, root = _fs(trial_folder)
+    try:
+        with fs.open_input_stream(f"{root}/{RESULT_FILE}") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:  # FileNotFoundError included
+        return None
+    return {r["epoch"] for r in json_lines(text) if "epoch" in r}
 
 
 class TrialEndRecorder(tune.Callback):

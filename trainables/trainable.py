@@ -20,8 +20,21 @@ from genmodels.engine import CHECKPOINT_FILE, Diverged
 from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
-from trainables.checkpoints import IMAGES_DIR, has_ended, newest_state, trial_dirname
+from trainables.checkpoints import (
+    IMAGES_DIR,
+    folder_bytes,
+    has_ended,
+    has_room,
+    newest_state,
+    recorded_epochs,
+    trial_dirname,
+)
 from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
+
+# In exp.extra (saved in each checkpoint): the reports made since the previous checkpoint, this one's own last. Tune
+# persists a checkpoint before the driver records its report, so a driver stopped in between leaves a checkpoint
+# whose reports the sweep never saw; a resumed trial reports them again (`replay`).
+CARRIED_REPORTS = "reports"
 
 
 class TrialPlan(NamedTuple):
@@ -57,6 +70,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     newest = newest_state(trial_folder, tune.get_checkpoint())
     if newest:
         exp.restore_state(newest[0])
+        # Without the trial's folder there is no result.json to compare with: nothing is replayed.
+        replay(exp.extra.get(CARRIED_REPORTS, []), recorded_epochs(trial_folder) if trial_folder else None)
     exp.extra["resumed_from_epoch"] = exp.epoch
     # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,
@@ -70,7 +85,7 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         due = milestone or time.monotonic() - last_checkpoint >= plan.checkpoint_every_s
         images_dir = trial_dir / IMAGES_DIR / f"epoch_{exp.epoch:04d}"
         extra, final_images = evaluate_extra(exp, plan, exp.done, images_dir)
-        report(exp, {**metrics, **extra}, plan, images_dir if milestone else None, due, final_images)
+        report(exp, {**metrics, **extra}, plan, images_dir if milestone else None, due, final_images, trial_folder)
         last_checkpoint = time.monotonic() if due else last_checkpoint
 
     try:
@@ -79,6 +94,30 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         # No ranking metric in this report, and done=True: Tune stops the trial on it before ASHA or Optuna see it
         # (Optuna records the trial as pruned), and the sweep goes on (Tune's strict metric check is off).
         tune.report({"diverged": 1, "epoch": exp.epoch, "error": str(e), "done": True})
+
+
+def replay(carried: list[dict[str, Any]], recorded: set[int] | None) -> None:
+    """Report again, in order, the carried reports whose epoch result.json lacks (`replayed` 1; the checkpoint of
+    the last is the one just restored, already in the trial's folder). Where result.json cannot be read (not
+    synced to a bucket yet, or gone) nothing is replayed: which epochs the sweep recorded is unknown, and a missed
+    row is better than a recorded epoch reported twice (which reads as an epoch trained twice)."""
+    if recorded is None:
+        return
+    for metrics in carried:
+        if metrics.get("epoch") not in recorded:
+            tune.report({**metrics, "replayed": 1})
+
+
+def plain(value: Any) -> Any:
+    """`value` as torch.load(weights_only=True) reads it back: numpy and torch scalars (FID, KID) as Python ones
+    (np.float64 is a float, so `tolist` is asked first), anything else unknown as its str."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return plain(value.tolist())
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def evaluate_extra(exp: Experiment, plan: TrialPlan, final: bool,
@@ -97,15 +136,20 @@ def evaluate_extra(exp: Experiment, plan: TrialPlan, final: bool,
 
 
 def report(exp: Experiment, metrics: dict[str, Any], plan: TrialPlan, grids_dir: Path | None, checkpoint: bool,
-           final_images: dict[str, Path]) -> None:
+           final_images: dict[str, Path], trial_folder: str | None = None) -> None:
     """Track the best ranking value, write grids into `grids_dir` (at milestones and the end), and report, with a
     checkpoint holding the trainer state and those grids when one is due (the W&B callback logs the grids from
-    there). A report without a checkpoint says so (`checkpointed` 0): a fault loses the epochs since the last."""
+    there). A report without a checkpoint says so (`checkpointed` 0): a fault loses the epochs since the last. The
+    reports since the previous checkpoint go into this one (CARRIED_REPORTS), for a resumed trial to replay."""
     metrics.update(track_best(exp.extra.setdefault("best", {}), metrics, plan.metric, plan.mode))
     # Grids between the end's at the first rung's sampler budget: a full Langevin chain per milestone costs minutes.
     budget = 1.0 if exp.done or not plan.fid else sampling_budget(plan.fid, 0)
     images = {**(exp.write_grids(grids_dir, budget=budget) if grids_dir else {}), **final_images}
     metrics["checkpointed"] = int(checkpoint)
+    carried = exp.extra.setdefault(CARRIED_REPORTS, [])
+    if carried and carried[-1].get("checkpointed"):
+        carried.clear()  # the previous checkpoint holds those
+    carried.append(plain(metrics))
     if not checkpoint:
         tune.report(metrics)
         return
@@ -114,6 +158,12 @@ def report(exp: Experiment, metrics: dict[str, Any], plan: TrialPlan, grids_dir:
         (Path(d) / IMAGES_DIR).mkdir()
         for name, path in images.items():
             shutil.copy(path, Path(d) / IMAGES_DIR / f"{name}.png")
+        if not has_room(trial_folder, folder_bytes(Path(d))):
+            # The storage is full: keep the previous checkpoint whole (a copy cut short is one a resume must pass
+            # over) and report; the driver's StorageWatch sees the free space and stops the sweep, resumable.
+            metrics["checkpointed"] = carried[-1]["checkpointed"] = 0
+            tune.report(metrics)
+            return
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 

@@ -1,0 +1,102 @@
+"""A trial resumed after its driver stopped between Tune persisting a checkpoint and recording its report (Ctrl-C,
+SIGKILL) reports again what the sweep's result.json lacks, once, and nothing it has. No Ray: tune's calls are
+faked; the fake persists checkpoints into the trial's folder as Tune does, and records in result.json only the
+reports the driver is taken to have seen."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_faults import TINY_VAE
+
+from genmodels.data import synthetic_images
+
+
+@pytest.fixture
+def trial(tmp_path, monkeypatch):
+    """run(epochs, recorded, stop_after=None, plan=None): train_trial in the trial folder `sweep/vae_t1`, every report
+    appended to the returned list; `recorded(n)` says whether the n-th report of this run (1-based) reaches
+    result.json; the run stops (a killed driver) after `stop_after` reports."""
+    import trainables.trainable as tr
+
+    folder = tmp_path / "sweep"
+    trial_folder = folder / "vae_t1"
+    trial_folder.mkdir(parents=True)
+    monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.chdir(tmp_path)
+    data = {"train": synthetic_images(16), "test": synthetic_images(8, seed=1)}
+    saved = []
+
+    def run(epochs, recorded, stop_after=None, plan=None):
+        reports = []
+
+        def report(metrics, checkpoint=None):
+            if checkpoint is not None:  # persisted before the driver sees the report, as Tune does
+                saved.append(trial_folder / f"checkpoint_{len(saved):06d}")
+                shutil.copytree(checkpoint.path, saved[-1])
+            reports.append(metrics)
+            if recorded(len(reports)):
+                with open(trial_folder / "result.json", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if len(reports) == stop_after:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(tr.tune, "report", report)
+        try:
+            tr.train_trial({**TINY_VAE, "train.epochs": epochs}, data, plan or tr.TrialPlan("test_bpd"),
+                           folder=str(folder))
+        except KeyboardInterrupt:
+            pass
+        return reports
+
+    run.trial_folder = trial_folder
+    return run
+
+
+def test_a_final_report_the_driver_missed_is_replayed_once_on_resume(trial):
+    first = trial(2, recorded=lambda n: n == 1)  # the driver stopped before recording epoch 2
+    assert [r["epoch"] for r in first] == [1, 2] and all(r["checkpointed"] for r in first)
+    with open(trial.trial_folder / "result.json", "a") as f:
+        f.write(json.dumps(first[1])[:40])  # or was killed writing it: a cut line records nothing
+    again = trial(2, recorded=lambda n: True)
+    assert len(again) == 1 and again[0]["replayed"] == 1
+    assert {k: v for k, v in again[0].items() if k != "replayed"} == first[1]
+    assert "final_test_iwae_bpd" in again[0] and "final_test_iwae_bpd" not in first[0]  # the final evaluation
+
+
+def test_a_trial_resumed_mid_way_reports_every_epoch_it_trained_once(trial):
+    import trainables.trainable as tr
+
+    # epoch 1 without a checkpoint, 2 (a milestone) with one; the driver records epoch 1 only and is killed in 3
+    plan = tr.TrialPlan("test_bpd", milestones=(2,), checkpoint_every_s=1e9)
+    first = trial(3, recorded=lambda n: n == 1, stop_after=2, plan=plan)
+    assert [(r["epoch"], r["checkpointed"]) for r in first] == [(1, 0), (2, 1)]
+    again = trial(3, recorded=lambda n: True, plan=plan)
+    assert [(r["epoch"], r.get("replayed", 0)) for r in again] == [(2, 1), (3, 0)]
+    assert again[1]["resumed_from_epoch"] == 2
+
+
+def test_nothing_is_replayed_when_result_json_has_every_report(trial):
+    trial(2, recorded=lambda n: True)
+    assert trial(2, recorded=lambda n: True) == []
+
+
+def test_nothing_is_replayed_when_result_json_cannot_be_read(trial):
+    trial(2, recorded=lambda n: False)  # e.g. a bucket the driver had not synced it to
+    assert not (trial.trial_folder / "result.json").exists()
+    assert trial(2, recorded=lambda n: True) == []
+
+
+def test_carried_metrics_load_as_a_checkpoint_does(tmp_path):
+    import numpy as np
+    import torch
+
+    from genmodels.io import load_checkpoint, save_atomic
+    from trainables.trainable import plain
+
+    metrics = {"fid": np.float64(31.5), "kid": torch.tensor(0.25), "fid_n": np.int64(1000), "ok": np.bool_(True)}
+    save_atomic({"extra": {"reports": [plain(metrics)]}}, tmp_path / "state.pt")  # weights_only=True reads it back
+    assert load_checkpoint(tmp_path / "state.pt")["extra"]["reports"] == [{"fid": 31.5, "kid": 0.25, "fid_n": 1000,
+                                                                           "ok": True}]
