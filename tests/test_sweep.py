@@ -62,6 +62,7 @@ def test_leaderboard_prints_again_after_the_sweep(smoke_sweep):
     (["--num-samples", "-3"], "--num-samples must be at least 1"),
     (["--fixed", "bogus=1"], "--fixed: unknown setting 'bogus' for model vae"),
     (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (["--address", "garbage"], "cannot reach a Ray cluster at garbage"),
     (["--address", "auto"], "--address auto: no Ray cluster was started on this machine"),
     (["--address", "auto", "STALE"], "--address auto found 127.0.0.1:1 (from the last `ray start`"),
     (["--storage-path", "s3://gensweep-no-such-bucket/runs"], "--storage-path s3://gensweep-no-such-bucket/runs "
