@@ -14,60 +14,193 @@ What a step function must do to be captured (Trainer._step does all of it):
 - run autocast with `cache_enabled=False`: a weight cast cached before the capture would be read by every replay,
   stale once the weight changes, and freed when the autocast region ends.
 Its outputs are the same tensors at every replay, overwritten by each one: read or copy them before the next call.
+
+Safety, in the order it acts (`first_replay`):
+1. Before any capture, the step's last eager run is probed for host syncs; a step that syncs runs eagerly from then
+   on. The probe exists because a capture that fails cannot be undone on torch 2.11: `torch.cuda.graph` raises
+   before it restores the stream, the default generator stays flagged as capturing (the next random op, or replay
+   of any other graph, fails) and the allocator keeps a stale capture. So a capture that still fails raises
+   `GraphCaptureFailed`, which ends the process's run instead of training on in a broken CUDA state.
+2. The capture is checked: the same batch from the same state and RNG state, run eagerly, then captured and
+   replayed, must give the same outputs and state within a tolerance, and the same counters exactly. A replay that
+   differs is dropped and the step runs eagerly; a replay that matches is that step's update.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, ContextManager, NamedTuple
 
 import torch
 
 WARMUP_STEPS = 3  # eager steps before capture, as torch.cuda.graph's documentation recommends
 
 
+class GraphCaptureFailed(RuntimeError):
+    """A CUDA graph capture failed inside torch.cuda.graph; the process's CUDA state is no longer usable (see the
+    module's docstring), so the run stops. Not Diverged: the trainable lets it through, and Tune ends the trial's
+    process and retries the trial in a new one."""
+
+
+def _outputs(outputs: Any) -> dict[str, torch.Tensor]:
+    # The default comparison: each tensor output in units of its RMS, so a value near 0 (a chain's pixel) is held
+    # to the tolerance of the tensor's scale, not of itself.
+    outputs = [outputs] if torch.is_tensor(outputs) else outputs if isinstance(outputs, (list, tuple)) else []
+    tensors = [t for t in outputs if torch.is_tensor(t)]
+    return {f"output {i} / RMS": t / t.float().pow(2).mean().sqrt().clamp_min(1e-12) for i, t in enumerate(tensors)}
+
+
+class StepCheck(NamedTuple):
+    """What the self-check at capture needs to know of a step. The default fits a step with no state of its own
+    (the Langevin step): its outputs are compared."""
+    state: Callable[[], list[torch.Tensor]] = list  # every tensor the step updates in place: saved and restored
+    compared: Callable[[Any], dict[str, torch.Tensor]] = _outputs  # outputs -> values equal within the tolerance
+    exact: Callable[[], dict[str, torch.Tensor]] = dict  # values equal exactly after the step (step counts)
+    # |replayed - eager| <= atol + rtol |eager|, for the small differences of bf16 rounding and of float atomics
+    # (cuDNN's algorithms, index_add_) between two runs of one step; the verdict says how much of it was used. Noise
+    # drawn twice moves a loss by far more; a step left out shows in the exact counters.
+    rtol: float = 1e-3
+    atol: float = 1e-5
+
+
+def compare(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rtol: float,
+            atol: float) -> tuple[float, str]:
+    """The worst element of `got` against `expected`: how many times its tolerance |got - expected| is (above 1: a
+    mismatch; with rtol = atol = 0, any difference is infinitely many) and a line that says where."""
+    worst, line = 0.0, ""
+    for name, e in expected.items():
+        e, g = e.detach().double().flatten().cpu(), got[name].detach().double().flatten().cpu()
+        if e.shape != g.shape:
+            return float("inf"), f"{name}: {g.numel()} values replayed vs {e.numel()} eager"
+        if not e.numel():
+            continue
+        excess = torch.where(e == g, 0.0, (g - e).abs() / (atol + rtol * e.abs()))
+        excess = torch.where(excess.isnan(), float("inf"), excess)  # a NaN matches nothing
+        i = int(excess.argmax())
+        if excess[i] > worst or not line:
+            worst = float(excess[i])
+            line = f"{name}{f'[{i}]' if e.numel() > 1 else ''}: {g[i]:.7g} replayed vs {e[i]:.7g} eager"
+    return worst, line
+
+
+def first_replay(x: torch.Tensor, step: Callable[[torch.Tensor], Any], replay: Callable[[torch.Tensor], Any],
+                 check: StepCheck,
+                 probe: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Any, bool, str]:
+    """Whether `replay(x)` (capture, then replay) makes the same update as `step(x)`, and the update that stands.
+
+    Saves `check.state()` and the RNG state, runs `step(x)` inside `probe()` (the host-sync probe on CUDA),
+    restores both in place (the graph reads the same addresses), runs `replay(x)`, and compares `check.compared`
+    of the two outputs within the tolerance and `check.exact()` and the RNG state exactly. Returns the outputs that
+    stand, whether they are the replay's, and a verdict: "self-check passed (...)"; else, with the state and RNG
+    restored and the step run eagerly again, "not capturable (...)" if the probed step raised, or "self-check
+    failed (...)". Takes any `replay`, so that the comparison is tested on a CPU with faults put in."""
+    tensors = check.state()
+    saved = [t.detach().clone() for t in tensors]
+    rng = _rng_state(x.device)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        _set_rng_state(rng, x.device)
+
+    def observed(outputs: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # Read to the host at once: a graph's outputs are overwritten by its next replay.
+        exact = {**check.exact(), "RNG state": _rng_state(x.device)}
+        return ({k: v.detach().double().cpu() for k, v in check.compared(outputs).items()},
+                {k: v.detach().double().cpu() for k, v in exact.items()})
+
+    try:
+        with probe():
+            reference = step(x)
+    except RuntimeError as error:  # maybe part way through the step: run it again from the saved state
+        restore()
+        return step(x), False, f"not capturable ({_first_line(error)})"
+    values, counters = observed(reference)
+    restore()
+    outputs = replay(x)
+    replayed_values, replayed_counters = observed(outputs)
+    excess, where = compare(values, replayed_values, check.rtol, check.atol)
+    off, which = compare(counters, replayed_counters, 0.0, 0.0)
+    # A value out of tolerance says most about what went wrong; a counter off (a step left out) comes next.
+    if excess > 1 or off:
+        restore()
+        return step(x), False, f"self-check failed ({where if excess > 1 else which})"
+    return outputs, True, f"self-check passed (largest difference {excess:.1%} of its tolerance)"
+
+
 class GraphedStep:
-    """`step(x)` run eagerly for `warmup` calls, then captured once and replayed for every later call.
+    """`step(x)` run eagerly for `warmup` calls, then captured once, checked against an eager run (see
+    `first_replay`; `check` says what the step changes and what to compare) and replayed for every later call.
 
-    If capture fails (a step that syncs with the host, or an op CUDA graphs cannot record), the failure is warned
-    about once, kept in `capture_error`, and every later call runs the step eagerly: slower, never wrong."""
+    A step that syncs with the host, or whose replay differs from its eager run, is warned about once and runs
+    eagerly from then on (`status` says why). A capture that fails inside torch.cuda.graph raises
+    GraphCaptureFailed, naming `off_switch` (what turns the graph off).
+    """
 
-    def __init__(self, step: Callable[[torch.Tensor], Any], warmup: int = WARMUP_STEPS, name: str = "step"):
-        self.step, self.warmup, self.name = step, warmup, name
+    def __init__(self, step: Callable[[torch.Tensor], Any], warmup: int = WARMUP_STEPS, name: str = "step",
+                 check: StepCheck | None = None, off_switch: str = "graphed=False"):
+        # Bound methods are held weakly: their owner (the Trainer) holds this object, and the cycle would keep the
+        # trainer, its optimizer state and this graph's memory pool alive until a full garbage collection.
+        check = StepCheck() if check is None else check
+        self._step = _weakly(step)
+        self.check = check._replace(state=_weakly(check.state), compared=_weakly(check.compared),
+                                    exact=_weakly(check.exact))
+        self.warmup, self.name, self.off_switch = warmup, name, off_switch
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input: torch.Tensor | None = None
         self.outputs: Any = None
-        self.capture_error: str | None = None
-        self.side_stream = torch.cuda.Stream()
+        self.verdict: str | None = None  # the self-check's, once the capture call has run
+        self._side_stream: torch.cuda.Stream | None = None
 
     @property
     def captured(self) -> bool:
         return self.graph is not None
 
+    @property
+    def status(self) -> str:
+        """"warming up", "graphed: self-check passed (...)", or "eager: " and why."""
+        if self.verdict is None:
+            return "warming up"
+        return f"{'graphed' if self.graph is not None else 'eager'}: {self.verdict}"
+
+    def step(self, x: torch.Tensor) -> Any:
+        return self._step(x)
+
     def __call__(self, x: torch.Tensor) -> Any:
-        if self.capture_error is not None:
+        if self.graph is not None:
+            self.static_input.copy_(x)
+            self.graph.replay()
+            return self.outputs
+        if self.verdict is not None:
             return self.step(x)
-        if self.graph is None:
-            if self.calls < self.warmup:
-                self.calls += 1
-                return self._on_side_stream(x)
-            if not self._capture(x):
-                return self.step(x)
-        self.static_input.copy_(x)
-        self.graph.replay()
-        return self.outputs
+        if self.calls < self.warmup:
+            self.calls += 1
+            return self._on_side_stream(x)
+        outputs, graphed, self.verdict = first_replay(x, self._on_side_stream, self._capture, self.check,
+                                                      probe=_no_host_syncs)
+        if not graphed:
+            self.graph = self.static_input = self.outputs = None  # frees the graph's memory pool
+            warnings.warn(f"CUDA graph of the {self.name}: {self.verdict}; it runs eagerly", stacklevel=2)
+        return outputs
 
     def _on_side_stream(self, x: torch.Tensor) -> Any:
         # Warm-up off the default stream, as capture itself runs: workspaces and autotuned kernels are then made
         # for a side stream before the capture needs them.
         main = torch.cuda.current_stream()
-        self.side_stream.wait_stream(main)
-        with torch.cuda.stream(self.side_stream):
+        self._side_stream = self._side_stream or torch.cuda.Stream()
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
             outputs = self.step(x)
-        main.wait_stream(self.side_stream)
+        main.wait_stream(self._side_stream)
         return outputs
 
-    def _capture(self, x: torch.Tensor) -> bool:
+    def _capture(self, x: torch.Tensor) -> Any:
+        """Capture the step on `x`, then replay it once: capture runs nothing, so this replay is the step."""
+        main = torch.cuda.current_stream()
         self.static_input = x.clone()
         graph = torch.cuda.CUDAGraph()
         try:
@@ -76,10 +209,46 @@ class GraphedStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.step(self.static_input)
         except RuntimeError as error:
-            self.capture_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self.static_input = self.outputs = None
-            warnings.warn(f"CUDA graph capture of the {self.name} failed ({self.capture_error}); training on "
-                          f"without CUDA graphs (set train.cuda_graphs=false to skip the attempt)", stacklevel=3)
-            return False
+            torch.cuda.set_stream(main)  # torch.cuda.graph raised before restoring it; the rest cannot be undone
+            raise GraphCaptureFailed(
+                f"CUDA graph capture of the {self.name} failed ({_first_line(error)}), which leaves this process's "
+                f"CUDA state unusable; run it with CUDA graphs off: {self.off_switch}") from error
         self.graph = graph
-        return True
+        graph.replay()
+        return self.outputs
+
+
+@contextlib.contextmanager
+def _no_host_syncs():
+    """Every host sync raises inside (process-wide, for the one step probed): a sync would invalidate a capture,
+    and is cheaper to find out about before one begins."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def _weakly(fn: Callable) -> Callable:
+    if not inspect.ismethod(fn):
+        return fn
+    method = weakref.WeakMethod(fn)
+    return lambda *args: method()(*args)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    # The generator a step on `device` draws from: the default CUDA one, which graphs record, or the CPU's.
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

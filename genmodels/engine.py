@@ -4,9 +4,10 @@ The inner loop never waits for the GPU: batches come from a uint8 tensor residen
 logged values are summed on the device and read once per epoch, and the divergence check reads a loss copied to
 the host one check interval earlier; progress lines (off unless `Trainer.progress` is set) use the host's step
 count and clock only. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is fused, the whole
-step (forward, backward, clipping, Adam, EMA) is captured once as a CUDA graph and replayed (genmodels.cuda_graph;
-`cuda_graphs=False` turns it off), and `compile=True` compiles the loss (forward and backward) with torch.compile;
-docs/PERFORMANCE.md says what each of these buys and when compiling pays for itself.
+step (forward, backward, clipping, Adam, EMA) is captured once as a CUDA graph, checked against an eager step and
+replayed (genmodels.cuda_graph; `cuda_graphs=False` turns it off; each epoch's `graph_status` says how it ran),
+and `compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says what each
+of these buys and when compiling pays for itself.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from genmodels.config import TrainConfig
-from genmodels.cuda_graph import GraphedStep
+from genmodels.cuda_graph import GraphedStep, StepCheck
 from genmodels.data import Batches
 from genmodels.images import save_grid
 from genmodels.io import load_checkpoint, save_atomic
@@ -162,6 +163,17 @@ class Trainer:
         """Whether the training step now runs as a replayed CUDA graph."""
         return self._graphed is not None and self._graphed.captured
 
+    @property
+    def graph_status(self) -> str | None:
+        """How the training step runs on CUDA (None on a CPU): "off: why", "warming up", "graphed: self-check
+        passed (...)" or "eager: why" (not capturable, or the self-check failed)."""
+        if self.device.type != "cuda":
+            return None
+        if not self.cuda_graphs:
+            return "off: " + (f"compile_mode={self.cfg.compile_mode} makes its own CUDA graphs" if self.cfg.cuda_graphs
+                              else "train.cuda_graphs=false")
+        return self._graphed.status if self._graphed else "warming up"
+
     def _step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Forward, backward, clipping, the optimizer and the EMA on one batch, with no host sync: the body a
         CUDA graph captures. Returns the loss, every logged value stacked, and their names."""
@@ -178,6 +190,24 @@ class Trainer:
         values = {"loss": loss, **logs}
         return loss.detach(), torch.stack([v.detach().float() for v in values.values()]), list(values)
 
+    # What the self-check at capture (genmodels.cuda_graph.first_replay) saves and compares of `_step`.
+    def _step_state(self) -> list[torch.Tensor]:
+        modules = [self.model, *([self.ema.model] if self.ema else [])]
+        optimizer = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *optimizer, self._step_on_device]
+
+    def _step_values(self, outputs: tuple[torch.Tensor, torch.Tensor, list[str]]) -> dict[str, torch.Tensor]:
+        _, stacked, names = outputs
+        values = {f"train_{name}": value for name, value in zip(names, stacked)}
+        models = {"parameter norms": self.model, **({"EMA norms": self.ema.model} if self.ema else {})}
+        for label, model in models.items():
+            values[label] = torch.stack(torch._foreach_norm(list(model.parameters())))
+        return values
+
+    def _step_counters(self) -> dict[str, torch.Tensor]:
+        steps = [state["step"] for state in self.optimizer.state.values() if torch.is_tensor(state.get("step"))]
+        return {"step count": self._step_on_device, **({"Adam step counts": torch.stack(steps)} if steps else {})}
+
     def _step_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """The eager step, or (CUDA, cuda_graphs) the graphed one. A new graph is captured whenever what the step
         trains changes (e.g. VQ-VAE's stage 2 freezes the autoencoder): which parameters need gradients and which
@@ -187,12 +217,14 @@ class Trainer:
         key = (tuple(p.requires_grad for p in self.model.parameters()), tuple(m.training for m in self.model.modules()))
         if self._graphed is None or key != self._graph_key:
             self._graphed, self._graph_key = None, key  # frees the old graph's memory pool before the new capture
-            self._graphed = GraphedStep(self._step, name=f"{self.model_name or 'model'} training step")
+            self._graphed = GraphedStep(self._step, name=f"{self.model_name or 'model'} training step",
+                                        check=StepCheck(self._step_state, self._step_values, self._step_counters),
+                                        off_switch="train.cuda_graphs=false")
         return self._graphed
 
-    def train_epoch(self, steps: int | None = None) -> dict[str, float]:
+    def train_epoch(self, steps: int | None = None) -> dict[str, Any]:
         """One epoch: `steps` steps, else `steps_per_epoch`, else one pass over the training split. Returns the mean
-        of each logged value as `train_<name>`."""
+        of each logged value as `train_<name>`, and on CUDA `graph_status` and `graph_captured` (0 or 1)."""
         self.model.train()
         self.model.start_epoch(self.epoch)
         step = self._step_function()
@@ -230,6 +262,8 @@ class Trainer:
         metrics = {f"train_{k}": v for k, v in zip(names or [], means)}
         if not all(map(_finite, metrics.values())):
             raise Diverged(f"non-finite training metrics at epoch {self.epoch}: {metrics}")
+        if self.graph_status is not None:
+            metrics.update(graph_status=self.graph_status, graph_captured=int(self.graph_captured))
         return metrics
 
     def _report_steps(self, done: int, steps: int, seconds: float) -> None:
@@ -260,13 +294,15 @@ class Trainer:
             raise Diverged(f"loss is {value} at step {step}")
 
     @torch.no_grad()
-    def evaluate(self, full: bool = True) -> dict[str, float]:
-        """Test-split metrics of the eval model (EMA weights when used), in fp32. `full=False`: the model's cheap
-        metrics (GenerativeModel.evaluate) on the first `eval_subset` test images, named `subset_...`, so that no
-        reader takes them for the full test split's."""
-        if full or self.subset_batches is None:
+    def evaluate(self, full: bool = True, subset: bool | None = None) -> dict[str, float]:
+        """Test-split metrics of the eval model (EMA weights when used), in fp32. `full=False`: only the model's cheap
+        metrics (GenerativeModel.evaluate), by default on the first `eval_subset` test images and named
+        `subset_...`, so that no reader takes them for the full test split's; `subset=False`: on the whole split,
+        under their own names (what a milestone needs when nothing ranks on the expensive ones)."""
+        subset = not full if subset is None else subset
+        if not subset or self.subset_batches is None:
             with timed(self.progress, f"epoch {self.epoch}: evaluating on {len(self.test_batches.images)} test images"):
-                return self.eval_model.eval().evaluate(self.test_batches.epoch())
+                return self.eval_model.eval().evaluate(self.test_batches.epoch(), full=full)
         metrics = self.eval_model.eval().evaluate(self.subset_batches.epoch(), full=False)
         return {**{f"subset_{k}": v for k, v in metrics.items()}, "subset_images": len(self.subset_batches.images)}
 

@@ -29,6 +29,11 @@ def prepare(cfg: TrialConfig, train_images: torch.Tensor | None = None) -> Trial
     return cfg.replace("model", **derived) if derived else cfg
 
 
+# How an epoch's test evaluation is run: "full" (the whole test split, every metric, the expensive estimates such as
+# the VAE family's importance-weighted bound included), "test" (the whole split, the cheap metrics only), "subset"
+# (the cheap metrics on the first `eval_subset` test images, named subset_...)
+EVALUATIONS = ("full", "test", "subset")
+
 class Experiment:
     """A model and its trainer, built from a TrialConfig, stepped one epoch at a time.
 
@@ -131,25 +136,33 @@ class Experiment:
         """Train one epoch (`steps` steps, else the config's) without evaluating: what the benchmarks time."""
         return self.trainer.train_epoch(steps)
 
-    def run_epoch(self, full_evaluation: Callable[[int], bool] | None = None) -> dict[str, float]:
-        """Train one epoch, then evaluate on the test split: fully when `full_evaluation(epoch)` says so (None:
-        always) and at the last epoch, else cheaply (Trainer.evaluate). Raises engine.Diverged on a non-finite loss."""
+    def run_epoch(self, evaluation: Callable[[int], str] | None = None) -> dict[str, float]:
+        """Train one epoch, then evaluate on the test split as `evaluation(epoch)` says (EVALUATIONS; None: always
+        "full"), and fully at the last epoch. Raises engine.Diverged on a non-finite loss."""
         metrics = self.train_epoch()
-        metrics.update(self.evaluate(full=full_evaluation is None or self.done or full_evaluation(self.epoch)))
+        level = "full" if evaluation is None or self.done else evaluation(self.epoch)
+        if level not in EVALUATIONS:
+            raise ValueError(f"evaluation {level!r}: choose one of {', '.join(EVALUATIONS)}")
+        metrics.update(self.evaluate(full=level == "full", subset=level == "subset"))
         return {**metrics, "epoch": self.epoch, "step": self.step}
 
     def run(self, on_epoch: Callable[[dict[str, float]], None],
-            full_evaluation: Callable[[int], bool] | None = None) -> None:
+            evaluation: Callable[[int], str] | None = None) -> None:
         """The epoch loop: until the configured epochs are done, one epoch of training and evaluation, then
         `on_epoch(metrics)` (write grids, save, report: `self.done` says whether it was the last). A sweep passes
-        `full_evaluation` (epoch -> bool: ASHA's milestones), so the expensive test metrics are computed where a
-        decision reads them and at the end, and the cheap ones in between. Raises engine.Diverged on a non-finite
-        loss."""
+        `evaluation` (epoch -> "full", "test" or "subset": by ASHA's milestones and what ranks the trials), so the
+        expensive test metrics are computed where a decision reads them and at the end, the cheap ones in between.
+        Raises engine.Diverged on a non-finite loss."""
         while not self.done:
-            on_epoch(self.run_epoch(full_evaluation))
+            on_epoch(self.run_epoch(evaluation))
 
-    def evaluate(self, full: bool = True) -> dict[str, float]:
-        return self.trainer.evaluate(full)
+    def evaluate(self, full: bool = True, subset: bool | None = None) -> dict[str, float]:
+        return self.trainer.evaluate(full, subset)
+
+    @property
+    def full_only_metrics(self) -> tuple[str, ...]:
+        """The test metrics only a full evaluation computes (GenerativeModel.full_only_metrics)."""
+        return self.trainer.model.full_only_metrics
 
     def write_grids(self, out_dir: str | Path, budget: float = 1.0) -> dict[str, Path]:
         return self.trainer.write_grids(out_dir, budget=budget)

@@ -5,6 +5,8 @@ worst-case point of the search space (the largest value of every numeric choice,
 choice: width, latent size, k, arch), in a spawned process so the driver keeps no CUDA context. Trials per GPU =
 floor(HEADROOM * GPU memory / (peak reserved + CUDA_CONTEXT_BYTES)), at most MAX_TRIALS_PER_GPU. Not probed: FID
 feature networks and sampling batches at the end of a trial, which the headroom has to absorb (docs/PERFORMANCE.md).
+An NCSN trial sizes its sampling batch to its own GPU fraction of the free memory (genmodels.models.ncsn's
+chains_that_fit reads the fraction Ray gave it), so packed trials that sample at once share that room.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from genmodels.models.base import LIKELIHOOD_METRICS
 from sweeps import storage as sweep_storage
 from sweeps.budgets import ASHASettings, FIDSettings, require
 from sweeps.errors import UsageError
@@ -183,6 +184,11 @@ class SweepSpec:
                  "--objectives takes two or more different metrics, and replaces --metric (the first objective is "
                  "the one ASHA stops on)")
         objectives = objectives or (_metric(space, args.metric),)
+        if "model.final_eval_k" in param_space and not set(LIKELIHOOD_METRICS) & set(objectives) and not any(
+                k.split(".")[-1] == "final_eval_k" for k in fixed):
+            # The end-of-trial bound at final_eval_k (1000) costs ~40% of a ResNet or DFC trial: run where a
+            # likelihood ranks the trials, or where --fixed final_eval_k asks for it (README, "What a sweep does").
+            param_space["model.final_eval_k"] = 0
         require(not (args.no_rfid and "rfid" in objectives),
                  "--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")
         p = space.presets[preset]

@@ -124,7 +124,7 @@ def sweep_reporter(results: str, mode: str, **kwargs: Any) -> tune.CLIReporter:
 
 
 def _trainable(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None, folder: str):
-    plan = TrialPlan(spec.metric, spec.mode, fid_plan, spec.milestones, spec.checkpoint_every_s)
+    plan = TrialPlan(spec.metric, spec.mode, fid_plan, spec.milestones, spec.checkpoint_every_s, spec.objectives)
     return tune.with_resources(tune.with_parameters(train_trial, data=data, plan=plan, folder=folder),
                                dict(spec.resources))
 

@@ -2,11 +2,14 @@
 
 The CUDA tests skip on a machine without a GPU; the CPU tests check what the graph path changed for every device
 (optimizer state that moves between devices, the EMA's step on the device)."""
+import math
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import ROOT, make_trainer
 
 from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images
 from genmodels.engine import Diverged
@@ -45,16 +48,19 @@ def test_a_checkpoint_written_with_fused_capturable_adam_resumes_on_cpu(tmp_path
 @cuda
 @pytest.mark.parametrize("name", list(BENCH_MODELS))
 def test_graphs_train_as_the_eager_step_does(name):
-    """Every model: the graphed step is captured, and two epochs' losses match the eager step's from the same seed
-    (same batches, same random draws; bf16 and cuDNN's algorithm choice leave small differences)."""
+    """Every model: the graphed step is captured and passes its self-check, two epochs' losses match the eager
+    step's from the same seed (same batches, same random draws; bf16 and cuDNN's algorithm choice leave small
+    differences), and each epoch's metrics say how the step ran."""
     eager = _trainer(name, False, "cuda")  # each trainer seeds torch's generators as it is built: one after the other
     expected = [eager.train_epoch() for _ in range(2)]
     graphed = _trainer(name, True, "cuda")
     for a in expected:
         b = graphed.train_epoch()
         assert a.keys() == b.keys()
-        for key in a:
+        for key in (k for k in a if k.startswith("train_")):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-3), (name, key)
+        assert (a["graph_status"], a["graph_captured"]) == ("off: train.cuda_graphs=false", 0)
+        assert b["graph_status"].startswith("graphed: self-check passed") and b["graph_captured"] == 1, b
     assert graphed.graph_captured and not eager.graph_captured
     assert graphed.step == eager.step == 2 * STEPS
 
@@ -65,8 +71,9 @@ def test_vqvae_captures_each_stage():
     trainer.train_epoch()
     first = trainer._graphed
     assert trainer.graph_captured
-    trainer.train_epoch()  # stage 2: the autoencoder is frozen, the prior trains
+    metrics = trainer.train_epoch()  # stage 2: the autoencoder is frozen, the prior trains
     assert trainer.graph_captured and trainer._graphed is not first
+    assert metrics["graph_status"].startswith("graphed: self-check passed")
     assert all(not p.requires_grad for p in trainer.model.encoder.parameters())
 
 
@@ -109,7 +116,9 @@ def test_a_graphed_epoch_syncs_with_the_host_once():
 
 
 @cuda
-def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
+def test_a_step_that_syncs_with_the_host_runs_eagerly_and_no_capture_begins():
+    """The probe finds the host read before any capture: CUDA stays usable (on torch 2.11 a failed capture leaves
+    the default generator unable to draw, which the last line would show)."""
     from genmodels.cuda_graph import GraphedStep
 
     def step(x):
@@ -118,15 +127,67 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
     graphed = GraphedStep(step, warmup=1)
     x = torch.ones(4, device="cuda")
     graphed(x)
-    with pytest.warns(UserWarning, match="CUDA graph capture"):
+    with pytest.warns(UserWarning, match="not capturable"):
         value = graphed(x)
-    assert graphed.capture_error and not graphed.captured
+    assert graphed.status.startswith("eager: not capturable") and not graphed.captured
     assert float(value) == 4.0 and float(graphed(x * 2)) == 8.0
+    assert torch.cuda.get_sync_debug_mode() == 0  # the probe's mode undone
+    assert torch.rand(1, device="cuda").isfinite().all()
+
+
+@cuda
+def test_a_random_step_passes_the_self_check_and_draws_as_the_eager_one():
+    """The replay's noise is the eager step's, and the RNG state it leaves is the same (the self-check's exact
+    comparison relies on it)."""
+    from genmodels.cuda_graph import GraphedStep
+
+    def step(x):
+        return x + torch.randn_like(x)
+
+    x = torch.zeros(4096, device="cuda")
+    torch.manual_seed(0)
+    expected = [step(x) for _ in range(5)]
+    torch.manual_seed(0)
+    graphed = GraphedStep(step, warmup=2)
+    got = [graphed(x).clone() for _ in range(5)]
+    assert graphed.status.startswith("graphed: self-check passed"), graphed.status
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a)
+
+
+CAPTURE_FAILS = """
+import torch
+from genmodels.cuda_graph import GraphCaptureFailed, GraphedStep
+
+def step(x):
+    torch.cuda.current_stream().query()  # not a host sync, so the probe lets it by; not allowed while capturing
+    return x * 2
+
+graphed = GraphedStep(step, warmup=1, off_switch="train.cuda_graphs=false")
+x = torch.ones(4, device="cuda")
+graphed(x)
+try:
+    graphed(x)
+    print("not stopped:", graphed.status, flush=True)
+except GraphCaptureFailed as e:
+    print("stopped:", e, flush=True)
+"""
+
+
+@cuda
+def test_a_capture_that_fails_stops_and_names_the_switch():
+    # In a process of its own: the failed capture leaves CUDA unusable there on torch 2.11.
+    result = subprocess.run([sys.executable, "-c", CAPTURE_FAILS], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("stopped:")]
+    assert lines, result.stdout + result.stderr
+    assert "CUDA graph capture of the step failed" in lines[0] and lines[0].endswith("train.cuda_graphs=false")
 
 
 @cuda
 def test_compile_modes_with_inductor_graphs_replace_the_engines():
     trainer = _trainer("vae", True, "cuda", compile=True, compile_mode="reduce-overhead")
     assert not trainer.cuda_graphs  # Inductor's graphs cannot be captured inside the engine's
-    assert trainer.train_epoch()["train_loss"] == trainer.train_epoch()["train_loss"]  # finite, it trains
-    assert not trainer.graph_captured
+    metrics = trainer.train_epoch()
+    assert math.isfinite(metrics["train_loss"]) and not trainer.graph_captured
+    assert metrics["graph_status"] == "off: compile_mode=reduce-overhead makes its own CUDA graphs"

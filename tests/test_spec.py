@@ -126,3 +126,13 @@ def test_a_sweep_saved_before_tune_started_says_how_to_start_it_again(tmp_path, 
 def test_from_args_refuses_in_one_line(tmp_path, flags, says):
     with pytest.raises(UsageError, match=re.escape(says)):
         new_spec(tmp_path, *flags)
+
+
+@pytest.mark.parametrize("flags, final_k", [
+    ((), 32),  # vae ranks by test_bpd: the smoke preset's end-of-trial bound
+    (("--metric", "fid"), 0),  # nothing ranks on a likelihood: no end-of-trial bound
+    (("--metric", "fid", "--fixed", "final_eval_k=500"), 500),  # asked for
+    (("--objectives", "fid,test_iwae_bpd"), 32),
+])
+def test_the_end_of_trial_bound_runs_where_a_likelihood_ranks_or_where_asked(tmp_path, flags, final_k):
+    assert new_spec(tmp_path, *flags).constants["model.final_eval_k"] == final_k

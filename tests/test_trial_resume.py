@@ -100,3 +100,26 @@ def test_carried_metrics_load_as_a_checkpoint_does(tmp_path):
     save_atomic({"extra": {"reports": [plain(metrics)]}}, tmp_path / "state.pt")  # weights_only=True reads it back
     assert load_checkpoint(tmp_path / "state.pt")["extra"]["reports"] == [{"fid": 31.5, "kid": 0.25, "fid_n": 1000,
                                                                            "ok": True}]
+
+
+def test_a_trial_whose_graph_capture_failed_is_retried_without_graphs(trial, monkeypatch):
+    """A failed CUDA graph capture ends the trial's process (its CUDA state is spoilt) and leaves a note in the
+    trial's folder; Tune's retry of the trial then trains with train.cuda_graphs off and says so in every report."""
+    import genmodels.experiment as experiment
+    from genmodels.cuda_graph import GraphCaptureFailed
+
+    configs = []
+    run = experiment.Experiment.run
+
+    def capture_fails_once(self, on_epoch, evaluation=None):
+        configs.append(self.cfg.train.cuda_graphs)
+        if len(configs) == 1:
+            raise GraphCaptureFailed("capture failed; run it with CUDA graphs off: train.cuda_graphs=false")
+        return run(self, on_epoch, evaluation)
+
+    monkeypatch.setattr(experiment.Experiment, "run", capture_fails_once)
+    with pytest.raises(GraphCaptureFailed):
+        trial(1, recorded=lambda n: True)
+    reports = trial(1, recorded=lambda n: True)
+    assert configs == [True, False]
+    assert [r["graphs_off_after_failed_capture"] for r in reports] == [1]

@@ -21,6 +21,7 @@ from ray import tune
 from genmodels.engine import CHECKPOINT_FILE
 from genmodels.io import json_lines, load_checkpoint
 
+GRAPHS_FAILED_FILE = "gensweep_graph_capture_failed.json"  # written by a trial whose CUDA graph capture failed
 ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
 IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable, logged to W&B
 RESULT_FILE = "result.json"  # Tune's record of a trial's reports, one JSON object a line
@@ -33,6 +34,23 @@ def trial_dirname(model_name: str, trial_id: str) -> str:
 
 def _fs(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
+def graph_capture_failed(trial_folder: str) -> str | None:
+    """Why this trial's CUDA graph capture failed in an earlier process (Tune's retry then runs it eagerly)."""
+    fs, root = _fs(trial_folder)
+    try:
+        with fs.open_input_stream(f"{root}/{GRAPHS_FAILED_FILE}") as f:
+            return json.loads(f.read().decode()).get("error") or "failed"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def record_graph_capture_failed(trial_folder: str, error: str) -> None:
+    fs, root = _fs(trial_folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{GRAPHS_FAILED_FILE}") as f:
+        f.write(json.dumps({"error": error}).encode())
 
 
 def has_ended(trial_folder: str) -> bool:

@@ -16,6 +16,7 @@ import ray
 import torch
 from ray import tune
 
+from genmodels.cuda_graph import GraphCaptureFailed
 from genmodels.engine import CHECKPOINT_FILE, Diverged
 from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
@@ -23,9 +24,11 @@ from genmodels.registry import trial_config
 from trainables.checkpoints import (
     IMAGES_DIR,
     folder_bytes,
+    graph_capture_failed,
     has_ended,
     has_room,
     newest_state,
+    record_graph_capture_failed,
     recorded_epochs,
     trial_dirname,
 )
@@ -46,6 +49,7 @@ class TrialPlan(NamedTuple):
     fid: FIDPlan | None = None
     milestones: tuple[int, ...] = ()
     checkpoint_every_s: float = 0.0  # 0: a checkpoint with every report
+    objectives: tuple[str, ...] = ()  # every metric the searcher reads (several for --objectives); () = (metric,)
 
 
 def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan, folder: str = "") -> None:
@@ -65,8 +69,13 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
     if config.get("checkpoint"):
         return evaluate_checkpoint(config, data, plan)
+    graphs_failed = graph_capture_failed(trial_folder) if trial_folder else None
+    if graphs_failed:  # Tune's retry of a trial whose CUDA graph capture failed: the same trial, eagerly
+        config = {**config, "train.cuda_graphs": False}
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
+    if graphs_failed:
+        exp.extra["graphs_off_after_failed_capture"] = 1
     newest = newest_state(trial_folder, tune.get_checkpoint())
     if newest:
         exp.restore_state(newest[0])
@@ -78,6 +87,10 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     # which only exists on the driver's node.
     trial_dir = Path.cwd()
     last_checkpoint = time.monotonic()
+    # At a milestone ASHA and Optuna read the objectives: the expensive estimates (the VAE family's bound at eval_k)
+    # only when one of them ranks the trials; at the end every metric, always.
+    ranked_on = set(plan.objectives or (plan.metric,))
+    milestone_evaluation = "full" if ranked_on & set(exp.full_only_metrics) else "test"
 
     def on_epoch(metrics: dict[str, float]) -> None:
         nonlocal last_checkpoint
@@ -89,7 +102,12 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         last_checkpoint = time.monotonic() if due else last_checkpoint
 
     try:
-        exp.run(on_epoch, full_evaluation=lambda epoch: epoch in plan.milestones)
+        exp.run(on_epoch, evaluation=lambda epoch: milestone_evaluation if epoch in plan.milestones else "subset")
+    except GraphCaptureFailed as e:
+        # This process's CUDA state is spoilt: end it; Tune retries the trial in a new one, without graphs.
+        if trial_folder:
+            record_graph_capture_failed(trial_folder, str(e))
+        raise
     except Diverged as e:
         # No ranking metric in this report, and done=True: Tune stops the trial on it before ASHA or Optuna see it
         # (Optuna records the trial as pruned), and the sweep goes on (Tune's strict metric check is off).
@@ -125,7 +143,8 @@ def evaluate_extra(exp: Experiment, plan: TrialPlan, final: bool,
     """FID on the ladder, and at the end the model's expensive once-per-trial metrics and grids."""
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.step, "diverged": 0, "node_id": node_id,
-                               "resumed_from_epoch": exp.extra.get("resumed_from_epoch", 0)}
+                               "resumed_from_epoch": exp.extra.get("resumed_from_epoch", 0),
+                               "graphs_off_after_failed_capture": exp.extra.get("graphs_off_after_failed_capture", 0)}
     if plan.fid:
         metrics.update(fid_metrics(plan.fid, exp, final))
     images: dict[str, Path] = {}

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from genmodels.config import TrialConfig
 
 
+# Test metrics that are likelihood figures (bits/dim): a sweep ranked by one runs the end-of-trial bound
+LIKELIHOOD_METRICS = ("test_bpd", "test_iwae_bpd")
+
+
 class GenerativeModel(nn.Module):
     """A generative model over uint8 images (N, C, 32, 32).
 
@@ -20,6 +24,8 @@ class GenerativeModel(nn.Module):
     """
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    # Test metrics that only `evaluate(full=True)` computes: a sweep ranking on one evaluates fully at its milestones
+    full_only_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ModelConfig, channels: int):
         super().__init__()

@@ -25,7 +25,9 @@ config; the DSM loss and the sampler read everything from it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
@@ -44,7 +46,10 @@ if TYPE_CHECKING:
 
 ARCHS = ("unet", "refinenet")
 MAX_CHAINS = 8192  # most chains per batch: a final fid_10k in two
-SAMPLING_MEMORY_SHARE = 0.25  # of the GPU's free memory that one sampling batch may plan to use
+CPU_CHAINS = 128  # chains per batch on a CPU
+# Of the GPU's free memory that the sampling batches of the trials sharing it may plan to use together: a trial
+# plans this times its GPU fraction (gpu_share), so trials packed on one GPU that sample at once fit side by side.
+SAMPLING_MEMORY_SHARE = 0.25
 # Settings for which older runs stored 0 as "not set" (state.pt's flat config, a sweep's constants and param space).
 # 0 is a valid value of none of them, so NCSNConfig reads it as None: those runs load and mean what they meant.
 ZERO_MEANT_NONE = ("num_levels", "gamma", "data_sigma_1", "langevin_eps")
@@ -65,7 +70,8 @@ class NCSNConfig(ModelConfig):
     langevin_eps: float | None = 2e-5  # eps, the step constant of NCSN Algorithm 1; None = the NCSNv2 criterion's
     denoise: bool = True  # final step x + sigma_L^2 s(x, sigma_L)
     init: str = "uniform"  # uniform | gaussian: where Langevin chains start
-    sampling_precision: str = "fp32"  # fp32 | bf16: the score network's autocast while sampling (bench sampling)
+    # bf16: the score network samples under bf16 autocast; fp32 adds no autocast of its own (a caller's applies)
+    sampling_precision: str = "fp32"  # fp32 | bf16
     choices: ClassVar = {"arch": ARCHS, "sigma_schedule": ("geometric", "ncsnv2"), "init": ("uniform", "gaussian"),
                          "sampling_precision": ("fp32", "bf16")}
     # the ZERO_MEANT_NONE settings accept 0, read as None (__post_init__)
@@ -138,6 +144,7 @@ class NCSN(GenerativeModel):
             self.net = RefineNet(channels, cfg.width, self.schedule.L)
         else:
             raise ValueError(f"unknown NCSN arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+        self._plan: tuple[torch.device, int] | None = None  # sampling_batch's last plan: (device, chains per batch)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before NoiseSchedule kept the sigmas at the model's top level
@@ -174,18 +181,21 @@ class NCSN(GenerativeModel):
         `budget` below 1 runs that share of them (at least one step per level, with the larger step of
         NoiseSchedule.eps_for).
 
-        Chains run `batch_size` at a time: by default as many as `chains_that_fit` on a GPU (thousands), where
-        each Langevin step is a replayed CUDA graph; 128 on a CPU (where larger batches fall out of the cache and
-        run slower per image). `graphed=False` samples eagerly on a GPU too. `sampling_precision` bf16 runs the
-        score network under bf16 autocast.
+        Chains run `batch_size` at a time: by default the last `sampling_batch` plan (made now if there is none):
+        as many as `chains_that_fit` on a GPU (thousands), where each Langevin step is a replayed CUDA graph; 128
+        on a CPU (where larger batches fall out of the cache and run slower per image). `graphed=False` samples
+        eagerly on a GPU too. `sampling_precision` bf16 runs the score network under bf16 autocast; fp32 leaves
+        the caller's autocast, if any, as it is (an autocast(enabled=False) here would switch a caller's bf16 off).
         """
         if T is None and budget < 1:
             T = max(1, round(self.schedule.T * budget))
-        batch_size = batch_size or self.sampling_batch()
         device = self.schedule.sigmas.device
+        if batch_size is None:  # sample_fid has just planned (one probe per FID run); a bare call plans once
+            batch_size = self._plan[1] if self._plan and self._plan[0] == device else self.sampling_batch()
         graphed = device.type == "cuda" if graphed is None else graphed
         # bf16 for the score network only: the chains, their noise and step sizes stay fp32
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.sampling_precision == "bf16"):
+        bf16 = self.cfg.sampling_precision == "bf16"
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             chunks = [annealed_langevin(self.score, self.schedule, (m, self.channels, 32, 32), T,
                                         init=self.cfg.init, denoise=self.cfg.denoise, progress=progress,
                                         graphed=graphed)
@@ -193,14 +203,22 @@ class NCSN(GenerativeModel):
         return torch.cat(chunks).clamp(0, 1)
 
     def sampling_batch(self) -> int:
-        return self.chains_that_fit() if self.schedule.sigmas.is_cuda else 128
+        """Chains per batch, planned now: `chains_that_fit` on a GPU (a probe of its memory), CPU_CHAINS on a
+        CPU. The plan is kept: `sample` without a batch size follows the last one, so an FID run (sample_fid asks
+        here first, then samples) probes the GPU once, and every batch of the run is the size it planned."""
+        device = self.schedule.sigmas.device
+        self._plan = (device, self.chains_that_fit() if _plans_by_memory(device) else CPU_CHAINS)
+        return self._plan[1]
 
     @torch.no_grad()
     def chains_that_fit(self, probe: int = 32) -> int:
-        """Langevin chains per batch on this GPU: SAMPLING_MEMORY_SHARE of its free memory over twice the memory
-        one chain's score evaluation holds at its peak (from a probe batch), rounded down to a power of two within
-        [128, MAX_CHAINS]. A share, not all of it: packed trials sample beside each other's training. A power of
-        two, so that trials whose free memory differs a little sample in the same batches, from the same noise."""
+        """Langevin chains per batch on this GPU: SAMPLING_MEMORY_SHARE of its free memory, times this trial's
+        share of the GPU (gpu_share), over twice the memory one chain's score evaluation holds at its peak (from a
+        probe batch), rounded down to a power of two within [128, MAX_CHAINS]. A share, not all of it: packed
+        trials sample beside each other's training; times the trial's fraction, because the trials packed on one
+        GPU that reach a milestone together each probe the same free memory (eight trials at 1/8 plan a quarter of
+        it between them, not two times all of it). A power of two, so that trials whose free memory differs a
+        little sample in the same batches, from the same noise."""
         device = self.schedule.sigmas.device
         base = peak = torch.cuda.memory_allocated(device)
 
@@ -217,8 +235,27 @@ class NCSN(GenerativeModel):
                 handle.remove()
         per_chain = 2 * max(peak - base, 1) / probe
         free, _ = torch.cuda.mem_get_info(device)
-        fit = int(min(MAX_CHAINS, max(128, SAMPLING_MEMORY_SHARE * free // per_chain)))
+        fit = int(min(MAX_CHAINS, max(128, SAMPLING_MEMORY_SHARE * gpu_share() * free // per_chain)))
         return 1 << (fit.bit_length() - 1)
+
+
+def _plans_by_memory(device: torch.device) -> bool:
+    """Whether sampling batches on `device` are sized to its free memory (a GPU) or fixed (a CPU)."""
+    return device.type == "cuda"
+
+
+def gpu_share() -> float:
+    """This process's share of its GPU: the GPU fraction Ray gave this trial's worker (0.125 when eight trials are
+    packed per GPU, by --gpus-per-trial 0.125 or auto), 1 outside a Ray worker or with whole GPUs. Ray is read only
+    where the process has already imported it (trial workers): genmodels itself never imports it."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 1.0
+    try:
+        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    except Exception:  # a driver, not a worker (Ray asserts it): nothing assigned, the GPU is its own
+        return 1.0
+    return min(1.0, float(gpus)) if gpus and gpus > 0 else 1.0
 
 
 def _chunk_sizes(n: int, size: int) -> list[int]:

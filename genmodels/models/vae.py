@@ -51,16 +51,17 @@ class VAEConfig(ModelConfig):
     learn_scale: bool = False  # learn one log-sigma instead
     norm: str = "batch"  # batch | group | none (IWAE training needs group or none; evaluation runs in eval mode)
     eval_k: int = 64  # importance samples of the test_iwae_bpd reported every epoch (same k for trials compared)
-    final_eval_k: int = 1000  # importance samples of the end-of-trial NLL estimate (`iwae_bpd`, run by the trainable)
+    final_eval_k: int = 1000  # importance samples of the end-of-trial NLL estimate (run by the trainable); 0: none
     choices: ClassVar = {"arch": tuple(ARCHS), "norm": ("batch", "group", "none")}
     ranges: ClassVar = {"latent": (1, None), "width": (0, None), "blocks": (1, None), "beta": (0, None),
-                        "likelihood_scale": (0, None), "eval_k": (1, None), "final_eval_k": (1, None)}
+                        "likelihood_scale": (0, None), "eval_k": (1, None), "final_eval_k": (0, None)}
     open_low: ClassVar = ("likelihood_scale",)
 
 
 class VAE(GenerativeModel):
     Config = VAEConfig
     importance_weighted: ClassVar[bool] = False  # trained on L_k (IWAE): final images show best-weight samples
+    full_only_metrics: ClassVar[tuple[str, ...]] = ("test_iwae_bpd", "test_iwae_nll")
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__(cfg, channels)
@@ -68,8 +69,8 @@ class VAE(GenerativeModel):
             raise ValueError(f"unknown VAE arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
         if cfg.blocks < 1 or (cfg.blocks != 1 and cfg.arch != "resnet"):
             raise ValueError(f"blocks={cfg.blocks}: blocks per stage is a setting of arch resnet (at least 1)")
-        if cfg.eval_k < 1 or cfg.final_eval_k < 1:
-            raise ValueError("eval_k and final_eval_k must be at least 1")
+        if cfg.eval_k < 1 or cfg.final_eval_k < 0:
+            raise ValueError("eval_k must be at least 1 and final_eval_k at least 0")
         if cfg.arch == "resnet":
             self.encoder, self.feature_shape = resnet_encoder(channels, cfg.width, cfg.blocks, cfg.norm)
             self.decoder = resnet_decoder(channels, cfg.width, cfg.blocks, cfg.norm)
@@ -161,8 +162,11 @@ class VAE(GenerativeModel):
 
     @torch.no_grad()
     def final_evaluate(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """The end-of-trial NLL estimate with `final_eval_k` importance samples (the same k for every trial)."""
+        """The end-of-trial NLL estimate with `final_eval_k` importance samples (the same k for every trial; none
+        at 0)."""
         k = self.cfg.final_eval_k
+        if not k:
+            return {}
         bpd = self.iwae_bpd(batches, k)
         return {"final_test_iwae_bpd": bpd, f"final_test_iwae_bpd_k{k}": bpd}
 

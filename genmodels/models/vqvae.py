@@ -102,6 +102,10 @@ class VQVAE(GenerativeModel):
     def set_stage(self, stage: int) -> None:
         """Stage 1 trains encoder, codebook and decoder; stage 2 freezes them (no grads, eval mode) for the prior."""
         self.stage = stage
+        if stage == 2:
+            # The restarts' last batch of encoder outputs: under CUDA graphs a tensor of the stage-1 graph's private
+            # memory pool, which it would keep pinned through stage 2 (no restarts there; eval mode refills nothing).
+            self.quantizer._recent = None
         for module in self.autoencoder:
             module.requires_grad_(stage == 1)
         self.train(self.training)

@@ -161,8 +161,9 @@ class VectorQuantizer(nn.Module):
         to the nearest live (or just restarted) code. Outputs of a cluster that no code serves, or that one code
         serves at the mean of several clusters, are far from every code and get picked; two restarts rarely land
         in one cluster, since the first one makes that cluster near. At most `max_restarts` codes per call, with
-        no host sync: the picks are masked out once no dead code is left. (With codebook=loss, Adam's moments of
-        a restarted row are left as they are.)"""
+        no host sync: the picks are masked out once no dead code is left, and every index stays a tensor (indexing
+        with a 0-dim tensor reads it on the host, and so do torch.multinomial's checks). (With codebook=loss,
+        Adam's moments of a restarted row are left as they are.)"""
         if self._recent is None:
             return
         recent = self._recent
@@ -172,14 +173,13 @@ class VectorQuantizer(nn.Module):
         restarted = torch.zeros_like(dead)
         for _ in range(min(max_restarts, self.num_codes)):
             pending = dead & ~restarted
-            code = pending.float().argmax()  # the first dead code not yet restarted (any code when none is left)
+            code = pending & (pending.cumsum(0) == 1)  # one-hot of the first dead code not yet restarted, or none
             weights = torch.where(torch.isfinite(nearest), nearest, torch.ones_like(nearest)).clamp_min(0)
             weights = weights + (weights.sum() == 0).float()  # all outputs on codes: draw uniformly
-            pick = recent[torch.multinomial(weights, 1)[0]]
-            act = pending.any()
-            codebook[code] = torch.where(act, pick, codebook[code])
-            restarted[code] |= act
-            nearest = torch.minimum(nearest, torch.where(act, _sq_dist(recent, pick[None])[:, 0], nearest))
+            pick = recent.index_select(0, _draw(weights))[0]
+            codebook = torch.where(code[:, None], pick, codebook)
+            restarted |= code
+            nearest = torch.minimum(nearest, torch.where(code.any(), _sq_dist(recent, pick[None])[:, 0], nearest))
         self.codebook.copy_(torch.where(restarted[:, None], codebook, self.codebook))
         if self.mode == "ema":
             self.cluster_size.copy_(torch.where(restarted, torch.ones_like(self.cluster_size), self.cluster_size))
@@ -190,6 +190,15 @@ class VectorQuantizer(nn.Module):
     def dead_codes(self) -> torch.Tensor:
         """Codes no training vector was assigned to in the last `restart_window` steps."""
         return (self.unused_steps >= self.restart_window).sum()
+
+
+def _draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index drawn with probability proportional to `weights` (>= 0, not all 0), as a 1-element tensor, without
+    the host reads of torch.multinomial's validity checks. It is multinomial's own one-sample path (weights over
+    Exponential(1) noise, the argmax), so with the same RNG state it draws the same index and consumes the same
+    random numbers; a zero weight is never drawn, whatever the noise."""
+    q = weights / torch.empty_like(weights).exponential_()
+    return torch.where(weights > 0, q, -1).argmax().view(1)
 
 
 def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
