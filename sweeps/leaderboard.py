@@ -82,7 +82,10 @@ EXTRA_KEYS = ("test_bpd", "test_iwae_bpd", "test_psnr", "test_perplexity", "test
 def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
     """Metrics worth a glance beside the ranking metric, when a model reports them (FIDs named by sample count)."""
     fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k not in ("fid_network", "fid_n", "rfid_n")]
-    return {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
+    extra = {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
+    if isinstance(result.get("graph_status"), str):  # on CUDA: graphed, eager or off (the reason is in W&B)
+        extra["graphs"] = result["graph_status"].split(":")[0]
+    return extra
 
 
 def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -329,22 +328,6 @@ def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
     assert report["elapsed_s"] <= 30 + 3 and elapsed < 30 + 30  # the budget holds (process start-up aside)
 
 
-def test_a_timed_out_step_keeps_the_rows_it_wrote(monkeypatch):
-    """bench all stops a step at its share; train writes its rows as it measures them, and they are kept."""
-    import subprocess
-
-    import genmodels.bench.run_all as run_all
-
-    def stopped(command, **kwargs):
-        out = Path(command[command.index("--json") + 1])
-        out.write_text(json.dumps({"benchmark": "train", "partial": True, "rows": [{"model": "vae"}]}))
-        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
-
-    monkeypatch.setattr(run_all.subprocess, "run", stopped)
-    result = run_all.run_step("train", ["--models", "vae"], "cpu", timeout_s=1)
-    assert result["status"] == "timed out" and result["report"]["rows"] == [{"model": "vae"}]
-
-
 def test_train_writes_each_row_as_it_is_measured(tmp_path):
     from argparse import Namespace
 
@@ -423,6 +406,9 @@ def test_trial_plans_schedule_each_phase_as_the_trainable_does():
                        final_eval=7.0)
     new = plan_seconds(unit, 9, milestones, "milestones", 1e9)
     assert new == dict(old, evaluation=3 * 5.0 + 6 * 1.0, grids=2 * 2.0 + 3.0, checkpoint=3.0)
+    # ranked on a cheap metric: the milestones evaluate the whole split without the bound; the end fully
+    cheap = plan_seconds({**unit, "eval_test": 0.5}, 9, milestones, "milestones", 1e9, "eval_test")
+    assert cheap == dict(new, evaluation=2 * 0.5 + 5.0 + 6 * 1.0)
     # every 20 s: epochs 2, 4, 6, 8 add 11 s each since the last save, so 5 and 7 save too
     assert plan_seconds(unit, 9, milestones, "milestones", 20.0)["checkpoint"] == 5.0
     assert plan_seconds(unit, 9, milestones, "milestones", 0.0)["checkpoint"] == 9.0  # 0: every epoch
@@ -449,7 +435,7 @@ def test_trial_presets_match_the_sweeps():
             preset = space.presets[size]
             assert (trial_preset.grace_period, trial_preset.reduction_factor) == \
                 (preset.grace_period, preset.reduction_factor), (name, size)
-            assert trial_preset.fid_ranked == (space.metric == "fid"), name
+            assert trial_preset.metric == space.metric, name
             model, params = bench_config(name, "full" if size == "full" else "small")
             flat = trial_config({**params, **trial_preset.config}, model).flat()
             fixed = {**space.params, **preset.config}

@@ -1,6 +1,7 @@
 """Leaderboard ranking by FID sample count, its W&B errors, the report's plots (legends, FID series per count,
 empty sweeps, labelled reconstruction grids, the `wandb sync` hint), and sweep folders on disk: statuses by ASHA's
 milestones, a Tune state cut short by a full disk, a sweep without Tune state, a running sweep."""
+import io
 import json
 import os
 import re
@@ -486,3 +487,17 @@ def test_wandb_rows_say_ended_early_off_the_milestones(monkeypatch):
     rows = leaderboard.wandb_rows(vae_spec(), "proj", None)
     assert {r["trial"]: r["status"] for r in rows} == {"vae_a": "stopped (ASHA)", "vae_b": "ended early",
                                                         "vae_c": "completed"}
+
+
+def test_the_board_says_how_each_trial_ran_its_step_on_cuda():
+    rows = [{"trial": "vae_a", "params": {}, "value": 1.0, "best": 1.0, "n": None, "epochs": 2, "status": "completed",
+             "extra": leaderboard._extra_columns({"graph_status": "eager: self-check failed (train_loss: 2 vs 1)"})},
+            {"trial": "vae_b", "params": {}, "value": 2.0, "best": 2.0, "n": None, "epochs": 2, "status": "completed",
+             "extra": leaderboard._extra_columns({"graph_status": "graphed: self-check passed (0.3%)"})}]
+    out = io.StringIO()
+    leaderboard.print_table(rows, "test_bpd", "min", file=out)
+    lines = out.getvalue().splitlines()
+    header = next(line for line in lines if line.startswith("rank"))
+    assert "graphs" in header.split()
+    assert " eager " in next(line for line in lines if "vae_a" in line)
+    assert " graphed " in next(line for line in lines if "vae_b" in line)

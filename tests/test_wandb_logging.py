@@ -96,7 +96,8 @@ def make_train():
                 (Path(d) / "images").mkdir()
                 Image.new("RGB", (8, 8), (40 * epoch, 0, 0)).save(Path(d) / "images" / "samples.png")
                 (Path(d) / "model.pt").write_bytes(b"weights")
-                tune.report({"epoch": epoch, "loss": config["train.lr"] / epoch, "diverged": 0, "note": "text"},
+                tune.report({"epoch": epoch, "loss": config["train.lr"] / epoch, "diverged": 0, "note": "text",
+                             "graph_status": "graphed: self-check passed"},
                             checkpoint=tune.Checkpoint.from_directory(d))
 
     return train
@@ -148,6 +149,8 @@ def test_sweep_logs_one_offline_run_per_trial(wandb_env):
                 "each epoch's image grid is in that epoch's row"
             assert len(images) == 3
             assert "diverged_reason" not in run["summary"]
+            assert run["summary"]["graph_status"] == "graphed: self-check passed"  # a string: summary, not history
+            assert all("graph_status" not in row for row in history.values())
             [artifact] = run["artifacts"]
             assert artifact.type == "model" and "final" in artifact.aliases
             assert artifact.name == artifact_name(run["run"].display_name)

@@ -163,6 +163,8 @@ class WandbLogger(Callback):
         step = result_step(result)
         self._last_step[key] = step
         self._submit(self._log_result, key, loggable_metrics(result), step)
+        if isinstance(result.get("graph_status"), str):  # how the step ran on CUDA: a string, so summary only
+            self._submit(self._summarize, key, {"graph_status": result["graph_status"]})
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
         # The files are read on the worker: only the checkpoint's path and filesystem are captured here.
@@ -288,6 +290,11 @@ class WandbLogger(Callback):
         run = self._runs.get(key)
         if run is not None and metrics and self._step_ok(key, step):
             self._log_to_run(run, metrics, step)
+
+    def _summarize(self, key: str, values: dict[str, Any]) -> None:
+        run = self._runs.get(key)
+        if run is not None:
+            run.summary.update(values)
 
     def _log_images(self, key: str, checkpoint, step: int | None) -> None:
         run = self._runs.get(key)

@@ -2,7 +2,6 @@
 peak FLOP/s and memory, the environment record, the table and the JSON."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
+
+from genmodels.bench.harness import ROWS_ENV, append_rows, write_json_atomic
 
 
 def add_run_arguments(p) -> None:
@@ -71,25 +72,30 @@ SMOKE_IMAGES = (512, 256)  # the smoke presets' synthetic train and test splits 
 
 
 class TrialPreset(NamedTuple):
-    """What a whole trial adds to a BENCH_MODELS network at one preset: ASHA's schedule, whether the sweep ranks by
-    FID (then the FID ladder runs at every milestone), and the evaluation settings the preset sets."""
+    """What a whole trial adds to a BENCH_MODELS network at one preset: ASHA's schedule, the metric the sweep ranks
+    by (FID: the FID ladder runs at every milestone; a full-only metric: a full evaluation there; a likelihood: the
+    end-of-trial bound runs), and the evaluation settings the preset sets."""
     grace_period: int
     reduction_factor: int
-    fid_ranked: bool
+    metric: str
     config: dict[str, Any] = {}
+
+    @property
+    def fid_ranked(self) -> bool:
+        return self.metric == "fid"
 
 
 # name: (full, small), from sweeps/spaces.py's presets like BENCH_MODELS (tests/test_bench.py checks that they agree)
 _FAMILY_SMOKE_EVAL = dict(eval_images=128, eval_k=8, final_eval_k=32)
 TRIAL_PRESETS: dict[str, tuple[TrialPreset, TrialPreset]] = {
-    "vae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, dict(eval_k=8, final_eval_k=32))),
-    "resnet_vae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, _FAMILY_SMOKE_EVAL)),
-    "iwae": (TrialPreset(10, 3, False), TrialPreset(1, 2, False, _FAMILY_SMOKE_EVAL)),
-    "dfc": (TrialPreset(5, 3, True), TrialPreset(1, 2, True, _FAMILY_SMOKE_EVAL)),
-    "vqvae": (TrialPreset(61, 3, True), TrialPreset(7, 2, True)),
-    "vqvae_prior": (TrialPreset(61, 3, True), TrialPreset(7, 2, True)),
-    "ncsn": (TrialPreset(10, 3, True), TrialPreset(1, 2, True, dict(langevin_steps=5))),
-    "ncsn_refinenet": (TrialPreset(10, 3, True), TrialPreset(1, 2, True, dict(langevin_steps=5))),
+    "vae": (TrialPreset(10, 3, "test_bpd"), TrialPreset(1, 2, "test_bpd", dict(eval_k=8, final_eval_k=32))),
+    "resnet_vae": (TrialPreset(10, 3, "test_iwae_bpd"), TrialPreset(1, 2, "test_iwae_bpd", _FAMILY_SMOKE_EVAL)),
+    "iwae": (TrialPreset(10, 3, "test_iwae_bpd"), TrialPreset(1, 2, "test_iwae_bpd", _FAMILY_SMOKE_EVAL)),
+    "dfc": (TrialPreset(5, 3, "fid"), TrialPreset(1, 2, "fid", _FAMILY_SMOKE_EVAL)),
+    "vqvae": (TrialPreset(61, 3, "fid"), TrialPreset(7, 2, "fid")),
+    "vqvae_prior": (TrialPreset(61, 3, "fid"), TrialPreset(7, 2, "fid")),
+    "ncsn": (TrialPreset(10, 3, "fid"), TrialPreset(1, 2, "fid", dict(langevin_steps=5))),
+    "ncsn_refinenet": (TrialPreset(10, 3, "fid"), TrialPreset(1, 2, "fid", dict(langevin_steps=5))),
 }
 
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), matched against torch.cuda.get_device_name.
@@ -205,9 +211,25 @@ def _numeric(text: str) -> bool:
         return False
 
 
+_rows_sent: dict[str, int] = {}  # per benchmark: rows of its reports already appended to $GENSWEEP_BENCH_ROWS
+
+
+def start_rows() -> None:
+    """A new run of a benchmark in this process: its reports' rows are appended to the rows file from the first."""
+    _rows_sent.clear()
+
+
 def write_json(path: Path | None, report: dict) -> None:
-    """The raw measurements, when --json asked for them."""
+    """The raw measurements, when --json asked for them, written whole or not at all (a temporary file renamed:
+    a run stopped mid-write leaves the last report). Every call also appends the report's rows not yet appended to
+    the rows file named by $GENSWEEP_BENCH_ROWS (genmodels/bench/harness.py), so a benchmark that writes its
+    report as it goes (partial rows, e.g. train's and pack's) has each row there as soon as it is measured."""
+    rows = report.get("rows")
+    if isinstance(rows, list) and os.environ.get(ROWS_ENV):
+        key = str(report.get("benchmark"))
+        sent = _rows_sent.get(key, 0)
+        append_rows(rows[sent:], key)
+        _rows_sent[key] = max(sent, len(rows))
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
+        write_json_atomic(path, report)
 

@@ -15,9 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images, sync
-
-MPS_CONTROL = "nvidia-cuda-mps-control"
+from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images, sync, write_json
+from genmodels.bench.harness import MPS_CONTROL, MPS_DIR_ENV, mps_dirs
 
 
 def add_pack_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,11 +54,13 @@ def bench_pack(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
                            per_trial_images_per_s=None, speedup_vs_one=None, peak_mem_per_trial_mib=None, error=None)
                 if mps_error:
                     rows.append({**row, "error": mps_error})
-                    continue
-                threads = torch.get_num_threads() if cuda else max(1, torch.get_num_threads() // n)  # CPU: split
-                results = run_concurrent_trials(n, model_name, {**params, "cuda_graphs": graphed}, str(device),
-                                                steps, warmup, threads)
-                rows.append(_pack_row(row, results, rows))
+                else:
+                    threads = torch.get_num_threads() if cuda else max(1, torch.get_num_threads() // n)  # CPU
+                    results = run_concurrent_trials(n, model_name, {**params, "cuda_graphs": graphed}, str(device),
+                                                    steps, warmup, threads)
+                    rows.append(_pack_row(row, results, rows))
+                # each row as it is measured: a run stopped for time (bench all) keeps the rows before the stop
+                write_json(args.json, {"benchmark": "pack", "partial": True, "rows": rows})
     note = None if cuda else "CPU run: trials share the CPU cores; says nothing about packing trials on a GPU"
     if note:
         print(f"note: {note}")
@@ -88,16 +89,20 @@ def _pack_row(row: dict[str, Any], results: list[dict[str, Any]], earlier: list[
 
 @contextmanager
 def mps_daemon() -> Iterator[str | None]:
-    """A CUDA MPS control daemon of this run's own (pipe and log folders in a temporary directory, exported to the
-    trial processes spawned inside), quit on exit. Yields None when it runs, else one line saying why not."""
+    """A CUDA MPS control daemon of this run's own (pipe and log folders in a temporary directory, or under
+    $GENSWEEP_MPS_DIR where the runner named one, so it can stop the daemon if this process is killed first;
+    exported to the trial processes spawned inside), quit on exit. Yields None when it runs, else one line saying
+    why not."""
     control = shutil.which(MPS_CONTROL)
     if control is None:
         yield f"CUDA MPS not available: {MPS_CONTROL} is not on PATH"
         return
     saved = {k: os.environ.get(k) for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")}
-    with tempfile.TemporaryDirectory(prefix="gensweep-mps-") as tmp:
-        os.environ["CUDA_MPS_PIPE_DIRECTORY"], os.environ["CUDA_MPS_LOG_DIRECTORY"] = f"{tmp}/pipe", f"{tmp}/log"
-        os.makedirs(f"{tmp}/pipe"), os.makedirs(f"{tmp}/log")
+    base = os.environ.get(MPS_DIR_ENV)
+    with nullcontext(base) if base else tempfile.TemporaryDirectory(prefix="gensweep-mps-") as tmp:
+        pipe, log = mps_dirs(tmp)
+        os.environ["CUDA_MPS_PIPE_DIRECTORY"], os.environ["CUDA_MPS_LOG_DIRECTORY"] = str(pipe), str(log)
+        pipe.mkdir(parents=True, exist_ok=True), log.mkdir(parents=True, exist_ok=True)
         try:
             started = subprocess.run([control, "-d"], capture_output=True, text=True, timeout=30)
             if started.returncode != 0:

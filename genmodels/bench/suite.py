@@ -29,10 +29,12 @@ from genmodels.bench.common import (
     environment,
     flops_per_image,
     format_table,
+    start_rows,
     timed_run,
     trial_steps,
     write_json,
 )
+from genmodels.bench.harness import exit_on_signals
 from genmodels.bench.pack import add_pack_arguments, bench_pack
 from genmodels.bench.profile import add_profile_arguments, bench_profile
 from genmodels.bench.sampling import add_sampling_arguments, bench_sampling
@@ -63,6 +65,7 @@ def bench_flops(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
                          gflops_per_image=flops / 1e9, trial_steps=trial_steps(params),
                          trial_pflops=flops * int(params["batch_size"]) * trial_steps(params) / 1e15,
                          target_images_per_s=args.mfu * args.peak_tflops * 1e12 / flops))
+        write_partial(args, "flops", rows)
     return rows, {"size": args.size, "target": f"{args.mfu:.0%} of {args.peak_tflops} TFLOP/s"}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,8 +83,9 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_fid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each network's rows; a network that fails (Inception without weights on an offline machine) leaves one
+    row saying why, and the others are still measured."""
     from genmodels.data import synthetic_images
-    from genmodels.metrics.fid import FIDScorer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -89,33 +93,55 @@ def bench_fid(args: argparse.Namespace) -> list[dict[str, Any]]:
     batch_size = args.batch_size or (250 if cuda else 32)
     kid_subsets = args.kid_subsets if args.kid_subsets is not None else (100 if cuda else 5)
     images = synthetic_images(n)
-    rows = []
-    for network in args.networks.split(","):
-        scorer = FIDScorer(network, weights_path=args.fid_weights, device=device, batch_size=batch_size,
-                           kid_subsets=kid_subsets)
-        list(scorer.features(images[:batch_size]))  # warm-up: allocator, cuDNN autotuning, lazy inits
-        seconds = timed_run(lambda: [f.sum().item() for f in scorer.features(images)], device)
-        rows.append(dict(what="feature extraction", network=network, batch_size=batch_size, n=n,
-                         value=n / seconds, unit="images/s"))
-
-        # The distances themselves depend only on the feature dimension: time them on random features.
-        d = scorer.num_features
-        real, fake = torch.randn(2000, d) * 0.5, torch.randn(2000, d) * 0.5 + 0.1
-        ref = scorer.reference_from_features([real.to(device)], total=len(real))
-        scorer.kid_subsets = 0
-        fid_seconds = timed_run(lambda: scorer.score_features([fake.to(device)], ref), device)
-        rows.append(dict(what=f"FID from stats (D={d})", network=network, batch_size=None, n=len(fake),
-                         value=fid_seconds, unit="s"))
-        if kid_subsets > 0:
-            scorer.kid_subsets = kid_subsets
-            kid = scorer._kid_metric(d)
-            kid.real_features = [ref.kid_features.to(device)]
-            kid.update(fake.to(device), real=False)
-            rows.append(dict(what=f"KID, subsets of 1000 (D={d})", network=network, batch_size=None,
-                             n=kid_subsets, value=timed_run(kid.compute, device) / kid_subsets, unit="s/subset"))
+    rows: list[dict[str, Any]] = []
+    for network in [name for name in args.networks.split(",") if name]:
+        try:
+            _fid_rows(network, args, images, n, batch_size, kid_subsets, device, rows)
+        except Exception as error:  # noqa: BLE001 - one network's failure (no weights offline) keeps the others' rows
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            rows.append(dict(what="failed", network=network, batch_size=batch_size, n=n, value=None, unit=None,
+                             error=f"{type(error).__name__}: {message}"))
+            print(f"fid: {network} failed ({rows[-1]['error']}); the other networks still run")
+        write_partial(args, "fid", rows)
     return rows
 
+
+def _fid_rows(network: str, args: argparse.Namespace, images: torch.Tensor, n: int, batch_size: int,
+              kid_subsets: int, device: torch.device, rows: list[dict[str, Any]]) -> None:
+    """One network's rows, appended to `rows` as each is measured."""
+    from genmodels.metrics.fid import FIDScorer
+
+    scorer = FIDScorer(network, weights_path=args.fid_weights, device=device, batch_size=batch_size,
+                       kid_subsets=kid_subsets)
+    list(scorer.features(images[:batch_size]))  # warm-up: allocator, cuDNN autotuning, lazy inits
+    seconds = timed_run(lambda: [f.sum().item() for f in scorer.features(images)], device)
+    rows.append(dict(what="feature extraction", network=network, batch_size=batch_size, n=n,
+                     value=n / seconds, unit="images/s"))
+
+    # The distances themselves depend only on the feature dimension: time them on random features.
+    d = scorer.num_features
+    real, fake = torch.randn(2000, d) * 0.5, torch.randn(2000, d) * 0.5 + 0.1
+    ref = scorer.reference_from_features([real.to(device)], total=len(real))
+    scorer.kid_subsets = 0
+    fid_seconds = timed_run(lambda: scorer.score_features([fake.to(device)], ref), device)
+    rows.append(dict(what=f"FID from stats (D={d})", network=network, batch_size=None, n=len(fake),
+                     value=fid_seconds, unit="s"))
+    if kid_subsets > 0:
+        scorer.kid_subsets = kid_subsets
+        kid = scorer._kid_metric(d)
+        kid.real_features = [ref.kid_features.to(device)]
+        kid.update(fake.to(device), real=False)
+        rows.append(dict(what=f"KID, subsets of 1000 (D={d})", network=network, batch_size=None,
+                         n=kid_subsets, value=timed_run(kid.compute, device) / kid_subsets, unit="s/subset"))
+
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def write_partial(args: argparse.Namespace, benchmark: str, rows: list[dict[str, Any]]) -> None:
+    """The rows measured so far, to --json and the rows file: a run stopped for time (bench all, the GPU check)
+    keeps what it measured."""
+    write_json(args.json, {"benchmark": benchmark, "partial": True, "rows": rows})
+
 
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
     "train": (add_train_arguments, bench_train),
@@ -135,8 +161,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         add_run_arguments(p)
         add_arguments(p)
     args = parser.parse_args(argv)
+    if argv is None:  # a process of its own (bench all's steps): stopped with SIGTERM, its `finally` blocks run
+        exit_on_signals()
     if args.threads:
         torch.set_num_threads(args.threads)
+    start_rows()
     result = BENCHMARKS[args.benchmark][1](args)
     rows, meta = result if isinstance(result, tuple) else (result, {})
     env = environment(torch.device(args.device))

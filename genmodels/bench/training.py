@@ -135,7 +135,9 @@ def _count_host_syncs(fn: Callable[[], Any]) -> int:
 def sampling_rate(model: nn.Module, device: torch.device, batch: int, steps_per_level: int, repeats: int,
                   autocast: bool = False, graphed: bool | None = None) -> dict[str, Any]:
     """Annealed Langevin steps per second of `model.sample` (NCSN) on `batch` chains; one step is one score
-    evaluation of the whole batch (the final denoising step included). `graphed`: as NCSN.sample takes it."""
+    evaluation of the whole batch (the final denoising step included). `graphed`: as NCSN.sample takes it.
+    `autocast`: bf16 autocast around the sampler, which the default sampling_precision fp32 leaves on (NCSN.sample
+    opens no autocast of its own then), so the score network runs in bf16 as under sampling_precision=bf16."""
     steps = model.schedule.L * steps_per_level + int(model.cfg.denoise)
 
     def run() -> None:

@@ -48,6 +48,8 @@ from genmodels.bench.common import (
     timed_run,
     write_json,
 )
+from genmodels.bench.harness import append_rows
+from genmodels.models.base import LIKELIHOOD_METRICS
 
 PHASES = ("startup", "train", "evaluation", "fid", "grids", "checkpoint", "final_eval")
 PLANS = ("per-epoch", "milestones")
@@ -65,9 +67,10 @@ def asha_milestones(epochs: int, grace_period: int, reduction_factor: int) -> tu
 
 
 def plan_seconds(unit: dict[str, Any], epochs: int, milestones: tuple[int, ...], plan: str,
-                 checkpoint_every_s: float) -> dict[str, float]:
+                 checkpoint_every_s: float, milestone_eval: str = "eval_full") -> dict[str, float]:
     """A whole trial's seconds by phase: the per-epoch costs in `unit` on the plan's schedule, as the trainable
-    (trainables/trainable.py) runs it."""
+    (trainables/trainable.py) runs it: the milestones plan evaluates at a milestone as `milestone_eval` says
+    (eval_full where a full-only metric ranks the trials, else eval_test: the whole split, cheap metrics)."""
     seconds = dict.fromkeys(PHASES, 0.0)
     seconds["startup"] = unit["startup"]
     since_checkpoint = 0.0
@@ -75,7 +78,8 @@ def plan_seconds(unit: dict[str, Any], epochs: int, milestones: tuple[int, ...],
         last = epoch == epochs
         due = plan == "per-epoch" or last or epoch in milestones  # full evaluation and grids
         rung = milestones.index(epoch) if epoch in milestones and not last else None
-        cost = {"train": unit["train"], "evaluation": unit["eval_full" if due else "eval_subset"]}
+        evaluation = "eval_subset" if not due else "eval_full" if plan == "per-epoch" or last else milestone_eval
+        cost = {"train": unit["train"], "evaluation": unit[evaluation]}
         since_checkpoint += sum(cost.values())
         cost["fid"] = unit["fid_final"] if last else unit["fid_rungs"][rung] if rung is not None else 0.0
         cost["final_eval"] = unit["final_eval"] if last else 0.0
@@ -127,7 +131,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     real_subset = subset if 0 < subset < real_eval else 0
     n_subset = 0 if not real_subset else real_subset if real_subset < n_eval else max(1, n_eval // 2)
     params.update(steps_per_epoch=steps, eval_subset=n_subset)
-    scale = {"train": real_steps / steps, "eval_full": real_eval / n_eval,
+    if preset.metric not in LIKELIHOOD_METRICS and any(k.endswith(".final_eval_k")
+                                                       for k in trial_config(params, model_name).flat()):
+        params["final_eval_k"] = 0  # as sweeps/spec.py sets it: no end-of-trial bound unless a likelihood ranks
+    scale = {"train": real_steps / steps, "eval_full": real_eval / n_eval, "eval_test": real_eval / n_eval,
              "eval_subset": real_subset / n_subset if n_subset else real_eval / n_eval, "grids": 1.0}
 
     train, test = bench_images(n_train), bench_images(n_test, seed=1)
@@ -153,12 +160,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def grids(folder: str, budget: float) -> float:
         return timed_run(lambda: exp.write_grids(out / folder, budget=sampling(budget)[0]), device)
 
-    runs: dict[str, list[float]] = {k: [] for k in ("train", "eval_full", "eval_subset", "grids", "checkpoint")}
+    runs: dict[str, list[float]] = {k: [] for k in ("train", "eval_full", "eval_test", "eval_subset", "grids",
+                                                    "checkpoint")}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for _ in range(args.epochs):
             runs["train"].append(timed_run(exp.train_epoch, device))
             runs["eval_full"].append(timed_run(lambda: exp.evaluate(full=True), device))
+            runs["eval_test"].append(timed_run(lambda: exp.evaluate(full=False, subset=False), device))
             runs["eval_subset"].append(timed_run(lambda: exp.evaluate(full=False), device))
             runs["grids"].append(grids("grids", between))
             runs["checkpoint"].append(timed_run(lambda: exp.save(out / "state.pt"), device))
@@ -197,9 +206,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rfid = timed_run(lambda: scorer.reconstruction_fid(model, exp.test_images(n_eval), ref), device)
             unit["fid_final"] += rfid * scale["eval_full"]
 
+    milestone_eval = "eval_full" if preset.metric in exp.full_only_metrics else "eval_test"
     plans = {}
     for plan in PLANS:
-        seconds = plan_seconds(unit, epochs, milestones, plan, args.checkpoint_every_s)
+        seconds = plan_seconds(unit, epochs, milestones, plan, args.checkpoint_every_s, milestone_eval)
         total = sum(seconds.values())
         plans[plan] = {"total_s": total, "seconds": seconds, "shares": {k: v / total for k, v in seconds.items()}}
     notes = []
@@ -215,7 +225,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if any(c["measured_n"] < c["n"] for c in fid_calls):
         notes.append(f"FID measured on at most {args.max_samples} samples, scaled by the sample count")
     return {"model": args.model, "model_name": model_name, "preset": args.preset, "epochs": epochs,
-            "milestones": list(milestones), "fid_ranked": preset.fid_ranked, "fid_network": scorer.name,
+            "milestones": list(milestones), "metric": preset.metric, "fid_ranked": preset.fid_ranked,
+            "milestone_evaluation": milestone_eval, "final_eval_k": params.get("final_eval_k"),
+            "fid_network": scorer.name,
             "ladder": list(ladder), "final_n": final_n, "checkpoint_every_s": args.checkpoint_every_s,
             "batch_size": batch, "steps": steps, "real_steps": real_steps, "measured_epochs": args.epochs,
             "images": {"train": n_train, "test": n_test, "evaluated": n_eval, "subset": n_subset,
@@ -271,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(plan_rows(result)))
     print(f"a new trial process first spends {result['process_start_s']:.1f} s on its interpreter and imports "
           f"(not in the shares: Tune reuses a trial's process for the next)")
+    append_rows([*unit_rows(result), *plan_rows(result)], "trial")  # to $GENSWEEP_BENCH_ROWS, where it is set
     write_json(args.json, report)
     return report
 
@@ -280,7 +293,8 @@ def unit_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     unit, runs, scale = result["per_epoch"], result["measured"], result["scale"]
     rows = [dict(phase="start-up (once)", measured_s=unit["startup"], scale=1.0, real_s=unit["startup"])]
     for key, what in (("train", "training epoch"), ("eval_full", "full evaluation"),
-                      ("eval_subset", "subset evaluation"), ("grids", "grids"), ("checkpoint", "checkpoint")):
+                      ("eval_test", "cheap evaluation, whole split"), ("eval_subset", "subset evaluation"),
+                      ("grids", "grids"), ("checkpoint", "checkpoint")):
         rows.append(dict(phase=what, measured_s=statistics.median(runs[key]), scale=scale.get(key, 1.0),
                          real_s=unit[key]))
     rows.append(dict(phase="grids at the end", measured_s=None, scale=None, real_s=unit["grids_final"]))
