@@ -138,9 +138,11 @@ class Experiment:
 
     def run_epoch(self, evaluation: Callable[[int], str] | None = None) -> dict[str, float]:
         """Train one epoch, then evaluate on the test split as `evaluation(epoch)` says (EVALUATIONS; None: always
-        "full"), and fully at the last epoch. Raises engine.Diverged on a non-finite loss."""
+        "full"); the last epoch on the whole split ("subset" there means "full"). Raises engine.Diverged on a
+        non-finite loss."""
         metrics = self.train_epoch()
-        level = "full" if evaluation is None or self.done else evaluation(self.epoch)
+        level = "full" if evaluation is None else evaluation(self.epoch)
+        level = "full" if self.done and level == "subset" else level
         if level not in EVALUATIONS:
             raise ValueError(f"evaluation {level!r}: choose one of {', '.join(EVALUATIONS)}")
         metrics.update(self.evaluate(full=level == "full", subset=level == "subset"))

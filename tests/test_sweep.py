@@ -167,17 +167,20 @@ def test_full_evaluation_grids_and_checkpoints_come_at_milestones(monkeypatch, t
 
 
 def test_milestones_skip_the_bound_when_nothing_ranks_on_it(monkeypatch, tmp_path):
-    """Ranked by test_bpd (the ELBO), a milestone evaluates the whole test split without the importance-weighted bound
-    (eval_k more decoder passes per image); the last epoch still reports every metric. With the bound among several
-    objectives, the milestones compute it."""
+    """Ranked by test_bpd (the ELBO), a milestone and the end evaluate the whole test split without the
+    importance-weighted bound at eval_k (eval_k more decoder passes per image), as alike as the leaderboard compares
+    them; the end adds the end-of-trial bound at final_eval_k. With the bound among several objectives, the
+    milestones and the end compute it."""
     import trainables.trainable as tr
 
     plan = tr.TrialPlan("test_bpd", milestones=(1, 2), checkpoint_every_s=3600)
-    (reports,) = reports_of_trials(monkeypatch, tmp_path, [{**TINY, "train.epochs": 3}], plan)
-    assert [r["epoch"] for r in reports if "test_bpd" in r] == [1, 2, 3]  # the whole split, under its own name
-    assert [r["epoch"] for r in reports if "test_iwae_bpd" in r] == [3]
+    (reports,) = reports_of_trials(monkeypatch, tmp_path, [{**TINY, "train.epochs": 4}], plan)
+    assert [r["epoch"] for r in reports if "test_bpd" in r] == [1, 2, 4]  # the whole split, under its own name
+    assert [r["epoch"] for r in reports if "subset_test_bpd" in r] == [3]
+    assert not any("test_iwae_bpd" in r for r in reports)
+    assert [r["epoch"] for r in reports if "final_test_iwae_bpd" in r] == [4]
     plan = tr.TrialPlan("test_bpd", milestones=(1, 2), checkpoint_every_s=3600,
                         objectives=("test_bpd", "test_iwae_bpd"))
     (tmp_path / "multi").mkdir()
-    (reports,) = reports_of_trials(monkeypatch, tmp_path / "multi", [{**TINY, "train.epochs": 3}], plan)
-    assert [r["epoch"] for r in reports if "test_iwae_bpd" in r] == [1, 2, 3]
+    (reports,) = reports_of_trials(monkeypatch, tmp_path / "multi", [{**TINY, "train.epochs": 4}], plan)
+    assert [r["epoch"] for r in reports if "test_iwae_bpd" in r] == [1, 2, 4]

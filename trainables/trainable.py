@@ -87,10 +87,12 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     # which only exists on the driver's node.
     trial_dir = Path.cwd()
     last_checkpoint = time.monotonic()
-    # At a milestone ASHA and Optuna read the objectives: the expensive estimates (the VAE family's bound at eval_k)
-    # only when one of them ranks the trials; at the end every metric, always.
+    # At a milestone ASHA and Optuna read the objectives, and at the end the leaderboard ranks the trial against
+    # those stopped at milestones: both evaluate alike, with the expensive estimates (the VAE family's bound at
+    # eval_k) only when one of them ranks the trials. The end adds the model's once-per-trial metrics (finish).
     ranked_on = set(plan.objectives or (plan.metric,))
-    milestone_evaluation = "full" if ranked_on & set(exp.full_only_metrics) else "test"
+    ranking_evaluation = "full" if ranked_on & set(exp.full_only_metrics) else "test"
+    epochs = exp.cfg.train.epochs
 
     def on_epoch(metrics: dict[str, float]) -> None:
         nonlocal last_checkpoint
@@ -102,7 +104,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         last_checkpoint = time.monotonic() if due else last_checkpoint
 
     try:
-        exp.run(on_epoch, evaluation=lambda epoch: milestone_evaluation if epoch in plan.milestones else "subset")
+        exp.run(on_epoch, evaluation=lambda epoch: ranking_evaluation if epoch in plan.milestones or epoch >= epochs
+                else "subset")
     except GraphCaptureFailed as e:
         # This process's CUDA state is spoilt: end it; Tune retries the trial in a new one, without graphs.
         if trial_folder:

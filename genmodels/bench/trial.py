@@ -69,8 +69,9 @@ def asha_milestones(epochs: int, grace_period: int, reduction_factor: int) -> tu
 def plan_seconds(unit: dict[str, Any], epochs: int, milestones: tuple[int, ...], plan: str,
                  checkpoint_every_s: float, milestone_eval: str = "eval_full") -> dict[str, float]:
     """A whole trial's seconds by phase: the per-epoch costs in `unit` on the plan's schedule, as the trainable
-    (trainables/trainable.py) runs it: the milestones plan evaluates at a milestone as `milestone_eval` says
-    (eval_full where a full-only metric ranks the trials, else eval_test: the whole split, cheap metrics)."""
+    (trainables/trainable.py) runs it: the milestones plan evaluates at a milestone and at the end as
+    `milestone_eval` says (eval_full where a full-only metric ranks the trials, else eval_test: the whole split,
+    cheap metrics)."""
     seconds = dict.fromkeys(PHASES, 0.0)
     seconds["startup"] = unit["startup"]
     since_checkpoint = 0.0
@@ -78,7 +79,7 @@ def plan_seconds(unit: dict[str, Any], epochs: int, milestones: tuple[int, ...],
         last = epoch == epochs
         due = plan == "per-epoch" or last or epoch in milestones  # full evaluation and grids
         rung = milestones.index(epoch) if epoch in milestones and not last else None
-        evaluation = "eval_subset" if not due else "eval_full" if plan == "per-epoch" or last else milestone_eval
+        evaluation = "eval_subset" if not due else "eval_full" if plan == "per-epoch" else milestone_eval
         cost = {"train": unit["train"], "evaluation": unit[evaluation]}
         since_checkpoint += sum(cost.values())
         cost["fid"] = unit["fid_final"] if last else unit["fid_rungs"][rung] if rung is not None else 0.0
