@@ -30,10 +30,12 @@ from sweeps import cluster, full_storage
 from sweeps import param_space as ps
 from sweeps import storage as sweep_storage
 from sweeps.full_storage import StorageWatch
-from sweeps.leaderboard import local_rows, pareto_front, print_front, print_table
+from sweeps.leaderboard import pareto_front, print_front, print_table, trial_row
 from sweeps.packing import auto_gpus_per_trial
 from sweeps.spaces import SPACES
 from sweeps.spec import SweepSpec, UsageError
+from sweeps.study import StudyWriter, save_study
+from sweeps.sweep_results import sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
@@ -262,7 +264,9 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         tuner = restore_tuner(spec, data, plan, storage)
     else:
         watch = [] if sweep_storage.is_uri(storage) else [StorageWatch(sweep_storage.join(storage, spec.name))]
-        tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch], storage)
+        # the Optuna study on disk, rewritten as each trial ends (sweeps/study.py)
+        tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch,
+                                              StudyWriter(storage, spec.name)], storage)
     cluster.warn_if_asha_is_serial(spec)
     if not args.resume:
         spec.save(storage)
@@ -283,7 +287,11 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         WandbLogger.close_all(timeout_s=10)
         ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 
-    rows = local_rows(storage, spec)
+    # once more from Tune's final state: a resumed sweep's callbacks come back from its tuner.pkl, which may hold
+    # none that writes the study (a sweep started before there was one), or name a storage path it has left
+    trials = sweep_trials(storage, spec)
+    save_study(storage, spec, trials)
+    rows = [trial_row(t, spec) for t in trials]
     print()
     if len(spec.objectives) > 1:
         print_front(rows, list(spec.objectives), spec.mode)

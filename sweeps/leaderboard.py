@@ -1,6 +1,9 @@
 """Ranked table of a sweep's trials, from W&B (online) or from the sweep's Ray Tune results on disk.
 
-    python sweeps/leaderboard.py --name NAME [--source local|wandb]
+    python sweeps/leaderboard.py --name NAME [--source local|wandb] [--importance]
+
+--importance adds which hyperparameters mattered (sweeps/importance.py: Optuna's PED-ANOVA over the trials compared
+at one milestone), from the trials' results on disk whatever the source.
 """
 from __future__ import annotations
 
@@ -44,16 +47,19 @@ def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]
 
 def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per trial from the sweep's folder (configs, ranking values, statuses)."""
-    rows = []
-    for t in sweep_trials(storage, spec):
-        last = t["last"]
-        history = [*t["history"], last]  # every result: the last one may lack an FID computed only at rungs
-        rows.append({"trial": t["trial"], "params": {k: t["config"].get(k) for k in spec.searched},
-                     **ranking_fields(history, spec.metric),
-                     "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
-                     "epochs": last.get("epoch", 0), "status": t["status"],
-                     "error": last.get("error"), "extra": _extra_columns(last)})
-    return rows
+    return [trial_row(t, spec) for t in sweep_trials(storage, spec)]
+
+
+def trial_row(t: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """The leaderboard's row of a stored trial (sweep_results.sweep_trials); the Optuna study on disk is built from
+    the same rows, so the two agree trial for trial."""
+    last = t["last"]
+    history = [*t["history"], last]  # every result: the last one may lack an FID computed only at rungs
+    return {"trial": t["trial"], "params": {k: t["config"].get(k) for k in spec.searched},
+            **ranking_fields(history, spec.metric),
+            "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
+            "epochs": last.get("epoch", 0), "status": t["status"],
+            "error": last.get("error"), "extra": _extra_columns(last)}
 
 
 def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[str, Any]]:
@@ -181,6 +187,8 @@ def resolve_sweep(args: argparse.Namespace) -> tuple[str, SweepSpec]:
 def main(argv: list[str] | None = None) -> int:
     p = sweep_arguments("leaderboard.py", __doc__)
     p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
+    p.add_argument("--importance", action="store_true",
+                   help="also print Optuna's parameter importances for the ranking metric (from the local results)")
     args = p.parse_args(argv)
     if args.source == "wandb" and not is_logged_in():
         print("leaderboard.py: error: W&B is not logged in: run `wandb login` (or set WANDB_API_KEY), "
@@ -204,15 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             print(f"no W&B runs in group {spec.name!r}; showing local results", file=sys.stderr)
             source = "local"
-    if source == "local":
+    trials = None
+    if source == "local" or args.importance:
         try:
-            rows = local_rows(storage, spec)
+            trials = sweep_trials(storage, spec)
         except UsageError as e:
             print(f"leaderboard.py: error: {e}", file=sys.stderr)
             return 2
+    if source == "local":
+        rows = [trial_row(t, spec) for t in trials]
     if len(spec.objectives) > 1 and source == "local":
         print_front(rows, list(spec.objectives), spec.mode)
     print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)")
+    if args.importance:
+        from sweeps import importance  # Optuna: only when asked
+
+        print()
+        print("\n".join(importance.describe(importance.compare(trials, spec))))
     return 0
 
 

@@ -6,20 +6,25 @@
   visible); an FID gets one series per sample count, since FIDs at different counts are not comparable;
 - the trade-offs across trials: rate (KL, nats) against distortion (reconstruction MSE), coloured by beta where
   searched (the seeds' blurry-versus-sharp beta experiment, over a whole sweep), and FID against bits/dim;
-- the last sample and reconstruction grids of the five best trials (ranked as the leaderboard ranks them).
+- the last sample and reconstruction grids of the five best trials (ranked as the leaderboard ranks them);
+- which hyperparameters mattered (sweeps/importance.py: Optuna's PED-ANOVA over the trials compared at one
+  milestone, printed too) and those trials' values on Optuna's parallel coordinates.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 from genmodels.metrics.fid import fid_metric_name
+from sweeps import importance
 from sweeps.leaderboard import (
     is_number,
     nondominated,
@@ -31,6 +36,7 @@ from sweeps.leaderboard import (
 )
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.storage import is_uri
+from sweeps.study import quiet_optuna
 from sweeps.sweep_results import sweep_trials
 from trainables.wandb_auth import is_logged_in
 
@@ -187,30 +193,75 @@ def _label_columns(ax, width: int) -> None:
         spine.set_visible(False)
 
 
+def plot_importances(c: importance.Comparison, path: Path) -> Path:
+    """Optuna's importance bars, as importance.describe prints them (the same evaluator on the same trials)."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    at = f"epoch {c.epoch}" + (f", n={c.n}" if c.n else "")
+    with _optuna_style():
+        ax = plot_param_importances(c.study, evaluator=c.evaluator, target_name=c.metric)
+        ax.set_title(f"which hyperparameters mattered for {c.metric} (PED-ANOVA: best {c.top} of "
+                     f"{len(c.study.trials)} trials at {at})", loc="left")  # in place of Optuna's title
+        ax.figure.set_size_inches(9, 1.5 + 0.5 * len(c.importances))
+        return _save(ax.figure, path)
+
+
+def plot_parallel(c: importance.Comparison, path: Path) -> Path:
+    """Optuna's parallel coordinates of the compared trials, their value at the milestone on the first axis."""
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    with _optuna_style():
+        ax = plot_parallel_coordinate(c.study, target_name=f"{c.metric} at epoch {c.epoch}")
+        ax.set_title(f"the {len(c.study.trials)} trials compared at epoch {c.epoch}, by their {c.metric} there",
+                     y=1.03)
+        ax.figure.set_size_inches(max(8.0, 2.0 * (len(c.importances) + 1)), 4.5)
+        return _save(ax.figure, path)
+
+
+@contextlib.contextmanager
+def _optuna_style():
+    """Optuna's plots switch matplotlib to its ggplot style and warn that they are experimental: both kept to
+    them (rc_context restores the style for the other figures)."""
+    with plt.rc_context(), quiet_optuna(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": keeps legends placed beside the axes
     plt.close(fig)
     return path
 
 
-def write_report(storage: str, spec: SweepSpec) -> list[Path]:
-    """The plots, in the sweep's folder (or ./report-NAME when the sweep lives in cloud storage)."""
-    trials = trial_histories(storage, spec)
+def write_report(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None,
+                 comparison: importance.Comparison | None = None) -> list[Path]:
+    """The plots, in the sweep's folder (or ./report-NAME when the sweep lives in cloud storage); the importance
+    plots only where there are importances (importance.compare says why not)."""
+    trials = trial_histories(storage, spec) if trials is None else trials
+    comparison = importance.compare(trials, spec) if comparison is None else comparison
     out = Path(f"report-{spec.name}") if is_uri(storage) else Path(storage) / spec.name / "report"
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_curves(spec, trials, out / "metric_per_epoch.png"),
              plot_tradeoffs(trials, out / "tradeoffs.png"),
              plot_best_samples(spec, trials, out / "best_samples.png")]
+    if comparison.importances:
+        paths += [plot_importances(comparison, out / "param_importances.png"),
+                  plot_parallel(comparison, out / "parallel_coordinate.png")]
     return [p for p in paths if p]
 
 
-def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None, storage: str) -> str | None:
-    """Log the plots as one W&B run of the sweep's group; returns the `wandb sync` command when it ran offline."""
+def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None, storage: str,
+                 importances: dict[str, float] | None = None) -> str | None:
+    """Log the plots (and the importances, as a table) as one W&B run of the sweep's group; returns the
+    `wandb sync` command when it ran offline."""
     import wandb
 
     run = wandb.init(project=project, entity=entity, group=name, name=f"{name}-report", job_type="report",
                      dir=str(paths[0].parent), settings=wandb.Settings(silent=True))
     run.log({p.stem: wandb.Image(str(p)) for p in paths})
+    if importances:
+        run.log({"param_importances_table": wandb.Table(columns=["parameter", "share"],
+                                                        data=[[k, v] for k, v in importances.items()])})
     offline, sync_dir = run.offline, run.settings.sync_dir
     run.finish()
     return f"wandb sync {shlex.quote(sync_dir)}" if offline else None
@@ -222,15 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         storage, spec = resolve_sweep(args)
-        paths = write_report(storage, spec)
+        trials = trial_histories(storage, spec)
+        comparison = importance.compare(trials, spec)
+        paths = write_report(storage, spec, trials, comparison)
     except UsageError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
+    print("\n".join(importance.describe(comparison)))
     for path in paths:
         print(path)
     if not args.no_wandb:
         os.environ.setdefault("WANDB_MODE", "online" if is_logged_in() else "offline")
-        sync = log_to_wandb(paths, spec.name, args.wandb_project, args.wandb_entity, storage)
+        sync = log_to_wandb(paths, spec.name, args.wandb_project, args.wandb_entity, storage,
+                            comparison.importances)
         if sync:
             print(f"W&B is offline: upload the report with `{sync}`")
     return 0

@@ -63,7 +63,7 @@ def sweep_trials(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
             print(f"gensweep: Tune's state in {folder} does not load ({type(e).__name__}: {message}); reading the "
                   "trials' own results", file=sys.stderr)
         else:
-            return [_tune_trial(trial, folder, spec) for trial in analysis.trials]
+            return [tune_trial(trial, folder, spec) for trial in analysis.trials]
     trials = folder_trials(folder, spec)
     if not any(t["history"] for t in trials):
         raise UsageError(f"no trial of sweep {spec.name!r} has reported yet (no trial results in {folder})")
@@ -85,7 +85,7 @@ def _analysis(folder: str):
         log.setLevel(level)
 
 
-def _tune_trial(trial, folder: str, spec: SweepSpec) -> dict[str, Any]:
+def tune_trial(trial, folder: str, spec: SweepSpec) -> dict[str, Any]:
     """A trial as Tune's state lists it, with its results from its folder (they can be newer than the state)."""
     trial_folder = join(folder, trial.storage.trial_dir_name)
     history = read_results(trial_folder)

@@ -218,7 +218,8 @@ def smoke_report(smoke_sweep):
 @pytest.mark.slow
 def test_report_curves_name_every_trial(smoke_sweep, smoke_report):
     paths, figures = smoke_report
-    assert {p.name for p in paths} == {"metric_per_epoch.png", "tradeoffs.png", "best_samples.png"}
+    assert {p.name for p in paths} == {"metric_per_epoch.png", "tradeoffs.png", "best_samples.png",
+                                       "param_importances.png", "parallel_coordinate.png"}  # 6 trials at epoch 1
     assert all(p.is_file() for p in paths)
     trial_ids = [p.name.split("_", 1)[1] for p in (smoke_sweep[0] / "smoke").iterdir() if p.name.startswith("vae_")]
     assert len(trial_ids) == 6

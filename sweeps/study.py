@@ -1,0 +1,341 @@
+"""A sweep's Optuna study on disk: `<sweep>/optuna.db` (SQLite), for optuna-dashboard and optuna.load_study.
+
+    optuna-dashboard sqlite:///PATH/optuna.db
+    optuna.load_study(study_name=NAME, storage="sqlite:///PATH/optuna.db")
+    python sweeps/study.py --name NAME         # (re)write it from the trials' results, e.g. after a full disk
+
+Tune's own Optuna study lives pickled inside its searcher; this one is for people and tools. It is never edited
+trial by trial: `write_study` builds it whole from the sweep's stored trials (the rows the leaderboard prints) in a
+temporary file beside optuna.db, then copies that into optuna.db with SQLite's backup API in one transaction. So a
+driver killed mid-write leaves the previous study (SQLite rolls the cut transaction back when the file is next
+opened), a reader that has the file open (optuna-dashboard on a running sweep) sees the new trials, and a resumed
+sweep's study is right whatever the previous driver managed to write. The driver calls it as each trial ends
+(`StudyWriter`, a Tune callback) and once after the sweep; a study that cannot be written costs one warning line,
+never the sweep.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+from ray import tune
+from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
+
+from sweeps import storage as sweep_storage
+from sweeps.full_storage import is_full
+from sweeps.leaderboard import trial_row
+from sweeps.spec import SweepSpec, UsageError
+from sweeps.sweep_results import ENDED_EARLY, ERROR_FILE, is_number, sweep_trials, trial_status, tune_trial
+
+STUDY_FILE = "optuna.db"
+STATES = {"completed": TrialState.COMPLETE, "stopped (ASHA)": TrialState.PRUNED, "diverged": TrialState.FAIL,
+          "error": TrialState.FAIL, ENDED_EARLY: TrialState.FAIL}  # any other status (not ended yet): RUNNING
+
+
+def write_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None) -> str:
+    """Build the sweep's study from its stored trials (sweep_results.sweep_trials, read here unless given) and put
+    it in place of `<sweep>/optuna.db` (atomically; on a URI, built locally and uploaded in one put). Returns where
+    it went; raises whatever the storage raises, and UsageError when no trial has reported yet."""
+    trials = sweep_trials(storage, spec) if trials is None else trials
+    frozen = study_trials(storage, spec, trials)
+    target = sweep_storage.join(storage, spec.name, STUDY_FILE)
+    if sweep_storage.is_uri(storage):
+        with tempfile.TemporaryDirectory() as tmp:
+            build_study(Path(tmp, STUDY_FILE), spec, frozen)
+            _upload(Path(tmp, STUDY_FILE), target)
+        return target
+    fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=f".{STUDY_FILE}.", suffix=".tmp")
+    os.close(fd)  # SQLite opens it by name (an empty file is an empty database)
+    try:
+        build_study(Path(tmp), spec, frozen)
+        put_in_place(Path(tmp), Path(target))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def put_in_place(new: Path, target: Path) -> None:
+    """The study at `new` as `target`'s contents, atomically. Into an existing database, SQLite's backup, all pages
+    in one step: one write transaction, so readers (and a driver killed half-way) see the old study or the new one,
+    and a reader keeps its open file. A first study, or a file that is no database (cut short, garbage), is
+    replaced whole by a rename instead (a reader of that file sees it only once it opens it again)."""
+    if target.exists():
+        try:
+            copy_database(new, target)
+            return
+        except sqlite3.DatabaseError:  # not a database; or locked, or full: the rename needs no room or lock
+            Path(f"{target}-journal").unlink(missing_ok=True)  # a journal of the old file must not touch the new
+    os.replace(new, target)
+
+
+LOCK_WAIT_S = 20.0  # how long a reader's lock on optuna.db may hold up the copy before the rename replaces it
+BUSY, LOCKED = 5, 6  # SQLite's result codes for a step that waited on another connection's lock
+
+
+def copy_database(source: Path, target: Path, pages: int = -1, progress=None) -> None:
+    """sqlite3's backup of `source` into `target` (pages=-1: every page in one step, one transaction). Python
+    retries a step that a lock holds up for ever: past LOCK_WAIT_S it gives up (sqlite3.OperationalError)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+
+    def step(status: int, remaining: int, total: int) -> None:
+        if status in (BUSY, LOCKED) and time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"{target} stayed locked for {LOCK_WAIT_S:g} s")
+        if progress is not None:
+            progress(status, remaining, total)
+
+    with contextlib.closing(sqlite3.connect(source)) as src, \
+            contextlib.closing(sqlite3.connect(target, timeout=LOCK_WAIT_S / 4)) as dst:
+        src.backup(dst, pages=pages, progress=step)
+
+
+def build_study(path: Path, spec: SweepSpec, frozen: list[FrozenTrial]) -> optuna.Study:
+    """A new SQLite study at `path`: the sweep's name, a direction per objective, the trials in Tune's order."""
+    import sqlalchemy.pool
+
+    # NullPool: no connection stays open on the file after it is renamed or uploaded
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    with quiet_optuna():
+        study = optuna.create_study(storage=rdb, study_name=spec.name,
+                                    directions=[direction(spec)] * len(spec.objectives))
+        study.set_metric_names(list(spec.objectives))  # what optuna-dashboard labels the values with
+    for key, value in {"space": spec.space, "preset": spec.preset, "milestones": list(spec.milestones),
+                       "max_epochs": spec.max_epochs, "source": "gensweep (Ray Tune + Optuna TPE + ASHA)"}.items():
+        study.set_user_attr(key, value)
+    study.add_trials(frozen)
+    return study
+
+
+def study_trials(storage: str, spec: SweepSpec, trials: list[dict[str, Any]]) -> list[FrozenTrial]:
+    """The sweep's stored trials (sweep_results.sweep_trials) as Optuna trials: searched values and distributions,
+    objective values as the leaderboard ranks them, the ranking metric at each milestone as intermediate values,
+    and the state: completed COMPLETE, stopped by ASHA PRUNED (its value is its last rung's, as Optuna gives a
+    pruned trial), errored, diverged or ended early FAIL with the reason as user attr `error`, not ended RUNNING."""
+    distributions = search_distributions(spec)
+    frozen = []
+    for t in trials:
+        row = trial_row(t, spec)
+        params = {k: v for k, v in row["params"].items() if k in distributions and within(distributions[k], v)}
+        intermediate = {e: v for e, (v, _) in milestone_values([*t["history"], t["last"]], spec.metric,
+                                                                spec.milestones).items()}
+        attrs = {"tune_trial_id": t["id"], "trial": t["trial"], "status": row["status"], "epochs": row["epochs"],
+                 **{f"{m}_n": o["n"] for m, o in row["objectives"].items() if o["n"]}}
+        state = STATES.get(row["status"], TrialState.RUNNING)
+        values = [row["objectives"][m]["value"] for m in spec.objectives]
+        if state == TrialState.COMPLETE and not all(is_number(v) for v in values):
+            state, attrs["error"] = TrialState.FAIL, f"completed without {', '.join(spec.objectives)}"
+        if state == TrialState.FAIL:
+            attrs.setdefault("error", failure_reason(storage, spec, t, row))
+        value = None
+        if state == TrialState.PRUNED and len(spec.objectives) == 1 and intermediate:
+            value = intermediate[max(intermediate)]
+        frozen.append(optuna.trial.create_trial(
+            state=state, params=params, distributions={k: distributions[k] for k in params},
+            values=[float(v) for v in values] if state == TrialState.COMPLETE else None, value=value,
+            intermediate_values=intermediate, user_attrs=attrs))
+    return frozen
+
+
+def milestone_values(results: list[dict[str, Any]], metric: str, epochs) -> dict[int, tuple[float, int | None]]:
+    """(value, FID sample count or None) of `metric` at each of `epochs` a trial reported it: the last such result
+    (a resumed trial reports an epoch again)."""
+    out = {}
+    for r in results:
+        if r.get("epoch") in epochs and is_number(r.get(metric)):
+            n = r.get(f"{metric}_n")
+            out[int(r["epoch"])] = (float(r[metric]), int(n) if is_number(n) else None)
+    return out
+
+
+def failure_reason(storage: str, spec: SweepSpec, t: dict[str, Any], row: dict[str, Any]) -> str:
+    if row["status"] == "diverged":
+        return f"diverged: {row['error'] or 'a non-finite loss'}"
+    if row["status"] == ENDED_EARLY:
+        return (f"ended at epoch {row['epochs']} of {spec.max_epochs}, which is none of ASHA's milestones "
+                f"{list(spec.milestones)}")
+    # Tune's error.txt ends with the exception's own line
+    text = sweep_storage.read_text(sweep_storage.join(storage, spec.name, t["trial"], ERROR_FILE)) or ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return row["error"] or (lines[-1] if lines else "Tune reported an error")
+
+
+# ------------------------------------------------------------------------------------------- search domains
+
+def search_distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
+    """Optuna's distribution of each searched key, from the sweep's Ray Tune domains: the spec's own on a new sweep;
+    a loaded spec has none (Tune keeps them), so they are rebuilt from its space and preset, as from_args built
+    them. A domain Optuna cannot express is left out (its values then are not in the study)."""
+    domains = dict(spec.domains)
+    if not domains:
+        from genmodels.registry import qualified
+        from sweeps.spaces import SPACES
+
+        space = SPACES.get(spec.space)
+        if space is not None and spec.preset in space.presets:
+            domains = {**qualified(space.model, space.params),
+                       **qualified(space.model, space.presets[spec.preset].config)}
+    out = {k: to_distribution(domains[k]) for k in spec.searched if k in domains}
+    return {k: d for k, d in out.items() if d is not None}
+
+
+def to_distribution(domain: Any) -> BaseDistribution | None:
+    """A Ray Tune domain as the Optuna distribution Tune's OptunaSearch samples it from (randint's upper bound is
+    exclusive, Optuna's inclusive)."""
+    sampler = domain.get_sampler() if isinstance(domain, (Float, Integer, Categorical)) else None
+    step = None
+    if isinstance(sampler, Quantized):
+        step, sampler = sampler.q, sampler.get_sampler()
+    log = isinstance(sampler, LogUniform)
+    if isinstance(domain, Categorical):
+        return CategoricalDistribution(list(domain.categories))
+    if isinstance(domain, Float):
+        return FloatDistribution(domain.lower, domain.upper, log=log, step=None if log else step)
+    if isinstance(domain, Integer):
+        return IntDistribution(domain.lower, domain.upper - (0 if step else 1), log=log and not step,
+                               step=int(step or 1))
+    return None
+
+
+def within(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether a trial's value lies in the distribution (create_trial refuses one that does not)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    return is_number(value) and distribution.low <= value <= distribution.high
+
+
+def direction(spec: SweepSpec) -> str:
+    return "minimize" if spec.mode == "min" else "maximize"
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created ...") and experimental-API warnings kept off the sweep's output."""
+    import warnings
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _upload(local: Path, target: str) -> None:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(target)
+    with fs.open_output_stream(path) as f:  # an object store's put is atomic: readers see the old or the new
+        f.write(local.read_bytes())
+
+
+# ------------------------------------------------------------------------------------------- in the driver
+
+_warned: set[str] = set()  # sweeps already warned about: one line per sweep, however many trials end
+
+
+def save_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None) -> bool:
+    """write_study, or one warning line (once per sweep) when the study cannot be written: a full disk, a
+    read-only folder, a bucket that refuses it. The sweep goes on either way."""
+    try:
+        write_study(storage, spec, trials)
+        return True
+    except UsageError:  # no trial has reported yet: nothing to write
+        return False
+    except Exception as e:  # noqa: BLE001 - OSError, sqlite3/SQLAlchemy errors, pyarrow's...: one line, whatever
+        key = sweep_storage.join(storage, spec.name)
+        if key not in _warned:
+            _warned.add(key)
+            text = (str(e).strip().splitlines() or [""])[0]
+            # a full disk in words (SQLite's "database or disk is full" too): full_storage stops the sweep and
+            # names the storage; the driver's output never shows "No space left on device"
+            reason = "the storage is full" if is_full(e) or "disk is full" in text else f"{type(e).__name__}: {text}"
+            print(f"gensweep: warning: the Optuna study {sweep_storage.join(key, STUDY_FILE)} cannot be written "
+                  f"({reason}); the sweep goes on, and `python sweeps/study.py --name "
+                  f"{spec.name} --storage-path {storage}` writes it later from the trials' results",
+                  file=sys.stderr, flush=True)
+        return False
+
+
+class StudyWriter(tune.Callback):
+    """Driver side: rewrite the sweep's study as each trial ends and when the experiment ends. Pickled into Tune's
+    tuner.pkl, so it keeps only names (the spec is read back from the sweep's file) and comes back on --resume."""
+
+    def __init__(self, storage: str, name: str):
+        self.storage, self.name = storage, name
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.write(trials, trial, "TERMINATED")  # Tune calls this just before it marks the trial TERMINATED
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.write(trials, trial, "ERROR")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.write(trials)
+
+    def write(self, trials: list, ended=None, status: str = "") -> None:
+        try:
+            spec = SweepSpec.load(self.storage, self.name)
+        except UsageError:
+            return
+        save_study(self.storage, spec, live_trials(trials, self.storage, spec, ended, status))
+
+
+def live_trials(trials: list, storage: str, spec: SweepSpec, ended=None, status: str = "") -> list[dict[str, Any]]:
+    """The driver's own Tune trials as sweep_results.sweep_trials gives stored ones. Not Tune's saved state: it lags
+    seconds behind, and is copied into storage by a thread a read could catch half-way; and the trial ending now
+    is not marked as ended yet. A trial not started yet (no folder) is left out."""
+    folder = sweep_storage.join(storage, spec.name)
+    out = []
+    for trial in trials:
+        if trial.storage is None or not trial.storage.trial_dir_name:
+            continue
+        t = tune_trial(trial, folder, spec)
+        last = trial.last_result or {}
+        if _epoch(last) > _epoch(t["last"]):  # result.json in storage can lag the driver's last result too
+            t["last"] = last
+        t["status"] = trial_status(t["last"], spec.max_epochs, status if trial is ended else trial.status,
+                                   spec.milestones)
+        out.append(t)
+    return out
+
+
+def _epoch(result: dict[str, Any]) -> float:
+    return result["epoch"] if is_number(result.get("epoch")) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sweeps.leaderboard import resolve_sweep, sweep_arguments
+
+    args = sweep_arguments("study.py", __doc__).parse_args(argv)
+    try:
+        storage, spec = resolve_sweep(args)
+    except UsageError as e:
+        print(f"study.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = write_study(storage, spec)
+    except UsageError as e:
+        print(f"study.py: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a read-only folder, a full disk, a bucket: one line
+        print(f"study.py: error: {sweep_storage.join(storage, spec.name, STUDY_FILE)} cannot be written "
+              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})", file=sys.stderr)
+        return 1
+    print(path)
+    if not sweep_storage.is_uri(path):
+        print(f"open it with: optuna-dashboard sqlite:///{path}")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
