@@ -70,6 +70,7 @@ def check_writable(storage: str, timeout_s: float = 20.0) -> None:
 
         try:
             fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+            fs.create_dir(path, recursive=True)  # a file:// root need not exist yet; on a bucket: a no-op
             with fs.open_output_stream(f"{path}/.gensweep-write-test") as f:
                 f.write(b"")
             fs.delete_file(f"{path}/.gensweep-write-test")
