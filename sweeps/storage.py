@@ -46,14 +46,15 @@ def write_text(path: str, text: str) -> None:
 
 
 def read_text(path: str) -> str | None:
-    """The text of a file at a local path or URI; None when there is no such file."""
+    """The text of a file at a local path or URI; None when there is no such file. Bytes a crash or a full disk
+    garbled decode as U+FFFD, so only their line fails to parse, not the whole file."""
     import pyarrow.fs
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
     if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(fs_path) as f:
-        return f.read().decode()
+        return f.read().decode(errors="replace")
 
 
 def check_writable(storage: str, timeout_s: float = 20.0) -> None:

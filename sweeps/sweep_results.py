@@ -15,7 +15,7 @@ from typing import Any
 
 from genmodels.io import json_lines
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.storage import is_uri, join, resolve
+from sweeps.storage import is_uri, join, read_text, resolve
 
 # Tune's names (ray.tune.result, TuneController.CKPT_FILE_TMPL), here so that reading them needs no Ray import
 STATE_FILES = "experiment_state-*.json"
@@ -153,14 +153,9 @@ def _read_object(path: str) -> dict[str, Any] | None:
 
 
 def _read(path: str) -> str:
-    """A file's text at a local path or URI; empty when it is missing or unreadable. Bytes a full disk garbled
-    decode as U+FFFD, so their line fails to parse instead of the whole file."""
-    import pyarrow.fs
-
+    """A file's text at a local path or URI; empty when it is missing or unreadable."""
     try:
-        fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
-        with fs.open_input_stream(fs_path) as f:
-            return f.read().decode(errors="replace")
+        return read_text(path) or ""
     except OSError:
         return ""
 

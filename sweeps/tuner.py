@@ -14,7 +14,6 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from genmodels.io import json_lines
 from genmodels.metrics.fid import FIDScorer
 from sweeps import storage as sweep_storage
 from sweeps.leaderboard import short
@@ -91,12 +90,7 @@ class ResumableASHA(ASHAScheduler):
             folder = trial.path  # on trial.storage.storage_filesystem: a local path, or a bucket path for a URI
         except RuntimeError:  # Tune names a new trial's folder when it first starts it
             return []
-        try:
-            with trial.storage.storage_filesystem.open_input_stream(f"{folder}/{checkpoints.RESULT_FILE}") as f:
-                text = f.read().decode(errors="replace")
-        except OSError:  # FileNotFoundError included: a trial that never reported
-            return []
-        return json_lines(text)
+        return checkpoints.stored_results(trial.storage.storage_filesystem, folder) or []
 
 
 def asha_scheduler(spec: SweepSpec) -> ResumableASHA:

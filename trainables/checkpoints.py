@@ -127,13 +127,18 @@ def recorded_epochs(trial_folder: str) -> set[int] | None:
     of the sweep's state (every 10 s or more, after every 2 checkpoints of a trial, and at the end, Ctrl-C
     included). A resumed driver starts the trial's result.json from this copy, so an epoch missing here is missing
     from the sweep's record too."""
-    fs, root = _fs(trial_folder)
+    results = stored_results(*_fs(trial_folder))
+    return None if results is None else {r["epoch"] for r in results if "epoch" in r}
+
+
+def stored_results(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[dict[str, Any]] | None:
+    """The reports in result.json under `trial_path` on `fs`, oldest first (a line that does not parse passed
+    over); None where the file cannot be read (a trial that never reported, or one not synced yet)."""
     try:
-        with fs.open_input_stream(f"{root}/{RESULT_FILE}") as f:
-            text = f.read().decode(errors="replace")
+        with fs.open_input_stream(f"{trial_path}/{RESULT_FILE}") as f:
+            return json_lines(f.read().decode(errors="replace"))
     except OSError:  # FileNotFoundError included
         return None
-    return {r["epoch"] for r in json_lines(text) if "epoch" in r}
 
 
 class TrialEndRecorder(tune.Callback):
