@@ -134,6 +134,8 @@ class Trainer:
         # Fused Adam keeps its step count on the device; capturable lets a CUDA graph record the whole update.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda,
                                           capturable=self.cuda_graphs)
+        # The sampler's graphs follow the setting, not Inductor's (which compile training only); before the EMA copy
+        model.cuda_graphs = cfg.cuda_graphs
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # Compile the bound method, not the module: self.model stays the original nn.Module, so state_dict keys,
         # checkpoints, EMA and evaluation are the same with or without compile (no `_orig_mod.` prefix).

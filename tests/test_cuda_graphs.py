@@ -191,3 +191,30 @@ def test_compile_modes_with_inductor_graphs_replace_the_engines():
     metrics = trainer.train_epoch()
     assert math.isfinite(metrics["train_loss"]) and not trainer.graph_captured
     assert metrics["graph_status"] == "off: compile_mode=reduce-overhead makes its own CUDA graphs"
+
+
+def test_train_cuda_graphs_false_reaches_the_sampler(monkeypatch):
+    """The retry of a trial whose capture failed runs with train.cuda_graphs=false: NCSN's Langevin steps (the
+    other graph a trial captures) must sample eagerly then too, in the EMA copy that evaluation samples from."""
+    import genmodels.models.ncsn as ncsn
+
+    asked = []
+    langevin = ncsn.annealed_langevin
+    monkeypatch.setattr(ncsn, "annealed_langevin", lambda *a, **k: asked.append(k["graphed"]) or langevin(*a, **k))
+    for graphs in (True, False):
+        trainer = _trainer("ncsn", graphs, "cpu", ema_decay=0.9)
+        assert trainer.ema is not None and trainer.eval_model.cuda_graphs is graphs is trainer.model.cuda_graphs
+        trainer.eval_model.sample(2, budget=0.01)
+    assert asked == [False, False]  # a CPU never replays graphs, whatever the setting
+
+
+@cuda
+def test_langevin_samples_eagerly_when_train_cuda_graphs_is_off(monkeypatch):
+    import genmodels.samplers.langevin as langevin
+
+    built = []
+    graphed_step = langevin.GraphedStep
+    monkeypatch.setattr(langevin, "GraphedStep", lambda *a, **k: built.append(k["off_switch"]) or graphed_step(*a, **k))
+    for graphs in (False, True):
+        _trainer("ncsn", graphs, "cuda").eval_model.sample(4, budget=0.01)
+    assert built == ["train.cuda_graphs=false"]  # only the run with graphs on captured the Langevin step

@@ -30,6 +30,9 @@ class GenerativeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, channels: int):
         super().__init__()
         self.cfg, self.channels = cfg, channels
+        # Whether sampling may replay CUDA graphs (NCSN's Langevin steps): the engine sets it from
+        # train.cuda_graphs, so the retry of a trial whose capture failed samples eagerly as it trains eagerly.
+        self.cuda_graphs = True
 
     @classmethod
     def prepare(cls, cfg: TrialConfig, train_images: torch.Tensor | None = None) -> dict[str, Any]:

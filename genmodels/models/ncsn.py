@@ -184,15 +184,16 @@ class NCSN(GenerativeModel):
         Chains run `batch_size` at a time: by default the last `sampling_batch` plan (made now if there is none):
         as many as `chains_that_fit` on a GPU (thousands), where each Langevin step is a replayed CUDA graph; 128
         on a CPU (where larger batches fall out of the cache and run slower per image). `graphed=False` samples
-        eagerly on a GPU too. `sampling_precision` bf16 runs the score network under bf16 autocast; fp32 leaves
-        the caller's autocast, if any, as it is (an autocast(enabled=False) here would switch a caller's bf16 off).
+        eagerly on a GPU too; by default a GPU replays graphs unless the engine's train.cuda_graphs is off.
+        `sampling_precision` bf16 runs the score network under bf16 autocast; fp32 leaves the caller's autocast, if
+        any, as it is (an autocast(enabled=False) here would switch a caller's bf16 off).
         """
         if T is None and budget < 1:
             T = max(1, round(self.schedule.T * budget))
         device = self.schedule.sigmas.device
         if batch_size is None:  # sample_fid has just planned (one probe per FID run); a bare call plans once
             batch_size = self._plan[1] if self._plan and self._plan[0] == device else self.sampling_batch()
-        graphed = device.type == "cuda" if graphed is None else graphed
+        graphed = device.type == "cuda" and self.cuda_graphs if graphed is None else graphed
         # bf16 for the score network only: the chains, their noise and step sizes stay fp32
         bf16 = self.cfg.sampling_precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():

@@ -53,7 +53,7 @@ def annealed_langevin(score_fn: ScoreFn, schedule: NoiseSchedule, shape: Sequenc
         return x + (half_alpha * score + noise_scale * z)
 
     if graphed and generator is None and kind == "cuda":
-        step = GraphedStep(step, warmup=2, name="Langevin step")
+        step = GraphedStep(step, warmup=2, name="Langevin step", off_switch="train.cuda_graphs=false")
     for i, alpha in enumerate(schedule.alphas(T)):
         levels.fill_(i)
         half_alpha.fill_(alpha / 2)
