@@ -16,7 +16,7 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -26,7 +26,7 @@ from genmodels.data import load_splits
 from genmodels.errors import ResourceUnavailable
 from genmodels.experiment import prepare
 from genmodels.registry import trial_config
-from sweeps import cluster, full_storage
+from sweeps import cluster, full_storage, warm_start
 from sweeps import param_space as ps
 from sweeps import storage as sweep_storage
 from sweeps.full_storage import StorageWatch
@@ -39,6 +39,9 @@ from sweeps.sweep_results import sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
+
+if TYPE_CHECKING:
+    from sweeps.warm_start import WarmStart
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,10 +108,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"), help="W&B entity (user or team)")
     p.add_argument("--no-artifacts", action="store_true", help="do not log final checkpoints as W&B artifacts")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (under --storage-path)")
+    p.add_argument("--warm-start", metavar="NAME",
+                   help="start TPE from what sweep NAME (same space and metric, under --storage-path) learned: at the "
+                        "same budgets its trials are told to TPE; at others (smoke -> full) its best are rerun first")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.space not in SPACES:
         raise UsageError(f"unknown space {args.space!r}; choose one of {', '.join(SPACES)}")
+    if args.resume and args.warm_start:
+        raise UsageError("--resume continues a sweep with its own history; --warm-start starts a new one: pass one")
     return args
 
 
@@ -202,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         cluster.check_address(args.address)  # seconds, before the data and the FID reference are loaded
     spec = sweep_spec(args, storage)
+    source = warm_start.load(storage, args.warm_start, spec) if args.warm_start else None
     if not spec.searched and spec.num_samples > 1 and not args.resume:
         print(f"gensweep: note: nothing is left to search (--seed-defaults or --fixed pin every searched value), so "
               f"the {spec.num_samples} trials are identical: same values, same seed (a determinism check; for one "
@@ -220,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
     given, prepared = point.flat(), prepare(point, data["train"]).flat()  # + values derived from the data, for all
     derived = {k: v for k, v in prepared.items() if k.startswith("model.") and given[k] != v}
     spec = spec.replace(constants={**spec.constants, **derived}) if derived else spec
+    warm = warm_start.plan(source, spec) if source else None  # from the final values: the budgets compared
+    if warm:
+        spec = spec.replace(warm_start=warm.record())
     if gpus == "auto":
         spec = spec.replace(resources={**spec.resources, "gpu": auto_gpus_per_trial(spec.model_name,
                                                                                     spec.param_space, data)})
@@ -228,19 +240,21 @@ def run(args: argparse.Namespace) -> int:
           f"(train {len(data['train'])}, test {len(data['test'])} images) ranking by {spec.metric} ({spec.mode}); "
           f"FID network: {spec.fid.network}" + ("" if spec.fid.network == "inception" else
                                                   " (smoke stand-in: not comparable to published FIDs)"))
+    if warm:
+        print(warm.describe())
     lock = sweep_storage.SweepLock(storage, spec.name)
     try:
         lock.acquire()
     except OSError as e:
         raise UsageError(str(e)) from None
     try:
-        return run_locked(spec, args, storage, data, plan)
+        return run_locked(spec, args, storage, data, plan, warm)
     finally:
         lock.release()
 
 
 def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: dict[str, torch.Tensor],
-               plan) -> int:
+               plan, warm: WarmStart | None = None) -> int:
     """Start Ray, run (or resume) the sweep, print the leaderboard; the exit code says how it ended."""
     wandb_mode = configure_wandb(args)
     os.environ["WANDB_MODE"] = wandb_mode
@@ -250,13 +264,13 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         if held:
             print("gensweep: stopped while Ray was starting; nothing ran: run the same command again")
             return stop_code()
-        return run_on_ray(spec, args, storage, data, plan, wandb_mode)
+        return run_on_ray(spec, args, storage, data, plan, wandb_mode, warm)
     finally:
         ray.shutdown()  # the local Ray's processes end with the driver, whatever ended the sweep
 
 
 def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: dict[str, torch.Tensor], plan,
-               wandb_mode: str) -> int:
+               wandb_mode: str, warm: WarmStart | None = None) -> int:
     cluster.allow_pending_trials(spec, on_cluster=bool(args.address))
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
@@ -266,7 +280,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         watch = [] if sweep_storage.is_uri(storage) else [StorageWatch(sweep_storage.join(storage, spec.name))]
         # the Optuna study on disk, rewritten as each trial ends (sweeps/study.py)
         tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch,
-                                              StudyWriter(storage, spec.name)], storage)
+                                              StudyWriter(storage, spec.name)], storage, warm)
     cluster.warn_if_asha_is_serial(spec)
     if not args.resume:
         spec.save(storage)
@@ -296,7 +310,8 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     if len(spec.objectives) > 1:
         print_front(rows, list(spec.objectives), spec.mode)
         log_front_to_wandb(rows, spec, args, wandb_mode, storage)
-    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} (local results)")
+    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} (local results)",
+                warm_start=spec.warm_start)
     print(f"\nresults: {storage}/{spec.name} (image grids: {storage}/{spec.name}/<trial>/images/)")
     if wandb_mode == "offline" and logged_offline(storage, spec.name):
         print(f"W&B runs were logged offline; upload them with `wandb sync {shlex.quote(storage)}/{spec.name}/*/wandb/"

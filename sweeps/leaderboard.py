@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,32 @@ def trial_row(t: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     the same rows, so the two agree trial for trial."""
     last = t["last"]
     history = [*t["history"], last]  # every result: the last one may lack an FID computed only at rungs
-    return {"trial": t["trial"], "params": {k: t["config"].get(k) for k in spec.searched},
+    params = {k: t["config"].get(k) for k in spec.searched}
+    return {"trial": t["trial"], "params": params, "warm_start": is_rerun_point(params, spec.warm_start),
             **ranking_fields(history, spec.metric),
             "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
             "epochs": last.get("epoch", 0), "status": t["status"],
             "error": last.get("error"), "extra": _extra_columns(last)}
+
+
+def is_rerun_point(params: dict[str, Any], warm_start: Mapping[str, Any]) -> bool:
+    """Whether a trial's searched values are one of the points its sweep reran first from --warm-start."""
+    def same(a: Any, b: Any) -> bool:
+        return math.isclose(a, b, rel_tol=1e-9) if is_number(a) and is_number(b) else a == b
+
+    return any(params.keys() == p.keys() and all(same(params[k], p[k]) for k in p)
+               for p in warm_start.get("rerun", ()))
+
+
+def warm_start_note(warm_start: Mapping[str, Any]) -> str:
+    """The leaderboard's line on a --warm-start, "" without one."""
+    if not warm_start:
+        return ""
+    if warm_start.get("told"):
+        return (f"warm start: the {warm_start['told']} ended trials of sweep {warm_start['sweep']} were told to TPE "
+                f"(same budgets; they are that sweep's rows, not these)")
+    return (f"warm start: * marks the {len(warm_start.get('rerun', ()))} best point(s) of sweep "
+            f"{warm_start['sweep']}, rerun first at this sweep's budgets")
 
 
 def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[str, Any]]:
@@ -73,8 +95,9 @@ def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[s
         summary = dict(run.summary)  # the last value of each key: fid, fid_n and best_fid_<n> are logged together
         state = {"finished": "TERMINATED", "running": "RUNNING", "crashed": "ERROR", "failed": "ERROR"}.get(
             run.state, "TERMINATED")
+        params = {k: run.config.get(k) for k in spec.searched}
         rows.append({"trial": f"{run.config.get('model_name', '')}_{run.id}",  # the run id is the trial's
-                     "params": {k: run.config.get(k) for k in spec.searched},
+                     "params": params, "warm_start": is_rerun_point(params, spec.warm_start),
                      **ranking_fields([summary], spec.metric),
                      "epochs": summary.get("epoch", 0),
                      "status": trial_status(summary, spec.max_epochs, state, spec.milestones),
@@ -141,8 +164,10 @@ def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, fi
     print(file=file)
 
 
-def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=None) -> None:
-    """The ranked table; for FID metrics with the sample count `n` of each value and the best at that count."""
+def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str = "", file=None,
+                warm_start: Mapping[str, Any] | None = None) -> None:
+    """The ranked table; for FID metrics with the sample count `n` of each value and the best at that count; with
+    the sweep's `warm_start` record, its rerun points marked * and a line on what it did."""
     rows = rank_rows(rows, mode)
     with_n = any(r.get("n") for r in rows)
     params = sorted({k for r in rows for k in r["params"]})
@@ -156,7 +181,8 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
     table = [header]
     for i, r in enumerate(rows, 1):
         values = [short(r["value"]), *([short(r.get("n") or "-")] if with_n else []), short(r["best"])]
-        table.append([str(i), r["trial"], *[short(r["params"].get(k)) for k in params], *values,
+        table.append([str(i), r["trial"] + (" *" if r.get("warm_start") else ""),
+                      *[short(r["params"].get(k)) for k in params], *values,
                       *[short(r["extra"].get(k, "-")) for k in extras], str(r["epochs"]), r["status"]])
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     if title:
@@ -165,6 +191,8 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=file)
         if j == 0:
             print("  ".join("-" * w for w in widths), file=file)
+    if warm_start:
+        print(warm_start_note(warm_start), file=file)
 
 
 def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -223,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [trial_row(t, spec) for t in trials]
     if len(spec.objectives) > 1 and source == "local":
         print_front(rows, list(spec.objectives), spec.mode)
-    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)")
+    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)",
+                warm_start=spec.warm_start)
     if args.importance:
         from sweeps import importance  # Optuna: only when asked
 

@@ -53,6 +53,8 @@ class SweepSpec:
     seed: int = 0
     checkpoint_every_s: float = 300.0  # between milestones; a fault loses at most this much training
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # --fixed, as given (for the record)
+    # --warm-start: {"sweep": name, "told": trials told to TPE, "rerun": [searched values rerun first]}
+    warm_start: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     argv: tuple[str, ...] = ()
     # A new sweep's Ray Tune search domains. Tune keeps them in its own saved state, so they are not written here,
     # and a loaded spec has none (a resumed Tuner gets them back from Tune).
@@ -60,7 +62,7 @@ class SweepSpec:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        for key in ("constants", "resources", "fixed", "domains"):
+        for key in ("constants", "resources", "fixed", "warm_start", "domains"):
             object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
         for key in ("searched", "objectives", "argv"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
@@ -75,6 +77,8 @@ class SweepSpec:
         require(len(self.objectives) > 0 and len(set(self.objectives)) == len(self.objectives),
                  f"objectives must be one or more different metrics, got {list(self.objectives)}")
         require(self.mode in MODES, f"mode must be min or max, got {self.mode!r}")
+        require(not self.warm_start or {"sweep", "told", "rerun"} <= set(self.warm_start),
+                f"warm_start must name the sweep and what it told and reran, got {dict(self.warm_start)!r}")
         require(self.asha.max_t == self.constants.get("train.epochs"),
                  f"asha.max_t must be the trials' epochs ({self.constants.get('train.epochs')}), "
                  f"got {self.asha.max_t}")

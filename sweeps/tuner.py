@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from optuna.samplers import TPESampler
@@ -21,6 +21,9 @@ from sweeps.spec import SweepSpec
 from trainables import checkpoints
 from trainables.evaluation import FIDPlan
 from trainables.trainable import TrialPlan, train_trial
+
+if TYPE_CHECKING:
+    from sweeps.warm_start import WarmStart
 
 
 def trial_name(trial) -> str:
@@ -137,19 +140,31 @@ def restore_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDP
                               resume_errored=True)
 
 
+def search_algorithm(spec: SweepSpec, warm: WarmStart | None = None):
+    """Optuna's TPE (multi-objective with several objectives), None when nothing is searched. A warm start
+    (sweeps/warm_start.py) hands it a study that already holds the told trials, or the points to run first."""
+    if not spec.searched:
+        return None
+    multi = len(spec.objectives) > 1
+    warm_args: dict[str, Any] = {}
+    if warm and warm.told:
+        warm_args = {"storage": warm.study_storage(spec, spec.name), "study_name": spec.name}
+    elif warm and warm.rerun:
+        warm_args = {"points_to_evaluate": [dict(p) for p in warm.rerun]}
+    search_alg = MilestoneOptunaSearch(metric=list(spec.objectives) if multi else spec.metric,
+                                       mode=[spec.mode] * len(spec.objectives) if multi else spec.mode,
+                                       sampler=TPESampler(seed=spec.seed), **warm_args)
+    return ConcurrencyLimiter(search_alg, max_concurrent=spec.max_concurrent) if spec.max_concurrent else search_alg
+
+
 def make_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None, callbacks: list,
-               storage: str) -> tune.Tuner:
+               storage: str, warm: WarmStart | None = None) -> tune.Tuner:
     """The Tuner of a new sweep. With several objectives, Optuna's multi-objective TPE gets every one of them, and
     ASHA stops trials on the first (`spec.metric`): early stopping needs one ranking at a rung, and ASHA's cut (the
     bottom of a rung on that objective) is principled on its own; the Pareto front is drawn from the trials that
     ran on."""
     folder = sweep_storage.join(storage, spec.name)
-    multi = len(spec.objectives) > 1
-    search_alg = MilestoneOptunaSearch(metric=list(spec.objectives) if multi else spec.metric,
-                                       mode=[spec.mode] * len(spec.objectives) if multi else spec.mode,
-                                       sampler=TPESampler(seed=spec.seed)) if spec.searched else None
-    if search_alg and spec.max_concurrent:
-        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=spec.max_concurrent)
+    search_alg = search_algorithm(spec, warm)
     # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
     # milestones); the leaderboard at the end is ranked.
     reporter = sweep_reporter(folder, spec.mode, metric_columns={**{m: m for m in spec.objectives}, "epoch": "epoch"},
