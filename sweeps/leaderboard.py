@@ -7,17 +7,15 @@ at one milestone), from the trials' results on disk whatever the source.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
-from sweeps.storage import default_storage, resolve
-from sweeps.sweep_results import is_number, sweep_trials, trial_status
+from sweeps.rows import EXTRA_KEYS, extra_columns, is_rerun_point, ranking_fields, trial_row
+from sweeps.spec import SweepSpec, UsageError
+from sweeps.sweep_results import is_number, resolve_sweep, sweep_arguments, sweep_trials, trial_status
 from trainables.wandb_auth import is_logged_in
 
 
@@ -30,47 +28,9 @@ def short(v: Any) -> str:
     return str(v)
 
 
-def ranking_fields(results: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The ranking value of a trial from its results (oldest first): `value` from the last result that has the
-    metric, `n` the FID sample count it was computed with (`fid_n`; None for non-FID metrics) and `best` the best
-    value at that same count (`best_fid_1k`), since FIDs at different counts are not comparable. A diverged trial
-    has no value: its model is gone, whatever it scored before."""
-    if not results or results[-1].get("diverged") == 1:  # == 1: NaN where a frame lacks the key
-        return {"value": None, "n": None, "best": None}
-    scored = next((r for r in reversed(results) if is_number(r.get(metric))), {})
-    n = int(scored[f"{metric}_n"]) if is_number(scored.get(f"{metric}_n")) else None
-    if n is None:
-        return {"value": scored.get(metric), "n": None, "best": scored.get(f"best_{metric}")}
-    from genmodels.metrics.fid import fid_metric_name
-
-    return {"value": scored[metric], "n": n, "best": scored.get(f"best_{fid_metric_name(n, metric)}")}
-
-
 def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per trial from the sweep's folder (configs, ranking values, statuses)."""
     return [trial_row(t, spec) for t in sweep_trials(storage, spec)]
-
-
-def trial_row(t: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
-    """The leaderboard's row of a stored trial (sweep_results.sweep_trials); the Optuna study on disk is built from
-    the same rows, so the two agree trial for trial."""
-    last = t["last"]
-    history = [*t["history"], last]  # every result: the last one may lack an FID computed only at rungs
-    params = {k: t["config"].get(k) for k in spec.searched}
-    return {"trial": t["trial"], "params": params, "warm_start": is_rerun_point(params, spec.warm_start),
-            **ranking_fields(history, spec.metric),
-            "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
-            "epochs": last.get("epoch", 0), "status": t["status"],
-            "error": last.get("error"), "extra": _extra_columns(last)}
-
-
-def is_rerun_point(params: dict[str, Any], warm_start: Mapping[str, Any]) -> bool:
-    """Whether a trial's searched values are one of the points its sweep reran first from --warm-start."""
-    def same(a: Any, b: Any) -> bool:
-        return math.isclose(a, b, rel_tol=1e-9) if is_number(a) and is_number(b) else a == b
-
-    return any(params.keys() == p.keys() and all(same(params[k], p[k]) for k in p)
-               for p in warm_start.get("rerun", ()))
 
 
 def warm_start_note(warm_start: Mapping[str, Any]) -> str:
@@ -101,20 +61,8 @@ def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[s
                      **ranking_fields([summary], spec.metric),
                      "epochs": summary.get("epoch", 0),
                      "status": trial_status(summary, spec.max_epochs, state, spec.milestones),
-                     "extra": _extra_columns(summary)})
+                     "extra": extra_columns(summary)})
     return rows
-
-
-EXTRA_KEYS = ("test_bpd", "test_iwae_bpd", "test_psnr", "test_perplexity", "test_dead_codes")
-
-
-def _extra_columns(result: dict[str, Any]) -> dict[str, Any]:
-    """Metrics worth a glance beside the ranking metric, when a model reports them (FIDs named by sample count)."""
-    fids = [k for k in result if k.startswith(("fid_", "rfid_")) and k not in ("fid_network", "fid_n", "rfid_n")]
-    extra = {k: result[k] for k in [*EXTRA_KEYS, *sorted(fids), "fid_network"] if k in result}
-    if isinstance(result.get("graph_status"), str):  # on CUDA: graphed, eager or off (the reason is in W&B)
-        extra["graphs"] = result["graph_status"].split(":")[0]
-    return extra
 
 
 def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -195,23 +143,6 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
         print(warm_start_note(warm_start), file=file)
 
 
-def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The flags that name a finished sweep, shared by leaderboard.py and report.py."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
-    p.add_argument("--storage-path", default=str(default_storage()),
-                   help="results root used by run.py (local path or s3:// / gs:// URI)")
-    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
-    p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
-    return p
-
-
-def resolve_sweep(args: argparse.Namespace) -> tuple[str, SweepSpec]:
-    """(storage root, the sweep's spec); raises UsageError with a one-line message."""
-    storage = resolve(args.storage_path)
-    return storage, SweepSpec.load(storage, args.name or _newest_sweep(storage))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = sweep_arguments("leaderboard.py", __doc__)
     p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
@@ -259,15 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("\n".join(importance.describe(importance.compare(trials, spec))))
     return 0
-
-
-def _newest_sweep(storage: str) -> str:
-    if "://" in storage:
-        raise UsageError(f"pass --name with a cloud --storage-path ({storage})")
-    sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not sweeps:
-        raise UsageError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")
-    return sweeps[-1].parent.name
 
 
 if __name__ == "__main__":

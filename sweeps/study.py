@@ -33,9 +33,18 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quan
 
 from sweeps import storage as sweep_storage
 from sweeps.full_storage import is_full
-from sweeps.leaderboard import trial_row
+from sweeps.rows import trial_row
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.sweep_results import ENDED_EARLY, ERROR_FILE, is_number, sweep_trials, trial_status, tune_trial
+from sweeps.sweep_results import (
+    ENDED_EARLY,
+    ERROR_FILE,
+    is_number,
+    resolve_sweep,
+    sweep_arguments,
+    sweep_trials,
+    trial_status,
+    tune_trial,
+)
 
 STUDY_FILE = "optuna.db"
 STATES = {"completed": TrialState.COMPLETE, "stopped (ASHA)": TrialState.PRUNED, "diverged": TrialState.FAIL,
@@ -315,8 +324,6 @@ def _epoch(result: dict[str, Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.leaderboard import resolve_sweep, sweep_arguments
-
     args = sweep_arguments("study.py", __doc__).parse_args(argv)
     try:
         storage, spec = resolve_sweep(args)

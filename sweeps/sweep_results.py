@@ -1,21 +1,24 @@
 """A sweep's trials as they are stored: from Tune's saved state, or, where a full disk or a killed driver cut that
 short, from the trials' own folders (Tune's params.json and result.json, gensweep's ended marker); and what became
-of each trial. Read by the leaderboard and the report, for local paths and URIs alike.
+of each trial. Read by the leaderboard and the report, for local paths and URIs alike; and which sweep their command
+line names.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import logging
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from genmodels.io import json_lines
-from sweeps.spec import SweepSpec, UsageError
-from sweeps.storage import is_uri, join, read_text, resolve
+from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
+from sweeps.storage import default_storage, is_uri, join, read_text, resolve
 
 # Tune's names (ray.tune.result, TuneController.CKPT_FILE_TMPL), here so that reading them needs no Ray import
 STATE_FILES = "experiment_state-*.json"
@@ -175,3 +178,31 @@ def _listing(folder: str) -> list[tuple[str, bool]]:
 def is_number(v: Any) -> bool:
     """A finite number (numpy's included: results come from pandas frames), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ------------------------------------------------------------------------ which sweep a CLI names
+
+def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The flags that name a finished sweep, shared by leaderboard.py and report.py."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
+    p.add_argument("--storage-path", default=str(default_storage()),
+                   help="results root used by run.py (local path or s3:// / gs:// URI)")
+    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
+    p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
+    return p
+
+
+def resolve_sweep(args: argparse.Namespace) -> tuple[str, SweepSpec]:
+    """(storage root, the sweep's spec); raises UsageError with a one-line message."""
+    storage = resolve(args.storage_path)
+    return storage, SweepSpec.load(storage, args.name or _newest_sweep(storage))
+
+
+def _newest_sweep(storage: str) -> str:
+    if "://" in storage:
+        raise UsageError(f"pass --name with a cloud --storage-path ({storage})")
+    sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not sweeps:
+        raise UsageError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")
+    return sweeps[-1].parent.name

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from sweeps.leaderboard import rank_rows, trial_row
+from sweeps.leaderboard import rank_rows
+from sweeps.rows import trial_row
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.sweep_results import is_number, sweep_trials
 

@@ -492,9 +492,9 @@ def test_wandb_rows_say_ended_early_off_the_milestones(monkeypatch):
 
 def test_the_board_says_how_each_trial_ran_its_step_on_cuda():
     rows = [{"trial": "vae_a", "params": {}, "value": 1.0, "best": 1.0, "n": None, "epochs": 2, "status": "completed",
-             "extra": leaderboard._extra_columns({"graph_status": "eager: self-check failed (train_loss: 2 vs 1)"})},
+             "extra": leaderboard.extra_columns({"graph_status": "eager: self-check failed (train_loss: 2 vs 1)"})},
             {"trial": "vae_b", "params": {}, "value": 2.0, "best": 2.0, "n": None, "epochs": 2, "status": "completed",
-             "extra": leaderboard._extra_columns({"graph_status": "graphed: self-check passed (0.3%)"})}]
+             "extra": leaderboard.extra_columns({"graph_status": "graphed: self-check passed (0.3%)"})}]
     out = io.StringIO()
     leaderboard.print_table(rows, "test_bpd", "min", file=out)
     lines = out.getvalue().splitlines()
