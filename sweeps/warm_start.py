@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 RERUN_SHARE = 4  # rerun at most 1/RERUN_SHARE of the new sweep's trials: the rest is TPE's to explore
-SEED_KEYS = ("train.seed",)  # fixed values that may differ between told sweeps (noise, not a budget)
+NOT_BUDGETS = ("train.seed", "data.data_dir")  # fixed values that may differ between told sweeps: noise, a path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +127,9 @@ def plan(source: Source, spec: SweepSpec) -> WarmStart:
 
 
 def budgets_that_differ(old: SweepSpec, new: SweepSpec) -> list[str]:
-    """What makes the old sweep's values mean something else here: fixed values (the seed aside), the FID's
-    network, ladder and sample counts, ASHA's milestones."""
-    keys = sorted(k for k in {*old.constants, *new.constants} - set(SEED_KEYS)
+    """What makes the old sweep's values mean something else here: fixed values (the seed and data path aside),
+    the FID's network, ladder and sample counts, ASHA's milestones."""
+    keys = sorted(k for k in {*old.constants, *new.constants} - set(NOT_BUDGETS)
                   if old.constants.get(k) != new.constants.get(k))
     fid = [f"fid.{f}" for f in ("network", "ladder", "final", "step_fractions", "rfid")
            if getattr(old.fid, f) != getattr(new.fid, f)]
