@@ -12,7 +12,7 @@ the sampler's) for evaluation without training. Callers read the run's state her
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -161,10 +161,9 @@ class Experiment:
     def evaluate(self, full: bool = True, subset: bool | None = None) -> dict[str, float]:
         return self.trainer.evaluate(full, subset)
 
-    @property
-    def full_only_metrics(self) -> tuple[str, ...]:
-        """The test metrics only a full evaluation computes (GenerativeModel.full_only_metrics)."""
-        return self.trainer.model.full_only_metrics
+    def ranks_on_full_evaluation(self, ranked_on: Iterable[str]) -> bool:
+        """Whether ranking on these metrics needs a full evaluation (GenerativeModel.ranks_on_full_evaluation)."""
+        return self.trainer.model.ranks_on_full_evaluation(ranked_on)
 
     def write_grids(self, out_dir: str | Path, budget: float = 1.0) -> dict[str, Path]:
         return self.trainer.write_grids(out_dir, budget=budget)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from genmodels.models.base import LIKELIHOOD_METRICS
+from genmodels.registry import model_class
 from sweeps import storage as sweep_storage
 from sweeps.budgets import ASHASettings, FIDSettings, require
 from sweeps.errors import UsageError
@@ -188,10 +188,11 @@ class SweepSpec:
                  "--objectives takes two or more different metrics, and replaces --metric (the first objective is "
                  "the one ASHA stops on)")
         objectives = objectives or (_metric(space, args.metric),)
-        if "model.final_eval_k" in param_space and not set(LIKELIHOOD_METRICS) & set(objectives) and not any(
-                k.split(".")[-1] == "final_eval_k" for k in fixed):
-            # The end-of-trial bound at final_eval_k (1000) costs ~40% of a ResNet or DFC trial: run where a
-            # likelihood ranks the trials, or where --fixed final_eval_k asks for it (README, "What a sweep does").
+        if "model.final_eval_k" in param_space and not model_class(space.model).ranks_on_full_evaluation(
+                objectives) and not any(k.split(".")[-1] == "final_eval_k" for k in fixed):
+            # The end-of-trial bound at final_eval_k (1000) costs about a third of a ResNet-VAE or DFC trial that
+            # runs to its end: run where the bound ranks the trials, or where --fixed final_eval_k asks for it
+            # (README, "What a sweep does").
             param_space["model.final_eval_k"] = 0
         require(not (args.no_rfid and "rfid" in objectives),
                  "--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")

@@ -129,10 +129,12 @@ def test_from_args_refuses_in_one_line(tmp_path, flags, says):
 
 
 @pytest.mark.parametrize("flags, final_k", [
-    ((), 32),  # vae ranks by test_bpd: the smoke preset's end-of-trial bound
-    (("--metric", "fid"), 0),  # nothing ranks on a likelihood: no end-of-trial bound
-    (("--metric", "fid", "--fixed", "final_eval_k=500"), 500),  # asked for
+    ((), 0),  # vae ranks by test_bpd, the ELBO: the bound ranks nothing, so no end-of-trial bound
+    (("--metric", "fid"), 0),
+    (("--metric", "test_iwae_bpd"), 32),  # the bound ranks: the smoke preset's end-of-trial bound
     (("--objectives", "fid,test_iwae_bpd"), 32),
+    (("--fixed", "final_eval_k=500"), 500),  # asked for
+    (("--metric", "fid", "--fixed", "final_eval_k=500"), 500),
 ])
-def test_the_end_of_trial_bound_runs_where_a_likelihood_ranks_or_where_asked(tmp_path, flags, final_k):
+def test_the_end_of_trial_bound_runs_where_the_bound_ranks_or_where_asked(tmp_path, flags, final_k):
     assert new_spec(tmp_path, *flags).constants["model.final_eval_k"] == final_k

@@ -91,7 +91,7 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     # those stopped at milestones: both evaluate alike, with the expensive estimates (the VAE family's bound at
     # eval_k) only when one of them ranks the trials. The end adds the model's once-per-trial metrics (finish).
     ranked_on = set(plan.objectives or (plan.metric,))
-    ranking_evaluation = "full" if ranked_on & set(exp.full_only_metrics) else "test"
+    ranking_evaluation = "full" if exp.ranks_on_full_evaluation(ranked_on) else "test"
     epochs = exp.cfg.train.epochs
 
     def on_epoch(metrics: dict[str, float]) -> None:

@@ -89,7 +89,7 @@ class TrialPreset(NamedTuple):
 _FAMILY_SMOKE_EVAL = dict(eval_images=128, eval_k=8, final_eval_k=32)
 TRIAL_PRESETS: dict[str, tuple[TrialPreset, TrialPreset]] = {
     "vae": (TrialPreset(10, 3, "test_bpd"), TrialPreset(1, 2, "test_bpd", dict(eval_k=8, final_eval_k=32))),
-    "resnet_vae": (TrialPreset(10, 3, "test_iwae_bpd"), TrialPreset(1, 2, "test_iwae_bpd", _FAMILY_SMOKE_EVAL)),
+    "resnet_vae": (TrialPreset(10, 3, "test_bpd"), TrialPreset(1, 2, "test_bpd", _FAMILY_SMOKE_EVAL)),
     "iwae": (TrialPreset(10, 3, "test_iwae_bpd"), TrialPreset(1, 2, "test_iwae_bpd", _FAMILY_SMOKE_EVAL)),
     "dfc": (TrialPreset(5, 3, "fid"), TrialPreset(1, 2, "fid", _FAMILY_SMOKE_EVAL)),
     "vqvae": (TrialPreset(61, 3, "fid"), TrialPreset(7, 2, "fid")),

@@ -49,7 +49,6 @@ from genmodels.bench.common import (
     write_json,
 )
 from genmodels.bench.harness import append_rows
-from genmodels.models.base import LIKELIHOOD_METRICS
 
 PHASES = ("startup", "train", "evaluation", "fid", "grids", "checkpoint", "final_eval")
 PLANS = ("per-epoch", "milestones")
@@ -113,7 +112,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from genmodels.config import TrainConfig
     from genmodels.experiment import Experiment, prepare
     from genmodels.metrics.fid import FIDScorer
-    from genmodels.registry import trial_config
+    from genmodels.registry import model_class, trial_config
 
     device = torch.device(args.device)
     model_name, params = bench_config(args.model, args.preset)
@@ -132,9 +131,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     real_subset = subset if 0 < subset < real_eval else 0
     n_subset = 0 if not real_subset else real_subset if real_subset < n_eval else max(1, n_eval // 2)
     params.update(steps_per_epoch=steps, eval_subset=n_subset)
-    if preset.metric not in LIKELIHOOD_METRICS and any(k.endswith(".final_eval_k")
-                                                       for k in trial_config(params, model_name).flat()):
-        params["final_eval_k"] = 0  # as sweeps/spec.py sets it: no end-of-trial bound unless a likelihood ranks
+    if not model_class(model_name).ranks_on_full_evaluation([preset.metric]) and any(
+            k.endswith(".final_eval_k") for k in trial_config(params, model_name).flat()):
+        params["final_eval_k"] = 0  # as sweeps/spec.py sets it: no end-of-trial bound unless the bound ranks
     scale = {"train": real_steps / steps, "eval_full": real_eval / n_eval, "eval_test": real_eval / n_eval,
              "eval_subset": real_subset / n_subset if n_subset else real_eval / n_eval, "grids": 1.0}
 
@@ -207,7 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rfid = timed_run(lambda: scorer.reconstruction_fid(model, exp.test_images(n_eval), ref), device)
             unit["fid_final"] += rfid * scale["eval_full"]
 
-    milestone_eval = "eval_full" if preset.metric in exp.full_only_metrics else "eval_test"
+    milestone_eval = "eval_full" if exp.ranks_on_full_evaluation([preset.metric]) else "eval_test"
     plans = {}
     for plan in PLANS:
         seconds = plan_seconds(unit, epochs, milestones, plan, args.checkpoint_every_s, milestone_eval)

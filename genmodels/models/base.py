@@ -1,8 +1,9 @@
 """The interface every model implements, so one engine trains them all."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -11,10 +12,6 @@ from genmodels.config import ModelConfig
 
 if TYPE_CHECKING:
     from genmodels.config import TrialConfig
-
-
-# Test metrics that are likelihood figures (bits/dim): a sweep ranked by one runs the end-of-trial bound
-LIKELIHOOD_METRICS = ("test_bpd", "test_iwae_bpd")
 
 
 class GenerativeModel(nn.Module):
@@ -26,6 +23,13 @@ class GenerativeModel(nn.Module):
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     # Test metrics that only `evaluate(full=True)` computes: a sweep ranking on one evaluates fully at its milestones
     full_only_metrics: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def ranks_on_full_evaluation(cls, ranked_on: Iterable[str]) -> bool:
+        """Whether a sweep ranked on these metrics needs what only a full evaluation computes: then its milestones
+        evaluate fully, and its trials end with the bound at final_eval_k (the VAE family's importance-weighted
+        bound, eval_k or final_eval_k more decoder passes per test image, runs only where it ranks)."""
+        return bool(set(ranked_on) & set(cls.full_only_metrics))
 
     def __init__(self, cfg: ModelConfig, channels: int):
         super().__init__()
