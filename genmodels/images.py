@@ -5,11 +5,12 @@ import math
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save float images in [0, 1] (N, C, H, W) as one PNG grid."""
+    from torchvision.utils import save_image  # here: torchvision costs every process that imports the engine 1.4 s
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().clamp(0, 1).cpu()

@@ -164,7 +164,7 @@ def stored_rows(storage: Path, name: str) -> dict[str, list[dict]]:
 
 @pytest.mark.slow
 def test_driver_killed_at_random_moments_resumes_from_the_newest_checkpoint(tmp_path, capsys):
-    """SIGKILL the driver at random points of one sweep, three times, `--resume` after each; then no checkpointed
+    """SIGKILL the driver at random points of one sweep, twice, `--resume` after each; then no checkpointed
     epoch of any trial is trained twice (only those reported since its last checkpoint, and the one in progress,
     which never reported), no trial that ended ran again, and the sweep completes."""
     from ray_cluster import LocalCluster
@@ -179,7 +179,7 @@ def test_driver_killed_at_random_moments_resumes_from_the_newest_checkpoint(tmp_
         try:
             start = [*command, "--space", "vae", "--preset", "smoke", "--name", name, "--num-samples",
                      str(num_samples), "--fixed", f"epochs={epochs}", "--fixed", "steps_per_epoch=20"]
-            for attempt in range(3):
+            for attempt in range(2):  # a kill of a fresh sweep, then of a resumed one (a third added nothing new)
                 driver = cluster.popen(start if attempt == 0 else [*command, "--resume", name],
                                        tmp_path / f"driver{attempt}.log")
                 seen = sum(map(len, stored_rows(storage, name).values()))

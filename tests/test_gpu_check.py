@@ -69,6 +69,23 @@ def test_a_step_that_overruns_is_ended_with_its_grandchildren(tmp_path):
     assert harness.group_members(ended["pgid"]) == []
 
 
+def test_a_step_is_ended_when_its_stop_condition_holds(tmp_path):
+    """stop_when ends the group before its limit (pack-overrun: 2 s after the first row, however slow the machine)."""
+    flag = tmp_path / "flag"
+    command = script(tmp_path, "flags.py", f"""
+        import time
+        time.sleep(0.5)
+        open({str(flag)!r}, "w").write("up")
+        time.sleep(60)
+    """)
+    start = time.monotonic()
+    ended = run_group(command, timeout_s=30.0, grace_s=0.5, stop_when=flag.exists)
+    assert ended["status"] == "timed out" and flag.exists() and time.monotonic() - start < 10
+    assert harness.group_members(ended["pgid"]) == []
+    quick = run_group(script(tmp_path, "quick.py", "pass"), timeout_s=30.0, stop_when=lambda: False)
+    assert quick["status"] == "ok" and quick["rc"] == 0
+
+
 def test_workers_left_behind_by_a_step_that_ended_are_ended(tmp_path):
     """subprocess.run(timeout=) would leave these: a step's leader exits, its spawned worker runs on."""
     pid_file = tmp_path / "worker"
@@ -442,6 +459,6 @@ def test_each_call_rehearsed_on_the_cpu(tmp_path, call):
         pack = [r for r in summary["rows"] if r.get("benchmark") == "pack" and r["step"] != "pack-overrun"]
         assert pack and all(r["error"] is None for r in pack)
         overrun = steps["pack-overrun"]  # stopped at its limit with MPS up and 8 workers starting: nothing left
-        assert overrun["stopped_at_limit"] and overrun["rows_kept"] >= 1
+        assert overrun.get("stopped_at_limit") and overrun["rows_kept"] >= 1, overrun
         assert not overrun["group_left"] and not overrun["mps_left"] and any("SIGTERM" in n for n in overrun["mps"])
     assert not harness.processes_with_env("CUDA_MPS_PIPE_DIRECTORY", "/tmp/", prefix=True)

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROWS_ENV = "GENSWEEP_BENCH_ROWS"  # the JSON-lines file every benchmark appends its rows to, as it measures them
 STEP_ENV = "GENSWEEP_BENCH_STEP"  # the step a row was measured in (written into each row)
@@ -135,11 +135,12 @@ def end_group(pgid: int, grace_s: float) -> int:
 
 def run_group(command: Sequence[str], timeout_s: float, log: str | Path | None = None,
               env: dict[str, str] | None = None, cwd: str | Path | None = None,
-              grace_s: float = 5.0) -> dict[str, Any]:
+              grace_s: float = 5.0, stop_when: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run `command` in a process group of its own, its output (stdout and stderr) to `log`, and end it at
-    `timeout_s`: the whole group gets SIGTERM (Python children run their `finally` blocks, e.g. quit an MPS
-    daemon), and SIGKILL `grace_s` later (at most a fifth of `timeout_s`) if it is still there. When the leader
-    ends on its own, members it left behind are ended the same way. Returns status ("ok", "failed", "timed
+    `timeout_s`, or earlier once `stop_when()` (asked every 0.2 s) is true: the whole group gets SIGTERM (Python
+    children run their `finally` blocks, e.g. quit an MPS daemon), and SIGKILL `grace_s` later (at most a fifth
+    of `timeout_s`) if it is still there. When the leader ends on its own, members it left behind are ended the
+    same way. Returns status ("ok", "failed", "timed
     out"), rc, seconds, `left_behind` (group members ended after the leader) and the group's id."""
     grace = max(0.0, min(grace_s, 0.2 * timeout_s))
     start = time.monotonic()
@@ -155,7 +156,7 @@ def run_group(command: Sequence[str], timeout_s: float, log: str | Path | None =
     _live_groups.add(pgid)
     status = "ok"
     try:
-        proc.wait(timeout=max(0.0, timeout_s))
+        _wait(proc, start + max(0.0, timeout_s), stop_when)
     except subprocess.TimeoutExpired:
         status = "timed out"
         _signal_group(pgid, signal.SIGTERM)
@@ -173,6 +174,15 @@ def run_group(command: Sequence[str], timeout_s: float, log: str | Path | None =
         status = "failed"
     return {"status": status, "rc": proc.returncode, "seconds": round(time.monotonic() - start, 1),
             "left_behind": left, "pgid": pgid}
+
+
+def _wait(proc: subprocess.Popen, deadline: float, stop_when: Callable[[], bool] | None) -> None:
+    """Wait for `proc` until `deadline`, or until `stop_when()`; TimeoutExpired when it is still running then."""
+    while stop_when is not None and proc.poll() is None and time.monotonic() < deadline:
+        if stop_when():
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        time.sleep(0.2)
+    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def end_all_groups() -> None:

@@ -37,13 +37,15 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from filelock import FileLock
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
 from genmodels.errors import ResourceUnavailable
 from genmodels.fid_weights import NUM_CLASSES
@@ -268,9 +270,13 @@ class FIDScorer:
             yield self.net(batch).float()
 
     def _fid_metric(self, num_features: int) -> FrechetInceptionDistance:
+        from torchmetrics.image.fid import FrechetInceptionDistance  # here: torchmetrics costs a sweep driver 1 s
+
         return FrechetInceptionDistance(feature=_Passthrough(num_features), reset_real_features=False).to(self.device)
 
     def _kid_metric(self, num_features: int) -> KernelInceptionDistance:
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         with warnings.catch_warnings():  # "will save all extracted features": we cap them at kid_max_features
             warnings.simplefilter("ignore", UserWarning)
             return KernelInceptionDistance(feature=_Passthrough(num_features), subsets=self.kid_subsets,
