@@ -330,6 +330,32 @@ def test_report_adds_the_importance_and_parallel_coordinate_plots(tmp_path, caps
     assert matplotlib.rcParams["axes.facecolor"] == "white"  # Optuna's ggplot style stayed inside its plots
 
 
+def test_report_logs_the_importances_to_wandb_as_a_table(tmp_path, capsys, monkeypatch):
+    """The report's W&B run gets the importances report.py printed, as a table (wandb.init recorded: no service)."""
+    import wandb
+
+    logged = {}
+
+    class Run:
+        offline, settings = True, type("Settings", (), {"sync_dir": str(tmp_path / "offline-run")})
+
+        def log(self, values):
+            logged.update(values)
+
+        def finish(self):
+            logged["finished"] = True
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: logged.update(init=kwargs) or Run())
+    storage, spec = beta_decides(tmp_path)
+    assert report.main(["--name", "s", "--storage-path", storage]) == 0
+    table = logged["param_importances_table"]
+    shares = dict(table.data)
+    assert table.columns == ["parameter", "share"] and max(shares, key=shares.get) == "model.beta", table.data
+    assert logged["init"]["group"] == "s" and logged["init"]["job_type"] == "report" and logged["finished"]
+    assert "param_importances" in logged and "wandb sync" in capsys.readouterr().out
+
+
 def test_report_with_too_few_trials_has_no_importance_plots(tmp_path, capsys):
     storage, spec = beta_decides(tmp_path, n=3)
     assert report.main(["--no-wandb", "--name", "s", "--storage-path", storage]) == 0
