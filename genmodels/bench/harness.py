@@ -140,8 +140,8 @@ def run_group(command: Sequence[str], timeout_s: float, log: str | Path | None =
     `timeout_s`, or earlier once `stop_when()` (asked every 0.2 s) is true: the whole group gets SIGTERM (Python
     children run their `finally` blocks, e.g. quit an MPS daemon), and SIGKILL `grace_s` later (at most a fifth
     of `timeout_s`) if it is still there. When the leader ends on its own, members it left behind are ended the
-    same way. Returns status ("ok", "failed", "timed
-    out"), rc, seconds, `left_behind` (group members ended after the leader) and the group's id."""
+    same way. Returns status ("ok", "failed", "timed out"), rc, seconds, `left_behind` (group members ended after
+    the leader) and the group's id."""
     grace = max(0.0, min(grace_s, 0.2 * timeout_s))
     start = time.monotonic()
     out = open(log, "ab") if log else subprocess.DEVNULL
