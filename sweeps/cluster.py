@@ -117,4 +117,4 @@ def warn_if_asha_is_serial(spec: SweepSpec) -> None:
         print(f"gensweep: warning: {at_once} trial(s) at a time, fewer than ASHA's reduction factor "
               f"{spec.asha.reduction_factor}: its early cuts then depend on which trials reported first. Run more at "
               f"once (pack trials on a GPU with --gpus-per-trial 0.5, fewer --cpus-per-trial, or a cluster); see "
-              f"README, 'One GPU'.")
+              f"docs/sweeps.md, 'One GPU'.")

@@ -21,10 +21,13 @@ from typing import Any
 
 import optuna
 
+from sweeps.distributions import direction, quiet_optuna, search_distributions, within
+from sweeps.spaces import SMOKE_NOTE
 from sweeps.spec import SweepSpec
-from sweeps.study import direction, milestone_values, quiet_optuna, search_distributions, within
+from sweeps.study import milestone_values
 
 MIN_TRIALS = 4
+FEW_TRIALS = 20  # below this many trials compared, one more or less can reorder the shares: said beside them
 TOP_QUANTILE = 0.1  # Optuna's default "best": the top 10% ...
 MAX_TOP = 5  # ... but at least min(5, half) trials, Optuna's advice for a stable density (smoke sweeps are small)
 
@@ -38,6 +41,7 @@ class Comparison:
     top: int = 0  # how many of them count as the best
     importances: dict[str, float] = dataclasses.field(default_factory=dict)  # shares, summing to 1, largest first
     reason: str = ""  # why there are no importances
+    caveats: list[str] = dataclasses.field(default_factory=list)  # what the shares cannot be taken for
 
     @property
     def evaluator(self) -> optuna.importance.PedAnovaImportanceEvaluator:
@@ -84,6 +88,11 @@ def compare(trials: list[dict[str, Any]], spec: SweepSpec, min_trials: int = MIN
                       f"spread like all of them")
         return out
     out.importances = {k: v / total for k, v in sorted(raw.items(), key=lambda kv: -kv[1])}
+    if count < FEW_TRIALS:
+        out.caveats.append(f"only {count} trials compared: with fewer than {FEW_TRIALS}, one trial more or less can "
+                           f"reorder these shares")
+    if spec.preset == "smoke":
+        out.caveats.append(SMOKE_NOTE)
     return out
 
 
@@ -106,7 +115,7 @@ def describe(c: Comparison) -> list[str]:
     width = max(len(n) for n in names.values())
     for key, share in c.importances.items():
         lines.append(f"  {names[key].ljust(width)}  {share:4.0%}  {'#' * round(share * 40)}")
-    return lines
+    return lines + [f"  note: {caveat}" for caveat in c.caveats]
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -1,31 +1,32 @@
 """Ranked table of a sweep's trials, from W&B (online) or from the sweep's Ray Tune results on disk.
 
-    python sweeps/leaderboard.py --name NAME [--source local|wandb] [--importance]
+    gensweep leaderboard --name NAME [--source local|wandb] [--importance]   (or python sweeps/leaderboard.py)
 
 --importance adds which hyperparameters mattered (sweeps/importance.py: Optuna's PED-ANOVA over the trials compared
 at one milestone), from the trials' results on disk whatever the source.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-from sweeps.rows import EXTRA_KEYS, extra_columns, is_rerun_point, ranking_fields, trial_row
+from sweeps.cli import script
+from sweeps.rows import (
+    EXTRA_KEYS,
+    extra_columns,
+    is_rerun_point,
+    pareto_front,
+    rank_rows,
+    ranking_fields,
+    short,
+    trial_row,
+)
+from sweeps.spaces import SMOKE_NOTE
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.sweep_results import is_number, resolve_sweep, sweep_arguments, sweep_trials, trial_status
+from sweeps.sweep_results import resolve_sweep, sweep_trials, trial_status
 from trainables.wandb_auth import is_logged_in
-
-
-def short(v: Any) -> str:
-    """A table cell: floats to 3 significant digits; `-` for a missing value (None, or NaN from a frame)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
 
 
 def local_rows(storage: str, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -65,39 +66,6 @@ def wandb_rows(spec: SweepSpec, project: str, entity: str | None) -> list[dict[s
     return rows
 
 
-def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """Rows best first: trials with a value before those without; FIDs by sample count first (the deepest rung a
-    trial reached: a 128-sample FID is biased upward against a 256-sample one, and marks an earlier stop), then
-    by value. Non-FID rows have no count and rank by value alone."""
-    def key(r: dict[str, Any]) -> tuple:
-        v = r["value"]
-        if not is_number(v):
-            return (True, 0, 0.0)
-        return (False, -(r.get("n") or 0), v if mode == "min" else -v)
-
-    return sorted(rows, key=key)
-
-
-def pareto_front(rows: list[dict[str, Any]], objectives: list[str], mode: str) -> tuple[list[dict[str, Any]], str]:
-    """The trials no other trial beats on every objective, and what they were compared at. FIDs are compared only
-    at one sample count: the front is drawn among the trials whose FIDs have the largest count (the deepest rung,
-    or the end of the trial)."""
-    sign = 1 if mode == "min" else -1
-    scored = [r for r in rows if all(is_number(r["objectives"].get(m, {}).get("value")) for m in objectives)]
-    counts = {m: max((r["objectives"][m]["n"] or 0 for r in scored), default=0) for m in objectives}
-    scored = [r for r in scored if all((r["objectives"][m]["n"] or 0) == counts[m] for m in objectives)]
-    points = [tuple(sign * r["objectives"][m]["value"] for m in objectives) for r in scored]
-    front = sorted(nondominated(points))
-    where = ", ".join(f"{m} at n={counts[m]}" for m in objectives if counts[m])
-    return [scored[i] for _, i in front], where
-
-
-def nondominated(points: list[tuple[float, ...]]) -> list[tuple[tuple[float, ...], int]]:
-    """(point, index) of the points no other point beats on every coordinate (all minimised): a Pareto front."""
-    return [(p, i) for i, p in enumerate(points)
-            if not any(all(a <= b for a, b in zip(o, p)) and o != p for o in points)]
-
-
 def print_front(rows: list[dict[str, Any]], objectives: list[str], mode: str, file=None) -> None:
     """The Pareto front of a multi-objective sweep, printed before its ranked table."""
     front, where = pareto_front(rows, objectives, mode)
@@ -124,11 +92,15 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
     networks = sorted({str(r["extra"]["fid_network"]) for r in rows if "fid_network" in r["extra"]})
     if networks:
         title = f"{title}; FID network: {', '.join(networks)}" if title else f"FID network: {', '.join(networks)}"
-    ranking = [f"{metric} ({mode})", "n", f"best_{metric}@n"] if with_n else [f"{metric} ({mode})", f"best_{metric}"]
+    # the best value a trial reported, where it is not the one it ranks by (a metric that only improves: never)
+    with_best = any(short(r["best"]) not in ("-", short(r["value"])) for r in rows)
+    ranking = [f"{metric} ({mode})", *(["n"] if with_n else []),
+               *([f"best_{metric}" + ("@n" if with_n else "")] if with_best else [])]
     header = ["rank", "trial", *[k.split(".")[-1] for k in params], *ranking, *extras, "epochs", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
-        values = [short(r["value"]), *([short(r.get("n") or "-")] if with_n else []), short(r["best"])]
+        values = [short(r["value"]), *([short(r.get("n") or "-")] if with_n else []),
+                  *([short(r["best"])] if with_best else [])]
         table.append([str(i), r["trial"] + (" *" if r.get("warm_start") else ""),
                       *[short(r["params"].get(k)) for k in params], *values,
                       *[short(r["extra"].get(k, "-")) for k in extras], str(r["epochs"]), r["status"]])
@@ -143,21 +115,21 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
         print(warm_start_note(warm_start), file=file)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = sweep_arguments("leaderboard.py", __doc__)
-    p.add_argument("--source", choices=["local", "wandb"], help="default: wandb when logged in, else local")
-    p.add_argument("--importance", action="store_true",
-                   help="also print Optuna's parameter importances for the ranking metric (from the local results)")
-    args = p.parse_args(argv)
+def print_board(rows: list[dict[str, Any]], spec: SweepSpec, source: str) -> None:
+    """What the driver prints at a sweep's end and `gensweep leaderboard` prints any time: the Pareto front of a
+    multi-objective sweep, the ranked table, and what a smoke sweep's ranking is not."""
+    if len(spec.objectives) > 1 and source == "local":
+        print_front(rows, list(spec.objectives), spec.mode)
+    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)",
+                warm_start=spec.warm_start)
+    if spec.preset == "smoke":
+        print(f"note: {SMOKE_NOTE}")
+
+
+def command(args) -> int:
     if args.source == "wandb" and not is_logged_in():
-        print("leaderboard.py: error: W&B is not logged in: run `wandb login` (or set WANDB_API_KEY), "
-              "or pass --source local", file=sys.stderr)
-        return 2
-    try:
-        storage, spec = resolve_sweep(args)
-    except UsageError as e:
-        print(f"leaderboard.py: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("W&B is not logged in: run `wandb login` (or set WANDB_API_KEY), or pass --source local")
+    storage, spec = resolve_sweep(args)
     source = args.source or ("wandb" if is_logged_in() else "local")
     rows = []
     if source == "wandb":
@@ -165,31 +137,25 @@ def main(argv: list[str] | None = None) -> int:
             rows = wandb_rows(spec, args.wandb_project, args.wandb_entity)
         except Exception as e:  # CommError, UsageError, requests' errors...: whichever, one line, not a traceback
             message = (str(e).strip().splitlines() or [""])[0]
-            print(f"leaderboard.py: error: W&B API failed ({type(e).__name__}: {message}); "
-                  "check the network and `wandb login`, or pass --source local", file=sys.stderr)
-            return 2
+            raise UsageError(f"W&B API failed ({type(e).__name__}: {message}); check the network and `wandb login`, "
+                             "or pass --source local") from None
         if not rows:
             print(f"no W&B runs in group {spec.name!r}; showing local results", file=sys.stderr)
             source = "local"
-    trials = None
-    if source == "local" or args.importance:
-        try:
-            trials = sweep_trials(storage, spec)
-        except UsageError as e:
-            print(f"leaderboard.py: error: {e}", file=sys.stderr)
-            return 2
+    trials = sweep_trials(storage, spec) if source == "local" or args.importance else None
     if source == "local":
         rows = [trial_row(t, spec) for t in trials]
-    if len(spec.objectives) > 1 and source == "local":
-        print_front(rows, list(spec.objectives), spec.mode)
-    print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)",
-                warm_start=spec.warm_start)
+    print_board(rows, spec, source)
     if args.importance:
         from sweeps import importance  # Optuna: only when asked
 
         print()
         print("\n".join(importance.describe(importance.compare(trials, spec))))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script("leaderboard", argv, prog="leaderboard.py")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ray.tune.search.sample import Categorical, Domain, Float, Integer
 from genmodels.config import SECTIONS, ConfigError, check_value, section_classes
 from genmodels.io import load_checkpoint
 from genmodels.registry import model_class, qualified, trial_config
+from sweeps.domains import to_tune
 from sweeps.errors import UsageError
 from sweeps.spaces import Space
 
@@ -53,8 +54,8 @@ def build_param_space(space: Space, preset: str, fixed: dict[str, Any], override
             raise ConfigError(f"{where}: {e}") from None
 
     param_space = {"model_name": space.model,
-                   **qualify(space.params, f"space {space.name!r}"),
-                   **qualify(space.presets[preset].config, f"preset {preset!r} of space {space.name!r}"),
+                   **qualify(to_tune(space.params), f"space {space.name!r}"),
+                   **qualify(to_tune(space.presets[preset].config), f"preset {preset!r} of space {space.name!r}"),
                    "train.seed": seed,
                    **qualify(overrides, "command line"),
                    **qualify(fixed, "--fixed")}

@@ -25,19 +25,12 @@ import matplotlib
 
 from genmodels.metrics.fid import fid_metric_name
 from sweeps import importance
-from sweeps.leaderboard import (
-    is_number,
-    nondominated,
-    rank_rows,
-    ranking_fields,
-    resolve_sweep,
-    short,
-    sweep_arguments,
-)
-from sweeps.spec import SweepSpec, UsageError
+from sweeps.cli import script
+from sweeps.distributions import quiet_optuna
+from sweeps.rows import nondominated, rank_rows, ranking_fields, short
+from sweeps.spec import SweepSpec
 from sweeps.storage import is_uri
-from sweeps.study import quiet_optuna
-from sweeps.sweep_results import sweep_trials
+from sweeps.sweep_results import is_number, resolve_sweep, sweep_trials
 from trainables.wandb_auth import is_logged_in
 
 matplotlib.use("Agg")
@@ -73,6 +66,7 @@ def plot_curves(spec: SweepSpec, trials: list[dict[str, Any]], path: Path) -> Pa
     """The ranking metric per epoch, a colour per trial (legend: id and searched values) and, for an FID, a line
     style per sample count; a figure saying so when no trial has reported the metric yet."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     metric = spec.metric
     per_trial = [(t, metric_series(t["history"], metric)) for t in trials]
@@ -101,9 +95,30 @@ def plot_curves(spec: SweepSpec, trials: list[dict[str, Any]], path: Path) -> Pa
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (x: stopped by ASHA, o: ran to the end, square: ended otherwise or not yet)")
-    if spec.mode == "min" and all(v > 0 for v in values):
-        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    if spec.mode == "min" and all(v > 0 for v in values) and max(values) >= 10 * min(values):
+        ax.set_yscale("log")  # a decade or more: log, labelled in plain numbers
+        _plain_log_labels(ax.yaxis, math.log10(max(values) / min(values)))
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False)
     return _save(fig, path)
+
+
+def _plain_log_labels(axis, decades: float) -> None:
+    """Label a log axis `20`, `50`, `100` rather than `2x10^1`...: its decades, and between them 2 and 5 (and 3
+    when it spans less than two decades) times a power of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    keep = (1,) if decades > 4 else (1, 2, 5) if decades > 2 else (1, 2, 3, 5)
+
+    def label(v: float, _pos) -> str:
+        if v <= 0:
+            return ""
+        mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+        return f"{v:g}" if any(math.isclose(mantissa, k, rel_tol=1e-6) for k in keep) else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
 
 
 def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
@@ -138,6 +153,8 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 RECONSTRUCTION_COLUMNS = 16  # engine.write_grids: 16 images a row, alternating input, reconstruction, input, ...
+GRIDS_WIDTH = 11.5  # inches of best_samples.png the grids of a row share
+ROW_LABELS_HEIGHT = 0.75  # inches a row of best_samples.png needs above and below its grids for its labels
 
 
 def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
@@ -149,26 +166,42 @@ def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path,
     grids = [(r, g) for r, g in grids if g][:k]
     if not grids:
         return None
+    from genmodels.images import bare_grid
+
     kinds = [kind for kind in ("samples", "reconstructions") if any(kind in g for _, g in grids)]
-    widths = {"samples": 1.0, "reconstructions": 2.6}
-    fig, axes = plt.subplots(len(grids), len(kinds), figsize=(3.2 * sum(widths[kd] for kd in kinds),
-                                                                 2.8 * len(grids)),
-                             gridspec_kw={"width_ratios": [widths[kd] for kd in kinds]}, squeeze=False)
-    for row, (r, g) in zip(axes, grids):
+    images = [{kind: bare_grid(p) for kind, p in g.items()} for _, g in grids]
+    # each panel as wide as its grid is for one row height, the figure about as tall as the rows' grids, their
+    # titles and tick labels (constrained layout places them), then cut to what the grids fill: no band of white
+    aspects = [max(im[kind].shape[1] / im[kind].shape[0] for im in images if kind in im) for kind in kinds]
+    row_height = GRIDS_WIDTH / sum(aspects)
+    fig = plt.figure(figsize=(GRIDS_WIDTH, len(grids) * (row_height + ROW_LABELS_HEIGHT) + 0.3), layout="constrained")
+    axes = fig.subplots(len(grids), len(kinds), gridspec_kw={"width_ratios": aspects}, squeeze=False)
+    for row, (r, g), im in zip(axes, grids, images):
         n = f" (n={r['n']})" if r["n"] else ""
         first = next(kind for kind in kinds if kind in g)  # the panel that names the trial
         for ax, kind in zip(row, kinds):
             ax.axis("off")
             if kind not in g:
                 continue
-            image = plt.imread(g[kind])
+            image = im[kind]
             ax.imshow(image)
             ax.set_title(f"{r['t']['label']}\n{metric}={r['value']:.4g}{n}: {kind}" if kind == first else kind,
                          fontsize=7)
             if kind == "reconstructions":
                 _label_columns(ax, image.shape[1])
-    fig.suptitle(f"last grids of the {len(grids)} best trials, best first", y=1.0)
+    fig.suptitle(f"last grids of the {len(grids)} best trials, best first")
+    _fit_height(fig, axes)
     return _save(fig, path)
+
+
+def _fit_height(fig, axes) -> None:
+    """Take out of the figure's height what its rows of images leave white: an image keeps its aspect, so a row
+    taller than its widest image needs is white above and below it."""
+    fig.draw_without_rendering()
+    slack = sum(min((ax.get_position(original=True).height - ax.get_position().height for ax in row if ax.images),
+                    default=0.0) for row in axes)  # figure fractions
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height * (1 - slack))
 
 
 def _last_grids(trial_dir: Path) -> dict[str, Path]:
@@ -199,7 +232,7 @@ def plot_importances(c: importance.Comparison, path: Path) -> Path:
 
     at = f"epoch {c.epoch}" + (f", n={c.n}" if c.n else "")
     with _optuna_style():
-        ax = plot_param_importances(c.study, evaluator=c.evaluator, target_name=c.metric)
+        ax = plot_param_importances(_short_study(c.study), evaluator=c.evaluator, target_name=c.metric)
         ax.set_title(f"which hyperparameters mattered for {c.metric} (PED-ANOVA: best {c.top} of "
                      f"{len(c.study.trials)} trials at {at})", loc="left")  # in place of Optuna's title
         ax.figure.set_size_inches(9, 1.5 + 0.5 * len(c.importances))
@@ -211,11 +244,43 @@ def plot_parallel(c: importance.Comparison, path: Path) -> Path:
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
     with _optuna_style():
-        ax = plot_parallel_coordinate(c.study, target_name=f"{c.metric} at epoch {c.epoch}")
+        ax = plot_parallel_coordinate(_short_study(c.study), target_name=f"{c.metric} at epoch {c.epoch}")
+        _recolour_lines(ax, best_low=c.study.direction.name == "MINIMIZE")
         ax.set_title(f"the {len(c.study.trials)} trials compared at epoch {c.epoch}, by their {c.metric} there",
                      y=1.03)
         ax.figure.set_size_inches(max(8.0, 2.0 * (len(c.importances) + 1)), 4.5)
         return _save(ax.figure, path)
+
+
+def _short_study(study):
+    """The study's trials with their parameters named as the leaderboard names them (`beta` for `model.beta`,
+    importance.short_names), for Optuna's plots to label them so."""
+    import optuna
+
+    names = importance.short_names(list(dict.fromkeys(k for t in study.trials for k in t.distributions)))
+    short = optuna.create_study(direction=study.direction, study_name=study.study_name)
+    short.add_trials([optuna.trial.create_trial(params={names[k]: v for k, v in t.params.items()},
+                                                distributions={names[k]: d for k, d in t.distributions.items()},
+                                                value=t.value) for t in study.trials])
+    return short
+
+
+PARALLEL_COLOURS = "plasma"
+PARALLEL_RANGE = (0.0, 0.7)  # of PARALLEL_COLOURS: dark blue to salmon, both plain on white (its yellow end is not)
+
+
+def _recolour_lines(ax, best_low: bool) -> None:
+    """Optuna draws the trials' lines in Blues, whose worst end is white on white: recolour them (and the colour
+    bar, which follows its lines) from dark blue (the best value) to a salmon still plain on white."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+
+    base = plt.get_cmap(PARALLEL_COLOURS)
+    cmap = ListedColormap(base([PARALLEL_RANGE[0] + (PARALLEL_RANGE[1] - PARALLEL_RANGE[0]) * i / 255
+                                for i in range(256)]), name=f"{PARALLEL_COLOURS}_part")
+    for lines in ax.collections:
+        if isinstance(lines, LineCollection) and lines.get_array() is not None:
+            lines.set_cmap(cmap if best_low else cmap.reversed())
 
 
 @contextlib.contextmanager
@@ -267,18 +332,11 @@ def log_to_wandb(paths: list[Path], name: str, project: str, entity: str | None,
     return f"wandb sync {shlex.quote(sync_dir)}" if offline else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = sweep_arguments("report.py", __doc__)
-    p.add_argument("--no-wandb", action="store_true", help="only write the PNGs")
-    args = p.parse_args(argv)
-    try:
-        storage, spec = resolve_sweep(args)
-        trials = trial_histories(storage, spec)
-        comparison = importance.compare(trials, spec)
-        paths = write_report(storage, spec, trials, comparison)
-    except UsageError as e:
-        print(f"report.py: error: {e}", file=sys.stderr)
-        return 2
+def command(args) -> int:
+    storage, spec = resolve_sweep(args)
+    trials = trial_histories(storage, spec)
+    comparison = importance.compare(trials, spec)
+    paths = write_report(storage, spec, trials, comparison)
     print("\n".join(importance.describe(comparison)))
     for path in paths:
         print(path)
@@ -289,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         if sync:
             print(f"W&B is offline: upload the report with `{sync}`")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script("report", argv, prog="report.py")
 
 
 if __name__ == "__main__":

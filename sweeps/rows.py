@@ -1,6 +1,7 @@
 """A sweep's rows: what the leaderboard, the Optuna study on disk (sweeps/study.py), the report and --warm-start
-read of each stored trial (sweeps/sweep_results.sweep_trials). One module, so that the study and the leaderboard
-agree trial for trial, and neither imports the other."""
+read of each stored trial (sweeps/sweep_results.sweep_trials), how rows rank, and how a value is shown in a table.
+One module, so that the study and the leaderboard agree trial for trial, and what runs a sweep (the progress
+table, --warm-start) ranks and prints as the leaderboard does without importing it."""
 from __future__ import annotations
 
 import math
@@ -61,3 +62,45 @@ def extra_columns(result: dict[str, Any]) -> dict[str, Any]:
     if isinstance(result.get("graph_status"), str):  # on CUDA: graphed, eager or off (the reason is in W&B)
         extra["graphs"] = result["graph_status"].split(":")[0]
     return extra
+
+
+def short(v: Any) -> str:
+    """A table cell: floats to 3 significant digits; `-` for a missing value (None, or NaN from a frame)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def rank_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Rows best first: trials with a value before those without; FIDs by sample count first (the deepest rung a
+    trial reached: a 128-sample FID is biased upward against a 256-sample one, and marks an earlier stop), then
+    by value. Non-FID rows have no count and rank by value alone."""
+    def key(r: dict[str, Any]) -> tuple:
+        v = r["value"]
+        if not is_number(v):
+            return (True, 0, 0.0)
+        return (False, -(r.get("n") or 0), v if mode == "min" else -v)
+
+    return sorted(rows, key=key)
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: list[str], mode: str) -> tuple[list[dict[str, Any]], str]:
+    """The trials no other trial beats on every objective, and what they were compared at. FIDs are compared only
+    at one sample count: the front is drawn among the trials whose FIDs have the largest count (the deepest rung,
+    or the end of the trial)."""
+    sign = 1 if mode == "min" else -1
+    scored = [r for r in rows if all(is_number(r["objectives"].get(m, {}).get("value")) for m in objectives)]
+    counts = {m: max((r["objectives"][m]["n"] or 0 for r in scored), default=0) for m in objectives}
+    scored = [r for r in scored if all((r["objectives"][m]["n"] or 0) == counts[m] for m in objectives)]
+    points = [tuple(sign * r["objectives"][m]["value"] for m in objectives) for r in scored]
+    front = sorted(nondominated(points))
+    where = ", ".join(f"{m} at n={counts[m]}" for m in objectives if counts[m])
+    return [scored[i] for _, i in front], where
+
+
+def nondominated(points: list[tuple[float, ...]]) -> list[tuple[tuple[float, ...], int]]:
+    """(point, index) of the points no other point beats on every coordinate (all minimised): a Pareto front."""
+    return [(p, i) for i, p in enumerate(points)
+            if not any(all(a <= b for a, b in zip(o, p)) and o != p for o in points)]

@@ -1,6 +1,6 @@
 """Search spaces and presets, one `Space` per sweepable model family.
 
-A space is the model name, the searched hyperparameters (Ray Tune domains, which OptunaSearch converts), the
+A space is the model name, the searched hyperparameters (sweeps/domains.py; Ray Tune's once the sweep is built), the
 ranking metric (one that means the same for every trial in the space), and presets: fixed values for the
 engine, the model and the data, plus the sweep's own budget. Everything a trial sees is one flat dict.
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ray import tune
-
 from sweeps.budgets import FIDSettings
+from sweeps.domains import choice, is_searched, loguniform
 
 # The sweep's FID budgets by preset (a preset may set its own): ladder[i] samples at ASHA rung i, `final` at the end.
 FID_SETTINGS = {
@@ -33,7 +32,7 @@ class Preset:
 class Space:
     name: str
     model: str
-    params: dict[str, Any]  # searched hyperparameters (tune domains) and constants
+    params: dict[str, Any]  # searched hyperparameters (sweeps/domains.py) and constants
     metric: str  # default ranking metric; "fid"/"rfid" come from the trainable's FID ladder
     mode: str = "min"
     metrics: tuple[str, ...] = ()  # other ranking metrics --metric may choose (each comparable across the space)
@@ -46,8 +45,12 @@ class Space:
 
     @property
     def searched(self) -> list[str]:
-        return [k for k, v in self.params.items() if isinstance(v, tune.search.sample.Domain)]
+        return [k for k, v in self.params.items() if is_searched(v)]
 
+
+# Said wherever a smoke sweep's results are shown: its trials are too small and short to rank models by.
+SMOKE_NOTE = ("the smoke preset is a pipeline check (tiny networks, a few epochs, the stand-in FID network): its "
+              "rankings and importances are not evidence; use --preset full on a GPU for results")
 
 # Data keys every trial understands (the rest is TrainConfig and the model's Config).
 SMOKE_DATA = {"dataset": "synthetic", "train_size": 512, "test_size": 256}
@@ -58,12 +61,12 @@ VAE_SPACE = Space(
     model="vae",
     description="conv VAE / beta-VAE; ranked by test negative ELBO (beta=1) in bits/dim",
     params={
-        "beta": tune.loguniform(0.05, 16.0),
-        "latent": tune.choice([32, 64, 128, 256]),
-        "lr": tune.loguniform(1e-4, 3e-3),
+        "beta": loguniform(0.05, 16.0),
+        "latent": choice([32, 64, 128, 256]),
+        "lr": loguniform(1e-4, 3e-3),
         # up to 1: the seeds' "SSE + beta * KL" is a Gaussian decoder with scale sqrt(0.5) = 0.707
-        "likelihood_scale": tune.loguniform(0.02, 1.0),
-        "learn_scale": tune.choice([False, True]),  # learned: likelihood_scale is where sigma starts
+        "likelihood_scale": loguniform(0.02, 1.0),
+        "learn_scale": choice([False, True]),  # learned: likelihood_scale is where sigma starts
     },
     metric="test_bpd",
     metrics=("test_bpd", "test_iwae_bpd", "fid"),
@@ -95,12 +98,12 @@ VQVAE_SPACE = Space(
                 "earlier milestones would score samples of an untrained prior. --metric can rank by reconstruction "
                 "FID instead.",
     params={
-        "codebook_size": tune.choice([128, 256, 512, 1024]),
-        "code_dim": tune.choice([16, 32, 64]),
-        "commitment": tune.loguniform(0.1, 2.0),
-        "ema_decay_codebook": tune.choice([0.95, 0.99, 0.999]),
-        "restarts": tune.choice([True, False]),
-        "lr": tune.loguniform(1e-4, 1e-3),
+        "codebook_size": choice([128, 256, 512, 1024]),
+        "code_dim": choice([16, 32, 64]),
+        "commitment": loguniform(0.1, 2.0),
+        "ema_decay_codebook": choice([0.95, 0.99, 0.999]),
+        "restarts": choice([True, False]),
+        "lr": loguniform(1e-4, 1e-3),
     },
     metric="fid",
     metrics=("fid", "rfid"),
@@ -110,7 +113,7 @@ VQVAE_SPACE = Space(
                    "ema_decay_codebook": 0.99, "lr": 1e-3},  # (the decay is unused by a loss-trained codebook)
     presets={
         # Tiny model, small codebooks (K is still searched), ~9 s of CPU per trial before FID.
-        "smoke": vqvae_preset(6, 4, {**SMOKE_DATA, "codebook_size": tune.choice([16, 32, 64, 128]), "width": 32,
+        "smoke": vqvae_preset(6, 4, {**SMOKE_DATA, "codebook_size": choice([16, 32, 64, 128]), "width": 32,
                                      "res_blocks": 1, "prior_width": 16, "prior_layers": 4, "restart_window": 20,
                                      "steps_per_epoch": 25, "batch_size": 32}, num_samples=8),
         # Paper sizes (van den Oord et al. 2017: 128-wide encoder with 2 residual blocks, batch 128); 60 epochs of
@@ -139,16 +142,16 @@ NCSN_SPACE = Space(
                 "langevin_eps). The NCSNv2 schedule is space ncsn-v2.",
     params={
         "sigma_schedule": "geometric",
-        "sigma_1": tune.choice([1.0, 20.0, 50.0]),
-        "sigma_L": tune.choice([0.005, 0.01]),
+        "sigma_1": choice([1.0, 20.0, 50.0]),
+        "sigma_L": choice([0.005, 0.01]),
         "num_levels": None,  # L follows from gamma: the ratio means the same whatever sigma_1 is
-        "gamma": tune.choice([0.6, 0.9, 0.963]),  # NCSN (L=10 over 1..0.01), the seed (L=50), NCSNv2's ratio
-        "langevin_steps": tune.choice([5, 20, 100]),
-        "langevin_eps": tune.loguniform(1e-6, 5e-5),
-        "lr": tune.choice([1e-4, 2e-4, 1e-3]),
-        "ema_decay": tune.choice([0.999, 0.9999]),
-        "arch": tune.choice(["unet", "refinenet"]),
-        "width": tune.choice([64, 128]),
+        "gamma": choice([0.6, 0.9, 0.963]),  # NCSN (L=10 over 1..0.01), the seed (L=50), NCSNv2's ratio
+        "langevin_steps": choice([5, 20, 100]),
+        "langevin_eps": loguniform(1e-6, 5e-5),
+        "lr": choice([1e-4, 2e-4, 1e-3]),
+        "ema_decay": choice([0.999, 0.9999]),
+        "arch": choice(["unet", "refinenet"]),
+        "width": choice([64, 128]),
     },
     metric="fid",
     # the NCSN seed: geometric 1 -> 0.01 in L=50, T=100, eps 2e-5, start N(0, I), no final denoising, Adam 1e-3,
@@ -158,7 +161,7 @@ NCSN_SPACE = Space(
                    "ema_decay": 0.999, "grad_clip": 1.0, "arch": "unet", "width": 128},
     presets={
         # coarse ratios: 3 to 5 levels, seconds of Langevin on a CPU
-        "smoke": Preset(config={**NCSN_SMOKE, "gamma": tune.choice([0.05, 0.1]), "langevin_steps": 5}, num_samples=8),
+        "smoke": Preset(config={**NCSN_SMOKE, "gamma": choice([0.05, 0.1]), "langevin_steps": 5}, num_samples=8),
         "full": NCSN_FULL,
     },
 )
@@ -173,13 +176,13 @@ NCSN_V2_SPACE = Space(
                 "gamma, langevin_eps).",
     params={
         "sigma_schedule": "ncsnv2",
-        "sigma_L": tune.choice([0.005, 0.01]),
-        "langevin_steps": tune.choice([5, 10, 20]),  # NCSNv2 took 5 for CIFAR-10; L ~ 230 levels of T steps each
+        "sigma_L": choice([0.005, 0.01]),
+        "langevin_steps": choice([5, 10, 20]),  # NCSNv2 took 5 for CIFAR-10; L ~ 230 levels of T steps each
         "langevin_eps": None,  # the NCSNv2 criterion's eps for T
-        "lr": tune.choice([1e-4, 2e-4, 1e-3]),
-        "ema_decay": tune.choice([0.999, 0.9999]),
-        "arch": tune.choice(["unet", "refinenet"]),
-        "width": tune.choice([64, 128]),
+        "lr": choice([1e-4, 2e-4, 1e-3]),
+        "ema_decay": choice([0.999, 0.9999]),
+        "arch": choice(["unet", "refinenet"]),
+        "width": choice([64, 128]),
     },
     metric="fid",
     # the NCSN seed's own run (its geometric schedule, as in space ncsn): the trial this space has to beat
@@ -187,7 +190,7 @@ NCSN_V2_SPACE = Space(
     presets={
         # sigma_L close to sigma_1 (~35 for the smoke's synthetic images, ~50 for CIFAR-10): the NCSNv2 ratio then
         # needs 10 to 26 levels, not ~230, and T = 1: seconds of Langevin on a CPU
-        "smoke": Preset(config={**NCSN_SMOKE, "sigma_L": tune.choice([20.0, 25.0]), "langevin_steps": 1},
+        "smoke": Preset(config={**NCSN_SMOKE, "sigma_L": choice([20.0, 25.0]), "langevin_steps": 1},
                         num_samples=8),
         # NCSNv2 (CIFAR-10) trained 300k steps of batch 128; 200k here, as space ncsn
         "full": NCSN_FULL,
@@ -200,17 +203,17 @@ NCSN_SAMPLING_SPACE = Space(
     description="annealed Langevin settings (T, eps, final denoising, start) for one trained NCSN checkpoint "
                 "(--checkpoint); no training; ranked by sample FID",
     params={
-        "langevin_steps": tune.choice([5, 20, 100]),
-        "langevin_eps": tune.loguniform(1e-6, 5e-5),
-        "denoise": tune.choice([True, False]),
-        "init": tune.choice(["uniform", "gaussian"]),
+        "langevin_steps": choice([5, 20, 100]),
+        "langevin_eps": loguniform(1e-6, 5e-5),
+        "denoise": choice([True, False]),
+        "init": choice(["uniform", "gaussian"]),
     },
     metric="fid",
     seed_defaults={"langevin_steps": 100, "langevin_eps": 2e-5, "init": "gaussian", "denoise": False},
     needs_checkpoint=True,
     presets={
         # One evaluation per trial (epochs=1): nothing for ASHA to stop early.
-        "smoke": Preset(config={**SMOKE_DATA, "langevin_steps": tune.choice([2, 5]), "epochs": 1}, num_samples=8),
+        "smoke": Preset(config={**SMOKE_DATA, "langevin_steps": choice([2, 5]), "epochs": 1}, num_samples=8),
         "full": Preset(config={**FULL_DATA, "epochs": 1}, num_samples=32),
     },
 )
@@ -232,10 +235,10 @@ RESNET_VAE_SPACE = Space(
     params={
         "arch": "resnet",
         "norm": "group",
-        "beta": tune.loguniform(0.1, 4.0),
-        "latent": tune.choice([32, 64, 128, 256]),
-        "lr": tune.loguniform(1e-4, 3e-3),
-        "width": tune.choice([16, 32, 64]),
+        "beta": loguniform(0.1, 4.0),
+        "latent": choice([32, 64, 128, 256]),
+        "lr": loguniform(1e-4, 3e-3),
+        "width": choice([16, 32, 64]),
     },
     metric="test_bpd",
     metrics=("test_bpd", "test_iwae_bpd", "fid"),
@@ -256,10 +259,10 @@ DFC_SPACE = Space(
     params={
         "arch": "resnet",
         "norm": "group",
-        "alpha": tune.loguniform(0.05, 5.0),
-        "beta": tune.loguniform(0.05, 1.0),
-        "layers": tune.choice(["123", "345", "seed"]),
-        "pixel_weight": tune.choice([0.0, 1.0]),
+        "alpha": loguniform(0.05, 5.0),
+        "beta": loguniform(0.05, 1.0),
+        "layers": choice(["123", "345", "seed"]),
+        "pixel_weight": choice([0.0, 1.0]),
     },
     metric="fid",
     metrics=("fid", "test_iwae_bpd"),
@@ -279,10 +282,10 @@ IWAE_SPACE = Space(
     description="IWAE (beta-VAE seed's conv nets, GroupNorm), k and estimator searched; ranked by test IWAE-NLL bpd "
                 "with one eval_k for every trial, whatever k it trained with",
     params={
-        "k": tune.choice([1, 2, 5, 10, 50]),
-        "lr": tune.loguniform(1e-4, 3e-3),
-        "latent": tune.choice([32, 64, 128]),
-        "estimator": tune.choice(["iwae", "dreg"]),
+        "k": choice([1, 2, 5, 10, 50]),
+        "lr": loguniform(1e-4, 3e-3),
+        "latent": choice([32, 64, 128]),
+        "estimator": choice(["iwae", "dreg"]),
     },
     metric="test_iwae_bpd",
     metrics=("test_iwae_bpd", "fid"),

@@ -192,7 +192,7 @@ class SweepSpec:
                 objectives) and not any(k.split(".")[-1] == "final_eval_k" for k in fixed):
             # The end-of-trial bound at final_eval_k (1000) costs about a third of a ResNet-VAE or DFC trial that
             # runs to its end: run where the bound ranks the trials, or where --fixed final_eval_k asks for it
-            # (README, "What a sweep does").
+            # (docs/sweeps.md, "What a sweep does").
             param_space["model.final_eval_k"] = 0
         require(not (args.no_rfid and "rfid" in objectives),
                  "--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")

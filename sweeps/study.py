@@ -2,7 +2,7 @@
 
     optuna-dashboard sqlite:///PATH/optuna.db
     optuna.load_study(study_name=NAME, storage="sqlite:///PATH/optuna.db")
-    python sweeps/study.py --name NAME         # (re)write it from the trials' results, e.g. after a full disk
+    gensweep study --name NAME                 # (re)write it from the trials' results, e.g. after a full disk
 
 Tune's own Optuna study lives pickled inside its searcher; this one is for people and tools. It is never edited
 trial by trial: `write_study` builds it whole from the sweep's stored trials (the rows the leaderboard prints) in a
@@ -10,8 +10,8 @@ temporary file beside optuna.db, then copies that into optuna.db with SQLite's b
 driver killed mid-write leaves the previous study (SQLite rolls the cut transaction back when the file is next
 opened), a reader that has the file open (optuna-dashboard on a running sweep) sees the new trials, and a resumed
 sweep's study is right whatever the previous driver managed to write. The driver calls it as each trial ends
-(`StudyWriter`, a Tune callback) and once after the sweep; a study that cannot be written costs one warning line,
-never the sweep.
+(sweeps/study_writer.py, a Tune callback) and once after the sweep; a study that cannot be written costs one
+warning line, never the sweep.
 """
 from __future__ import annotations
 
@@ -21,17 +21,16 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
-from ray import tune
-from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
 from sweeps import storage as sweep_storage
+from sweeps.cli import script
+from sweeps.distributions import direction, quiet_optuna, search_distributions, within
+from sweeps.errors import CommandFailed
 from sweeps.full_storage import is_full
 from sweeps.rows import trial_row
 from sweeps.spec import SweepSpec, UsageError
@@ -40,10 +39,7 @@ from sweeps.sweep_results import (
     ERROR_FILE,
     is_number,
     resolve_sweep,
-    sweep_arguments,
     sweep_trials,
-    trial_status,
-    tune_trial,
 )
 
 STUDY_FILE = "optuna.db"
@@ -177,69 +173,6 @@ def failure_reason(storage: str, spec: SweepSpec, t: dict[str, Any], row: dict[s
     return row["error"] or (lines[-1] if lines else "Tune reported an error")
 
 
-# ------------------------------------------------------------------------------------------- search domains
-
-def search_distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
-    """Optuna's distribution of each searched key, from the sweep's Ray Tune domains: the spec's own on a new sweep;
-    a loaded spec has none (Tune keeps them), so they are rebuilt from its space and preset, as from_args built
-    them. A domain Optuna cannot express is left out (its values then are not in the study)."""
-    domains = dict(spec.domains)
-    if not domains:
-        from genmodels.registry import qualified
-        from sweeps.spaces import SPACES
-
-        space = SPACES.get(spec.space)
-        if space is not None and spec.preset in space.presets:
-            domains = {**qualified(space.model, space.params),
-                       **qualified(space.model, space.presets[spec.preset].config)}
-    out = {k: to_distribution(domains[k]) for k in spec.searched if k in domains}
-    return {k: d for k, d in out.items() if d is not None}
-
-
-def to_distribution(domain: Any) -> BaseDistribution | None:
-    """A Ray Tune domain as the Optuna distribution Tune's OptunaSearch samples it from (randint's upper bound is
-    exclusive, Optuna's inclusive)."""
-    sampler = domain.get_sampler() if isinstance(domain, (Float, Integer, Categorical)) else None
-    step = None
-    if isinstance(sampler, Quantized):
-        step, sampler = sampler.q, sampler.get_sampler()
-    log = isinstance(sampler, LogUniform)
-    if isinstance(domain, Categorical):
-        return CategoricalDistribution(list(domain.categories))
-    if isinstance(domain, Float):
-        return FloatDistribution(domain.lower, domain.upper, log=log, step=None if log else step)
-    if isinstance(domain, Integer):
-        return IntDistribution(domain.lower, domain.upper - (0 if step else 1), log=log and not step,
-                               step=int(step or 1))
-    return None
-
-
-def within(distribution: BaseDistribution, value: Any) -> bool:
-    """Whether a trial's value lies in the distribution (create_trial refuses one that does not)."""
-    if isinstance(distribution, CategoricalDistribution):
-        return value in distribution.choices
-    return is_number(value) and distribution.low <= value <= distribution.high
-
-
-def direction(spec: SweepSpec) -> str:
-    return "minimize" if spec.mode == "min" else "maximize"
-
-
-@contextlib.contextmanager
-def quiet_optuna() -> Iterator[None]:
-    """Optuna's INFO lines ("A new study created ...") and experimental-API warnings kept off the sweep's output."""
-    import warnings
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
 def _upload(local: Path, target: str) -> None:
     import pyarrow.fs
 
@@ -276,73 +209,24 @@ def save_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | Non
         return False
 
 
-class StudyWriter(tune.Callback):
-    """Driver side: rewrite the sweep's study as each trial ends and when the experiment ends. Pickled into Tune's
-    tuner.pkl, so it keeps only names (the spec is read back from the sweep's file) and comes back on --resume."""
-
-    def __init__(self, storage: str, name: str):
-        self.storage, self.name = storage, name
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.write(trials, trial, "TERMINATED")  # Tune calls this just before it marks the trial TERMINATED
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.write(trials, trial, "ERROR")
-
-    def on_experiment_end(self, trials: list, **info) -> None:
-        self.write(trials)
-
-    def write(self, trials: list, ended=None, status: str = "") -> None:
-        try:
-            spec = SweepSpec.load(self.storage, self.name)
-        except UsageError:
-            return
-        save_study(self.storage, spec, live_trials(trials, self.storage, spec, ended, status))
-
-
-def live_trials(trials: list, storage: str, spec: SweepSpec, ended=None, status: str = "") -> list[dict[str, Any]]:
-    """The driver's own Tune trials as sweep_results.sweep_trials gives stored ones. Not Tune's saved state: it lags
-    seconds behind, and is copied into storage by a thread a read could catch half-way; and the trial ending now
-    is not marked as ended yet. A trial not started yet (no folder) is left out."""
-    folder = sweep_storage.join(storage, spec.name)
-    out = []
-    for trial in trials:
-        if trial.storage is None or not trial.storage.trial_dir_name:
-            continue
-        t = tune_trial(trial, folder, spec)
-        last = trial.last_result or {}
-        if _epoch(last) > _epoch(t["last"]):  # result.json in storage can lag the driver's last result too
-            t["last"] = last
-        t["status"] = trial_status(t["last"], spec.max_epochs, status if trial is ended else trial.status,
-                                   spec.milestones)
-        out.append(t)
-    return out
-
-
-def _epoch(result: dict[str, Any]) -> float:
-    return result["epoch"] if is_number(result.get("epoch")) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sweep_arguments("study.py", __doc__).parse_args(argv)
-    try:
-        storage, spec = resolve_sweep(args)
-    except UsageError as e:
-        print(f"study.py: error: {e}", file=sys.stderr)
-        return 2
+def command(args) -> int:
+    storage, spec = resolve_sweep(args)
     try:
         path = write_study(storage, spec)
-    except UsageError as e:
-        print(f"study.py: error: {e}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
     except Exception as e:  # noqa: BLE001 - a read-only folder, a full disk, a bucket: one line
-        print(f"study.py: error: {sweep_storage.join(storage, spec.name, STUDY_FILE)} cannot be written "
-              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})", file=sys.stderr)
-        return 1
+        raise CommandFailed(f"{sweep_storage.join(storage, spec.name, STUDY_FILE)} cannot be written "
+                            f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from None
     print(path)
     if not sweep_storage.is_uri(path):
         print(f"open it with: optuna-dashboard sqlite:///{path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script("study", argv, prog="study.py")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,14 +11,13 @@ import json
 import logging
 import math
 import numbers
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from genmodels.io import json_lines
 from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
-from sweeps.storage import default_storage, is_uri, join, read_text, resolve
+from sweeps.storage import is_uri, join, read_text, resolve
 
 # Tune's names (ray.tune.result, TuneController.CKPT_FILE_TMPL), here so that reading them needs no Ray import
 STATE_FILES = "experiment_state-*.json"
@@ -180,18 +179,7 @@ def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# ------------------------------------------------------------------------ which sweep a CLI names
-
-def sweep_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The flags that name a finished sweep, shared by leaderboard.py and report.py."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", help="sweep name (default: the newest sweep under --storage-path)")
-    p.add_argument("--storage-path", default=str(default_storage()),
-                   help="results root used by run.py (local path or s3:// / gs:// URI)")
-    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "gensweep"))
-    p.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
-    return p
-
+# ------------------------------------------------------------------------ which sweep a command names
 
 def resolve_sweep(args: argparse.Namespace) -> tuple[str, SweepSpec]:
     """(storage root, the sweep's spec); raises UsageError with a one-line message."""
@@ -204,5 +192,5 @@ def _newest_sweep(storage: str) -> str:
         raise UsageError(f"pass --name with a cloud --storage-path ({storage})")
     sweeps = sorted(Path(storage).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
     if not sweeps:
-        raise UsageError(f"no sweeps under {storage}; run sweeps/run.py first or pass --storage-path")
+        raise UsageError(f"no sweeps under {storage}; run `gensweep run` first or pass --storage-path")
     return sweeps[-1].parent.name

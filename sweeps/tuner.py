@@ -16,7 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genmodels.metrics.fid import FIDScorer
 from sweeps import storage as sweep_storage
-from sweeps.leaderboard import short
+from sweeps.rows import short
 from sweeps.spec import SweepSpec
 from trainables import checkpoints
 from trainables.evaluation import FIDPlan

@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from sweeps.leaderboard import rank_rows
-from sweeps.rows import trial_row
+from sweeps.rows import rank_rows, trial_row
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.sweep_results import is_number, sweep_trials
 
@@ -66,7 +65,7 @@ class WarmStart:
         trials, under the name and directions the searcher asks for."""
         import optuna
 
-        from sweeps.study import direction, quiet_optuna
+        from sweeps.distributions import direction, quiet_optuna
 
         storage = optuna.storages.InMemoryStorage()
         with quiet_optuna():
@@ -103,7 +102,8 @@ def load(storage: str, name: str, spec: SweepSpec) -> Source:
 def plan(source: Source, spec: SweepSpec) -> WarmStart:
     """Tell or rerun (module docstring), from the new sweep's final spec (the values prepare derived included).
     UsageError when a point lies outside the new sweep's domains, or nothing ended that could be used."""
-    from sweeps.study import search_distributions, study_trials
+    from sweeps.distributions import search_distributions
+    from sweeps.study import study_trials
 
     old, name = source.spec, source.spec.name
     configs = {t["trial"]: t["config"] for t in source.trials}
@@ -144,7 +144,7 @@ def require_some(points: list, name: str, what: str) -> None:
 
 def _point(name: str, trial: str, configs: dict[str, dict], spec: SweepSpec, distributions: dict) -> dict[str, Any]:
     """The trial's values of the new sweep's searched keys, each checked against the new sweep's domain."""
-    from sweeps.study import within
+    from sweeps.distributions import within
 
     point = {k: configs[trial].get(k) for k in spec.searched}
     for key, value in point.items():

@@ -69,8 +69,8 @@ def test_cluster_yaml_runs_trials_on_gpu_workers_with_gensweep_installed():
     assert install and "-c ~/gensweep/constraints.txt" in install[0] and "gensweep[cluster]" in install[0]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'cluster = ["ray[default]", "boto3"]' in pyproject
-    # The one-time AWS setup in README matches: the IAM instance profile and the image every node uses.
-    readme = (ROOT / "README.md").read_text()
+    # The one-time AWS setup in docs/cluster.md matches: the IAM instance profile and the image every node uses.
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     [profile] = {t["node_config"]["IamInstanceProfile"]["Name"] for t in types.values()}
     assert f"--instance-profile-name {profile}" in readme
     [image] = {t["node_config"]["ImageId"] for t in types.values()}
@@ -130,7 +130,7 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
         monkeypatch.delenv(var, raising=False)  # run.py sets these on import; undone after the test
     monkeypatch.setenv("WANDB_MODE", "disabled")  # run.main sets it too
     import sweeps.run as run
-    from sweeps import cli, cluster
+    from sweeps import cluster, driver
 
     seen = {}
 
@@ -146,9 +146,9 @@ def test_resume_gives_new_trials_the_resources_the_sweep_started_with(resume_fla
 
     monkeypatch.setattr(cluster, "init_ray", lambda *a: None)
     monkeypatch.setattr(cluster, "allow_pending_trials", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "restorable", lambda storage, name: True)  # as if Tune had saved its state
-    monkeypatch.setattr(cli, "make_tuner", tuner(resume=False))
-    monkeypatch.setattr(cli, "restore_tuner", tuner(resume=True))
+    monkeypatch.setattr(driver, "restorable", lambda storage, name: True)  # as if Tune had saved its state
+    monkeypatch.setattr(driver, "make_tuner", tuner(resume=False))
+    monkeypatch.setattr(driver, "restore_tuner", tuner(resume=True))
     monkeypatch.setattr(cluster, "check_gpus", lambda *a: None)  # as if on a GPU cluster
     with pytest.raises(_Stop):  # the sweep starts (its settings are saved), then its driver stops
         run.main(["--preset", "smoke", "--cpus-per-trial", "2", "--gpus-per-trial", "0.5", "--name", "old",

@@ -120,7 +120,7 @@ def test_a_driver_killed_while_writing_the_sweep_file_leaves_the_old_one_whole(t
     from sweeps import cli, storage
     from sweeps.spec import SWEEP_FILE, SweepSpec
 
-    args = cli.parse_args(["--preset", "smoke", "--name", "s", "--metric", "test_bpd"])
+    args = cli.parse("run", ["--preset", "smoke", "--name", "s", "--metric", "test_bpd"])
     spec = SweepSpec.from_args(args, str(tmp_path))
     spec.save(str(tmp_path))
 

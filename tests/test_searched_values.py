@@ -12,6 +12,7 @@ from genmodels.data import synthetic_images
 from genmodels.engine import EMA
 from genmodels.experiment import Experiment, make_experiment
 from genmodels.registry import qualified
+from sweeps.domains import to_tune
 from sweeps.param_space import build_param_space, domain_values, is_domain, representative
 from sweeps.spaces import FID_SETTINGS, SPACES
 
@@ -38,7 +39,7 @@ def pairs(space_name: str):
     space = SPACES[space_name]
     param_space = build_param_space(space, "smoke", {}, {}, seed=0)
     point = representative(param_space)
-    space_params = qualified(space.model, space.params)
+    space_params = qualified(space.model, to_tune(space.params))
     for key, value in param_space.items():
         domain = value if is_domain(value) else space_params.get(key)  # the preset's domain, else the space's
         if is_domain(domain) and key not in SLOW_TO_SHOW:

@@ -7,13 +7,13 @@ import re
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from sweeps import cli
+from sweeps import cli, driver
 from sweeps.spec import SWEEP_FILE, ASHASettings, FIDSettings, SweepSpec, UsageError
 from sweeps.tuner import asha_scheduler
 
 
 def new_spec(tmp_path, *flags: str) -> SweepSpec:
-    args = cli.parse_args(["--space", "vae", "--preset", "smoke", "--name", "s", "--storage-path", str(tmp_path),
+    args = cli.parse("run", ["--space", "vae", "--preset", "smoke", "--name", "s", "--storage-path", str(tmp_path),
                            *flags])
     return SweepSpec.from_args(args, str(tmp_path))
 
@@ -31,12 +31,12 @@ def test_a_saved_spec_loads_as_it_was(tmp_path):
 
 
 def test_resume_reads_the_saved_spec_not_argv(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "restorable", lambda storage, name: True)  # as if Tune had saved its state
+    monkeypatch.setattr(driver, "restorable", lambda storage, name: True)  # as if Tune had saved its state
     spec = new_spec(tmp_path, "--metric", "test_iwae_bpd", "--seed", "3")
     spec.save(str(tmp_path))
-    resumed = cli.sweep_spec(cli.parse_args(["--resume", "s", "--storage-path", str(tmp_path)]), str(tmp_path))
+    resumed = driver.sweep_spec(cli.parse("run", ["--resume", "s", "--storage-path", str(tmp_path)]), str(tmp_path))
     assert resumed == spec and resumed.metric == "test_iwae_bpd" and resumed.seed == 3
-    again = cli.sweep_spec(cli.parse_args(["--resume", "s", "--cpus-per-trial", "4"]), str(tmp_path))
+    again = driver.sweep_spec(cli.parse("run", ["--resume", "s", "--cpus-per-trial", "4"]), str(tmp_path))
     assert again.resources == {"cpu": 4.0, "gpu": 0.0} and again.replace(resources=spec.resources) == spec
 
 
@@ -111,7 +111,7 @@ def test_a_sweep_saved_before_tune_started_says_how_to_start_it_again(tmp_path, 
     from sweeps import leaderboard, report
 
     new_spec(tmp_path, "--seed", "2").save(str(tmp_path))
-    assert cli.main(["--resume", "s", "--storage-path", str(tmp_path), "--no-wandb"]) == 2
+    assert cli.main(["resume", "s", "--storage-path", str(tmp_path), "--no-wandb"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stopped before Tune saved any state" in err[0] and "--seed 2" in err[0], err
     for tool, flag in [(leaderboard, ["--source", "local"]), (report, ["--no-wandb"])]:

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from conftest import saved_spec_of
 
-from sweeps import importance, leaderboard, report, study
+from sweeps import distributions, importance, leaderboard, report, study, study_writer
 from sweeps.spec import SweepSpec
 from trainables.checkpoints import ENDED_FILE
 
@@ -124,10 +124,10 @@ def test_distributions_are_the_ones_tunes_optuna_search_samples_from():
             searched = tuple(ps.searched_keys(domains))
             spec = saved_spec_of("s", space=space.name, searched=searched).replace(preset=preset)
             tunes = OptunaSearch.convert_search_space({k: domains[k] for k in searched})
-            assert study.search_distributions(spec) == tunes, (space.name, preset)
+            assert distributions.search_distributions(spec) == tunes, (space.name, preset)
     more = {"a": tune.uniform(0, 1), "b": tune.quniform(0, 1, 0.25), "c": tune.randint(1, 10),
             "d": tune.lograndint(1, 100), "e": tune.qrandint(0, 10, 2)}
-    assert {k: study.to_distribution(d) for k, d in more.items()} == OptunaSearch.convert_search_space(more)
+    assert {k: distributions.to_distribution(d) for k, d in more.items()} == OptunaSearch.convert_search_space(more)
 
 
 def test_a_study_file_that_is_no_database_is_replaced(tmp_path):
@@ -234,7 +234,7 @@ def test_a_study_that_cannot_be_written_is_one_warning_and_the_sweep_goes_on(tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(study, "build_study", full)
-    writer = study.StudyWriter(storage, spec.name)
+    writer = study_writer.StudyWriter(storage, spec.name)
     trials = [LiveTrial("done0001", "RUNNING", {"epoch": 4}), LiveTrial("asha0001", "TERMINATED", {"epoch": 1})]
     writer.on_trial_complete(0, trials, trials[0])  # returns: the sweep goes on
     writer.on_trial_error(0, trials, trials[1])
@@ -254,7 +254,7 @@ def test_the_driver_writes_the_trial_that_is_ending_as_ended(tmp_path):
     lag its last result: the study has it completed, from the driver's own last result."""
     storage, spec = sweep_of_every_kind(tmp_path)
     ending = LiveTrial("run00001", "RUNNING", {"epoch": 4, "test_bpd": 8.3, "test_psnr": 18.3, "diverged": 0})
-    study.StudyWriter(storage, spec.name).on_trial_complete(0, [ending], ending)
+    study_writer.StudyWriter(storage, spec.name).on_trial_complete(0, [ending], ending)
     (t,) = load(storage, spec).trials
     assert t.state == State.COMPLETE and t.value == pytest.approx(8.3) and t.user_attrs["status"] == "completed"
 
