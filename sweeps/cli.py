@@ -116,7 +116,8 @@ def run_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
             raise argparse.ArgumentTypeError(f"unknown space {name!r}; choose one of {', '.join(SPACES)}")
         return name
 
-    p.add_argument("--space", default="vae", type=space, help=f"search space: {', '.join(SPACES)} (default vae; see below)")
+    p.add_argument("--space", default="vae", type=space,
+                   help=f"search space: {', '.join(SPACES)} (default vae; see below)")
     p.add_argument("--preset", default="auto", choices=["auto", "smoke", "full"],
                    help="budgets: smoke (tiny, CPU, minutes), full (paper scale, GPU); auto = full if a GPU is "
                         "visible, else smoke")

@@ -96,7 +96,7 @@ class SweepLock:
     """One driver per sweep: a file lock on `<sweep>/.driver.lock`, taken without waiting and held while the driver
     runs (an OS lock, released when its process dies, so a killed driver never leaves a stale lock). Who holds it is
     in `.driver.holder`, a file of its own: a contender opens the lock file to try it, and must not be able to clear
-    the holder's name. Local storage only: on a cloud URI two drivers cannot be told apart, and docs/faults.md says so."""
+    the holder's name. Local storage only: on a cloud URI two drivers cannot be told apart (docs/faults.md says so)."""
 
     def __init__(self, storage: str, name: str):
         self.folder = Path(storage) / name

@@ -122,18 +122,24 @@ def build_study(path: Path, spec: SweepSpec, frozen: list[FrozenTrial]) -> optun
 
 def study_trials(storage: str, spec: SweepSpec, trials: list[dict[str, Any]]) -> list[FrozenTrial]:
     """The sweep's stored trials (sweep_results.sweep_trials) as Optuna trials: searched values and distributions,
-    objective values as the leaderboard ranks them, the ranking metric at each milestone as intermediate values,
-    and the state: completed COMPLETE, stopped by ASHA PRUNED (its value is its last rung's, as Optuna gives a
-    pruned trial), errored, diverged or ended early FAIL with the reason as user attr `error`, not ended RUNNING."""
+    objective values as the leaderboard ranks them, the ranking metric at each milestone as intermediate values
+    (FIDs of several sample counts as the user attr `milestones` instead), and the state: completed COMPLETE,
+    stopped by ASHA PRUNED (its value is its last rung's, as Optuna gives a pruned trial), errored, diverged or
+    ended early FAIL with the reason as user attr `error`, not ended RUNNING."""
     distributions = search_distributions(spec)
     frozen = []
     for t in trials:
         row = trial_row(t, spec)
         params = {k: v for k, v in row["params"].items() if k in distributions and within(distributions[k], v)}
-        intermediate = {e: v for e, (v, _) in milestone_values([*t["history"], t["last"]], spec.metric,
-                                                                spec.milestones).items()}
+        at_milestones = milestone_values([*t["history"], t["last"]], spec.metric, spec.milestones)
         attrs = {"tune_trial_id": t["id"], "trial": t["trial"], "status": row["status"], "epochs": row["epochs"],
                  **{f"{m}_n": o["n"] for m, o in row["objectives"].items() if o["n"]}}
+        intermediate = {e: v for e, (v, _) in at_milestones.items()}
+        if len({n for _, n in at_milestones.values()}) > 1:
+            # FIDs of the ladder's different sample counts: one curve would draw the change of n as training (a
+            # jump at every rung); each milestone's value goes beside its n instead
+            attrs["milestones"] = [{"epoch": e, spec.metric: v, "n": n} for e, (v, n) in at_milestones.items()]
+            intermediate = {}
         state = STATES.get(row["status"], TrialState.RUNNING)
         values = [row["objectives"][m]["value"] for m in spec.objectives]
         if state == TrialState.COMPLETE and not all(is_number(v) for v in values):
@@ -141,8 +147,8 @@ def study_trials(storage: str, spec: SweepSpec, trials: list[dict[str, Any]]) ->
         if state == TrialState.FAIL:
             attrs.setdefault("error", failure_reason(storage, spec, t, row))
         value = None
-        if state == TrialState.PRUNED and len(spec.objectives) == 1 and intermediate:
-            value = intermediate[max(intermediate)]
+        if state == TrialState.PRUNED and len(spec.objectives) == 1 and at_milestones:
+            value = at_milestones[max(at_milestones)][0]
         frozen.append(optuna.trial.create_trial(
             state=state, params=params, distributions={k: distributions[k] for k in params},
             values=[float(v) for v in values] if state == TrialState.COMPLETE else None, value=value,

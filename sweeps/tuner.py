@@ -168,7 +168,7 @@ def make_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan
     # Not sorted by metric: Tune's sort fails on a trial whose last report has no metric (diverged, or between FID
     # milestones); the leaderboard at the end is ranked.
     reporter = sweep_reporter(folder, spec.mode, metric_columns={**{m: m for m in spec.objectives}, "epoch": "epoch"},
-                              parameter_columns={k: k.split(".")[-1] for k in spec.searched}, max_report_frequency=15)
+                              parameter_columns={k: k.split(".")[-1] for k in spec.searched}, max_report_frequency=30)
     return tune.Tuner(
         _trainable(spec, data, fid_plan, folder), param_space=spec.param_space,
         # The scheduler and the searcher carry their own metrics (the searcher may have several).

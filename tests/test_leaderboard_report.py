@@ -49,10 +49,17 @@ def test_max_mode_also_ranks_the_deeper_count_first():
 
 
 def test_non_fid_metrics_keep_their_columns_and_order():
-    rows = [fid_row("a", 7.9, None, 7.9), fid_row("b", 7.8, None, 7.8)]
+    rows = [fid_row("a", 7.9, None, 7.7), fid_row("b", 7.8, None, 7.8)]
     header, _, *body = table(rows, "test_bpd")
     assert header == ["rank", "trial", "beta", "test_bpd", "(min)", "best_test_bpd", "epochs", "status"]
     assert [r[1] for r in body] == ["b", "a"]
+    assert body[1][3:5] == ["7.9", "7.7"]  # ranked by its last value; its best beside it
+
+
+def test_a_best_column_that_repeats_the_ranking_column_is_left_out():
+    rows = [fid_row("a", 7.9, None, 7.9), fid_row("b", 7.8, None, 7.8)]
+    header, _, *body = table(rows, "test_bpd")
+    assert header == ["rank", "trial", "beta", "test_bpd", "(min)", "epochs", "status"]
 
 
 def test_ranking_fields_take_the_last_result_with_the_metric_and_the_best_at_its_count():
@@ -383,7 +390,7 @@ def test_leaderboard_and_report_cli_read_a_damaged_sweep(tmp_path, capfd):
     assert leaderboard.main(["--source", "local", "--name", "s", "--storage-path", str(tmp_path)]) == 0
     out, err = capfd.readouterr()
     assert "does not load" in err and "Traceback" not in err
-    body = out.splitlines()[3:]
+    body = [line for line in out.splitlines()[3:] if not line.startswith("note:")]
     assert body[0].split()[1] == "vae_done0001" and len(body) == len(EXPECTED_STATUSES)
     assert not re.search(r"\bNone\b|\bnan\b", out), out
     assert report.main(["--no-wandb", "--name", "s", "--storage-path", str(tmp_path)]) == 0
@@ -431,12 +438,12 @@ def test_a_running_sweep_has_no_fetch_warnings_and_a_dash_in_every_missing_cell(
     out, err = capfd.readouterr()
     assert not [r.getMessage() for r in fetch_warnings if r.levelname != "DEBUG"]
     assert "Failed to fetch metrics" not in err, err
-    header, _, *body = [line.split() for line in out.splitlines()[1:]]
+    header, _, *body = [line.split() for line in out.splitlines()[1:] if not line.startswith("note:")]
     rows = {line[1]: line for line in body}
     assert rows["vae_run00001"][-2:] == ["2", "pending"]  # Tune lists a running trial as pending once saved
     assert rows["vae_run00001"][3] == "8.8"  # its results so far, read past the line being written
     assert rows["vae_asha0001"][-3:] == ["1", "stopped", "(ASHA)"]
-    assert rows["vae_pend0001"][2:] == ["0.5", "-", "-", "-", "0", "pending"], rows["vae_pend0001"]
+    assert rows["vae_pend0001"][2:] == ["0.5", "-", "-", "0", "pending"], rows["vae_pend0001"]
     assert not re.search(r"\bNone\b|\bnan\b", out), out
 
 

@@ -304,11 +304,27 @@ def test_fids_are_compared_at_one_sample_count(tmp_path):
     assert sorted(t.value for t in c.study.trials) == [40.0, 41.0, 42.0, 43.0]
 
 
+def test_fids_of_the_ladders_sample_counts_are_not_drawn_as_one_curve(tmp_path):
+    """FID at 128 samples after epoch 1 and at 256 after epoch 2: no intermediate values (the change of n would
+    look like training on the dashboard's curve), each milestone's value beside its n, the pruned value its last."""
+    spec = vae_spec(objectives=("fid",))
+    spec.save(str(tmp_path))
+    fids = [{"fid": 60.0, "fid_n": 128}, {"fid": 45.0, "fid_n": 256}]
+    write_trial(tmp_path / spec.name, "asha0001", {"model.beta": 1.0, "train.lr": 1e-3}, [9.0, 8.5])
+    lines = (tmp_path / spec.name / "vae_asha0001" / "result.json").read_text().splitlines()
+    (tmp_path / spec.name / "vae_asha0001" / "result.json").write_text(
+        "".join(json.dumps({**json.loads(line), **fid}) + "\n" for line, fid in zip(lines, fids)))
+    study.write_study(str(tmp_path), spec)
+    [t] = load(str(tmp_path), spec).trials
+    assert t.state == State.PRUNED and t.intermediate_values == {} and t.value == 45.0
+    assert t.user_attrs["milestones"] == [{"epoch": 1, "fid": 60.0, "n": 128}, {"epoch": 2, "fid": 45.0, "n": 256}]
+
+
 def test_too_few_trials_say_so_in_one_line(tmp_path, capsys):
     storage, spec = beta_decides(tmp_path, n=3)
     assert leaderboard.main(["--source", "local", "--name", "s", "--storage-path", storage, "--importance"]) == 0
     out = capsys.readouterr().out.splitlines()
-    lines = [line for line in out if "importance" in line]
+    lines = [line for line in out if line.startswith("parameter importances")]
     assert lines == ["parameter importances for test_bpd: too few trials to tell: at most 3 reported test_bpd at "
                      "one milestone (epoch 1), and PED-ANOVA needs 4"], out
     assert out[-1] == lines[0]
