@@ -187,10 +187,13 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
     if args.resume:
+        # the study whole from the stored trials that ended (the killed driver may not have written its last
+        # ones); the writer restored with the sweep appends the trials that end from now on
+        save_study(storage, spec, ended_only=True)
         tuner = restore_tuner(spec, data, plan, storage)
     else:
         watch = [] if sweep_storage.is_uri(storage) else [StorageWatch(sweep_storage.join(storage, spec.name))]
-        # the Optuna study on disk, rewritten as each trial ends (sweeps/study.py)
+        # the Optuna study on disk: each trial that ends is added to it (sweeps/study_writer.py)
         tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch,
                                               StudyWriter(storage, spec.name)], storage, warm)
     cluster.warn_if_asha_is_serial(spec)
@@ -211,12 +214,14 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     finally:
         # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
         WandbLogger.close_all(timeout_s=10)
+        StudyWriter.close_all()
         ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 
-    # once more from Tune's final state: a resumed sweep's callbacks come back from its tuner.pkl, which may hold
-    # none that writes the study (a sweep started before there was one), or name a storage path it has left
     trials = sweep_trials(storage, spec)
-    save_study(storage, spec, trials)
+    if args.resume:
+        # once more whole: a resumed sweep's callbacks come back from its tuner.pkl, which may hold none that
+        # writes the study (a sweep started before there was one), or name a storage path it has left
+        save_study(storage, spec, trials)
     rows = [trial_row(t, spec) for t in trials]
     print()
     print_board(rows, spec, "local")

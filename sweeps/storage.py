@@ -48,13 +48,19 @@ def write_text(path: str, text: str) -> None:
 def read_text(path: str) -> str | None:
     """The text of a file at a local path or URI; None when there is no such file. Bytes a crash or a full disk
     garbled decode as U+FFFD, so only their line fails to parse, not the whole file."""
+    data = read_bytes(path)
+    return None if data is None else data.decode(errors="replace")
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The bytes of a file at a local path or URI; None when there is no such file."""
     import pyarrow.fs
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(resolve(path))
     if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(fs_path) as f:
-        return f.read().decode(errors="replace")
+        return f.read()
 
 
 def check_writable(storage: str, timeout_s: float = 20.0) -> None:

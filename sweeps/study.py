@@ -47,18 +47,24 @@ STATES = {"completed": TrialState.COMPLETE, "stopped (ASHA)": TrialState.PRUNED,
           "error": TrialState.FAIL, ENDED_EARLY: TrialState.FAIL}  # any other status (not ended yet): RUNNING
 
 
-def write_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None) -> str:
+def write_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None,
+                local: Path | None = None) -> str:
     """Build the sweep's study from its stored trials (sweep_results.sweep_trials, read here unless given) and put
     it in place of `<sweep>/optuna.db` (atomically; on a URI, built locally and uploaded in one put). Returns where
-    it went; raises whatever the storage raises, and UsageError when no trial has reported yet."""
+    it went; raises whatever the storage raises, and UsageError when no trial has reported yet. On a URI, `local`
+    keeps the built file (the driver's writer appends to it)."""
     trials = sweep_trials(storage, spec) if trials is None else trials
     frozen = study_trials(storage, spec, trials)
     target = sweep_storage.join(storage, spec.name, STUDY_FILE)
     if sweep_storage.is_uri(storage):
         with tempfile.TemporaryDirectory() as tmp:
-            build_study(Path(tmp, STUDY_FILE), spec, frozen)
-            _upload(Path(tmp, STUDY_FILE), target)
+            built = Path(tmp, STUDY_FILE)
+            build_study(built, spec, frozen)
+            upload(built, target)
+            if local is not None:
+                os.replace(built, local)
         return target
+    remove_stale_temporaries(Path(target).parent)
     fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=f".{STUDY_FILE}.", suffix=".tmp")
     os.close(fd)  # SQLite opens it by name (an empty file is an empty database)
     try:
@@ -67,6 +73,13 @@ def write_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | No
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """The temporary studies (and their journals) of a write that a killed driver cut short. One driver writes a
+    sweep's study at a time (sweeps/storage.py SweepLock), so every one found before a write is stale."""
+    for path in folder.glob(f".{STUDY_FILE}.*.tmp*"):
+        path.unlink(missing_ok=True)
 
 
 def put_in_place(new: Path, target: Path) -> None:
@@ -179,7 +192,7 @@ def failure_reason(storage: str, spec: SweepSpec, t: dict[str, Any], row: dict[s
     return row["error"] or (lines[-1] if lines else "Tune reported an error")
 
 
-def _upload(local: Path, target: str) -> None:
+def upload(local: Path, target: str) -> None:
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(target)
@@ -192,27 +205,35 @@ def _upload(local: Path, target: str) -> None:
 _warned: set[str] = set()  # sweeps already warned about: one line per sweep, however many trials end
 
 
-def save_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None) -> bool:
-    """write_study, or one warning line (once per sweep) when the study cannot be written: a full disk, a
-    read-only folder, a bucket that refuses it. The sweep goes on either way."""
+def save_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None,
+               ended_only: bool = False) -> bool:
+    """write_study (of the trials that ended only, with `ended_only`), or one warning line (once per sweep) when
+    the study cannot be written: a full disk, a read-only folder, a bucket that refuses it. The sweep goes on
+    either way."""
     try:
-        write_study(storage, spec, trials)
+        trials = sweep_trials(storage, spec) if trials is None else trials
+        write_study(storage, spec, [t for t in trials if t["status"] in STATES] if ended_only else trials)
         return True
     except UsageError:  # no trial has reported yet: nothing to write
         return False
     except Exception as e:  # noqa: BLE001 - OSError, sqlite3/SQLAlchemy errors, pyarrow's...: one line, whatever
-        key = sweep_storage.join(storage, spec.name)
-        if key not in _warned:
-            _warned.add(key)
-            text = (str(e).strip().splitlines() or [""])[0]
-            # a full disk in words (SQLite's "database or disk is full" too): full_storage stops the sweep and
-            # names the storage; the driver's output never shows "No space left on device"
-            reason = "the storage is full" if is_full(e) or "disk is full" in text else f"{type(e).__name__}: {text}"
-            print(f"gensweep: warning: the Optuna study {sweep_storage.join(key, STUDY_FILE)} cannot be written "
-                  f"({reason}); the sweep goes on, and `python sweeps/study.py --name "
-                  f"{spec.name} --storage-path {storage}` writes it later from the trials' results",
-                  file=sys.stderr, flush=True)
+        warn_unwritable(storage, spec.name, e)
         return False
+
+
+def warn_unwritable(storage: str, name: str, e: Exception) -> None:
+    """One warning line, once per sweep, for a study that cannot be written."""
+    key = sweep_storage.join(storage, name)
+    if key in _warned:
+        return
+    _warned.add(key)
+    text = (str(e).strip().splitlines() or [""])[0]
+    # a full disk in words (SQLite's "database or disk is full" too): full_storage stops the sweep and names the
+    # storage; the driver's output never shows "No space left on device"
+    reason = "the storage is full" if is_full(e) or "disk is full" in text else f"{type(e).__name__}: {text}"
+    print(f"gensweep: warning: the Optuna study {sweep_storage.join(key, STUDY_FILE)} cannot be written "
+          f"({reason}); the sweep goes on, and `python sweeps/study.py --name {name} --storage-path {storage}` "
+          f"writes it later from the trials' results", file=sys.stderr, flush=True)
 
 
 def command(args) -> int:
@@ -232,6 +253,16 @@ def command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return script("study", argv, prog="study.py")
+
+
+def __getattr__(name: str):
+    # Sweeps started before the writer had a module of its own pickled it as sweeps.study.StudyWriter in their
+    # tuner.pkl: --resume unpickles it from here
+    if name == "StudyWriter":
+        from sweeps.study_writer import StudyWriter
+
+        return StudyWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The Optuna study on disk (sweeps/study.py) and which hyperparameters mattered (sweeps/importance.py): a sweep
-folder's study opens with optuna.load_study and matches the leaderboard trial for trial; it is rebuilt whole, so a
-write that dies half-way (an exception, a SIGKILL inside SQLite's transaction) leaves the old study; a study that
+folder's study opens with optuna.load_study and matches the leaderboard trial for trial; the driver adds each
+trial that ends once (sweeps/study_writer.py), and a rebuild whole gives the same study; a write that dies half-way
+(an exception, a SIGKILL inside SQLite's transaction) leaves a study that opens; a study that
 cannot be written is one warning line; the importances name the parameter that decides the value, at one milestone;
 too few trials are one line. Sweep folders are written here as Tune and the driver leave them (no Ray, no sweep)."""
 import errno
@@ -254,9 +255,94 @@ def test_the_driver_writes_the_trial_that_is_ending_as_ended(tmp_path):
     lag its last result: the study has it completed, from the driver's own last result."""
     storage, spec = sweep_of_every_kind(tmp_path)
     ending = LiveTrial("run00001", "RUNNING", {"epoch": 4, "test_bpd": 8.3, "test_psnr": 18.3, "diverged": 0})
-    study_writer.StudyWriter(storage, spec.name).on_trial_complete(0, [ending], ending)
-    (t,) = load(storage, spec).trials
+    writer = study_writer.StudyWriter(storage, spec.name)
+    writer.on_trial_complete(0, [ending], ending)
+    writer.on_experiment_end([ending])
+    [t] = [t for t in load(storage, spec).trials if t.user_attrs["trial"] == "vae_run00001"]
     assert t.state == State.COMPLETE and t.value == pytest.approx(8.3) and t.user_attrs["status"] == "completed"
+
+
+ENDINGS = {"done0001": "TERMINATED", "done0002": "TERMINATED", "asha0001": "TERMINATED", "asha0002": "TERMINATED",
+           "div00001": "TERMINATED", "err00001": "ERROR", "early001": "TERMINATED"}
+
+
+def summary(s: optuna.Study) -> dict:
+    return {t.user_attrs["trial"]: (t.state, t.params, t.values, t.intermediate_values, t.user_attrs["status"])
+            for t in s.trials}
+
+
+def end_every_trial(storage: str, spec: SweepSpec) -> None:
+    """The driver's writer, handed every trial of sweep_of_every_kind as Tune ends it."""
+    writer = study_writer.StudyWriter(storage, spec.name)
+    for tid, status in ENDINGS.items():
+        ending = LiveTrial(tid, "RUNNING", {})
+        ending.config = json.loads((Path(storage) / spec.name / f"vae_{tid}" / "params.json").read_text())
+        writer.on_trial_error(0, [], ending) if status == "ERROR" else writer.on_trial_complete(0, [], ending)
+    writer.on_experiment_end([])
+
+
+def test_the_study_written_trial_by_trial_equals_the_rebuilt_one(tmp_path):
+    storage, spec = sweep_of_every_kind(tmp_path)
+    end_every_trial(storage, spec)
+    incremental = summary(load(storage, spec))
+    assert set(incremental) == {f"vae_{tid}" for tid in ENDINGS}  # the running trial is not in: it has not ended
+    assert study.save_study(storage, spec, ended_only=True)
+    assert summary(load(storage, spec)) == incremental
+    assert {k: v[0] for k, v in incremental.items()} == {k: v for k, v in EXPECTED.items() if k in incremental}
+
+
+def test_a_trial_end_reads_only_that_trials_files(tmp_path, monkeypatch):
+    from sweeps import sweep_results
+
+    storage, spec = sweep_of_every_kind(tmp_path)
+    appender = study_writer.StudyAppender(storage, spec)  # made once: the stored trials read here, once
+    read = []
+    original = sweep_results._read
+    monkeypatch.setattr(sweep_results, "_read", lambda path: read.append(path) or original(path))
+    monkeypatch.setattr(study.sweep_storage, "read_text", lambda path: read.append(path) or None)
+    for tid in ("done0001", "err00001"):
+        read.clear()
+        appender.add(f"vae_{tid}", tid, {"model.beta": 1.0, "train.lr": 1e-3}, {}, "TERMINATED")
+        assert read and all(Path(p).parent == tmp_path / spec.name / f"vae_{tid}" for p in read), read
+    appender.close()
+    assert len(load(storage, spec).trials) == len(EXPECTED) - 1 + 2  # the rebuild's ended trials, then the two
+
+
+KILLED_MID_ADD = """
+import os, signal, sys
+import sqlalchemy
+from sweeps import study_writer
+from sweeps.spec import SweepSpec
+storage, name = sys.argv[1], sys.argv[2]
+appender = study_writer.StudyAppender(storage, SweepSpec.load(storage, name))
+appender.add("vae_done0002", "done0002", {}, {}, "TERMINATED")
+def kill_after_first_insert(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("INSERT"):
+        os.kill(os.getpid(), signal.SIGKILL)  # inside the trial's transaction: the study must not see half a trial
+sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", kill_after_first_insert)
+appender.add("vae_asha0001", "asha0001", {}, {}, "TERMINATED")
+"""
+
+
+def test_a_driver_killed_while_adding_a_trial_leaves_a_study_that_opens_and_resume_makes_it_right(tmp_path):
+    storage, spec = sweep_of_every_kind(tmp_path)
+    for tid in ENDINGS:
+        if tid not in ("done0001", "done0002"):
+            (tmp_path / spec.name / f"vae_{tid}" / ENDED_FILE).unlink(missing_ok=True)  # not ended yet
+            (tmp_path / spec.name / f"vae_{tid}" / "error.txt").unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_ADD, storage, spec.name], cwd=ROOT, timeout=120,
+                       capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert sorted(summary(load(storage, spec))) == ["vae_done0001", "vae_done0002"]  # the cut trial is not in
+    sweep_of_every_kind(tmp_path / "again")  # the same trials, all ended, as --resume finds them later
+    for tid in ENDINGS:
+        for name in (ENDED_FILE, "error.txt"):
+            if (tmp_path / "again" / spec.name / f"vae_{tid}" / name).exists():
+                (tmp_path / spec.name / f"vae_{tid}" / name).write_bytes(
+                    (tmp_path / "again" / spec.name / f"vae_{tid}" / name).read_bytes())
+    assert study.save_study(storage, spec, ended_only=True)  # what --resume does first
+    end_every_trial(str(tmp_path / "again"), spec)
+    assert summary(load(storage, spec)) == summary(load(str(tmp_path / "again"), spec))
 
 
 # ---------------------------------------------------------------------------------------------------------------
