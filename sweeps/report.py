@@ -154,7 +154,7 @@ def plot_tradeoffs(trials: list[dict[str, Any]], path: Path) -> Path | None:
 
 RECONSTRUCTION_COLUMNS = 16  # engine.write_grids: 16 images a row, alternating input, reconstruction, input, ...
 GRIDS_WIDTH = 11.5  # inches of best_samples.png the grids of a row share
-ROW_LABELS_HEIGHT = 0.75  # inches a row of best_samples.png needs above and below its grids for its labels
+ROW_LABELS_HEIGHT = 0.75  # inches a row of best_samples.png needs for its labels: a guess _fit_height corrects
 
 
 def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path, k: int = 5) -> Path | None:
@@ -184,7 +184,7 @@ def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path,
             if kind not in g:
                 continue
             image = im[kind]
-            ax.imshow(image)
+            ax.imshow(image, aspect="auto")  # until _fit_height has sized the figure to the images
             ax.set_title(f"{r['t']['label']}\n{metric}={r['value']:.4g}{n}: {kind}" if kind == first else kind,
                          fontsize=7)
             if kind == "reconstructions":
@@ -195,13 +195,27 @@ def plot_best_samples(spec: SweepSpec, trials: list[dict[str, Any]], path: Path,
 
 
 def _fit_height(fig, axes) -> None:
-    """Take out of the figure's height what its rows of images leave white: an image keeps its aspect, so a row
-    taller than its widest image needs is white above and below it."""
+    """Make each row of images as tall as its images are for the width they got, so that no band of white is left
+    above or below them: constrained layout sizes the panels as if the images could stretch (it only keeps room
+    for the titles and labels an axes has outside the image it fills), the figure then grows or shrinks by what the
+    rows lack or have too much, and the images keep their aspect again."""
     fig.draw_without_rendering()
-    slack = sum(min((ax.get_position(original=True).height - ax.get_position().height for ax in row if ax.images),
-                    default=0.0) for row in axes)  # figure fractions
     width, height = fig.get_size_inches()
-    fig.set_size_inches(width, height * (1 - slack))
+    change = 0.0
+    for row in axes:
+        shown = [ax for ax in row if ax.images]
+        if shown:
+            need = max(ax.get_position().width * width * _height_per_width(ax) for ax in shown)
+            change += need - shown[0].get_position().height * height
+    fig.set_size_inches(width, height + change)
+    for row in axes:
+        for ax in row:
+            ax.set_aspect("equal")
+
+
+def _height_per_width(ax) -> float:
+    h, w = ax.images[0].get_array().shape[:2]
+    return h / w
 
 
 def _last_grids(trial_dir: Path) -> dict[str, Path]:
@@ -246,6 +260,9 @@ def plot_parallel(c: importance.Comparison, path: Path) -> Path:
     with _optuna_style():
         ax = plot_parallel_coordinate(_short_study(c.study), target_name=f"{c.metric} at epoch {c.epoch}")
         _recolour_lines(ax, best_low=c.study.direction.name == "MINIMIZE")
+        for axis in ax.figure.axes:  # a log-searched parameter's axis: 0.0002, not 2x10^-4
+            if axis.get_yscale() == "log":
+                _plain_log_labels(axis.yaxis, math.log10(max(axis.get_ylim()) / min(axis.get_ylim())))
         ax.set_title(f"the {len(c.study.trials)} trials compared at epoch {c.epoch}, by their {c.metric} there",
                      y=1.03)
         ax.figure.set_size_inches(max(8.0, 2.0 * (len(c.importances) + 1)), 4.5)

@@ -93,8 +93,14 @@ def latent_grids(model: nn.Module, test_images_uint8: torch.Tensor, out_dir: str
         decoded = interpolate(model, x0, x1, steps, kind)
         rows = torch.cat([to_unit(x0).unsqueeze(1), decoded, to_unit(x1).unsqueeze(1)], 1)
         paths[f"interp_{kind}"] = save_grid(rows.flatten(0, 1), out_dir / f"interp_{kind}.png", nrow=steps + 2)
-    decoded, _ = traversal(model, images, steps=steps)
-    paths["traversal"] = save_grid(decoded.flatten(0, 1), out_dir / "traversal.png", nrow=steps)
+    span = 3.0
+    decoded, dims = traversal(model, images, steps=steps, span=span)
+    paths["traversal"] = save_grid(
+        decoded.flatten(0, 1), out_dir / "traversal.png", nrow=steps,
+        title=f"rows: the {len(dims)} most active latent units (z3: unit 3), most active first; columns: that "
+              f"unit's value, -{span:g} to +{span:g} prior std, the other units at the first test image's encoding",
+        row_labels=[f"z{d}" for d in dims.tolist()],
+        column_labels=[f"{v:+.1f}" for v in torch.linspace(-span, span, steps).tolist()])
     if best_weight:
         x = images[:2 * n_pairs]
         best = best_weight_reconstruction(model, x, model.cfg.eval_k)
