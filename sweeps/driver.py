@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from sweeps.study import save_study
 from sweeps.study_writer import StudyWriter
 from sweeps.sweep_results import sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
+from trainables import driver_clock
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
 
@@ -203,6 +206,8 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         f" --address {shlex.quote(args.address)}" if args.address else "")
     print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
     interrupted, folder = False, sweep_storage.join(storage, spec.name)
+    driver_clock.reset()
+    started = time.monotonic()
     try:
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune saves its state: stop now, resume from what is saved
@@ -217,6 +222,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         StudyWriter.close_all()
         ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 
+    record_driver_time(folder, time.monotonic() - started)
     trials = sweep_trials(storage, spec)
     if args.resume:
         # once more whole: a resumed sweep's callbacks come back from its tuner.pkl, which may hold none that
@@ -235,6 +241,21 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         print(f"gensweep: {full_storage.full_message}; free some space there, then continue with: {resume}")
         return 1
     return exit_status(rows, stop_code() if interrupted or signals_received else 0, resume)
+
+
+def record_driver_time(folder: str, wall_s: float) -> None:
+    """What gensweep's callbacks and searcher cost the driver's event loop (trainables/driver_clock.py), as
+    driver.json in the sweep's folder and one line; a resumed sweep's file covers its last driver."""
+    totals = driver_clock.totals()
+    spent = sum(t["s"] for t in totals.values())
+    try:
+        sweep_storage.write_text(sweep_storage.join(folder, DRIVER_FILE),
+                                 json.dumps({"wall_s": wall_s, "gensweep_s": spent, "hooks": totals}, indent=1))
+    except OSError:  # a full disk has been said already; this file is only a measurement
+        pass
+    dearest = ", ".join(f"{name} {t['s']:.1f} s" for name, t in list(totals.items())[:3])
+    print(f"gensweep: the driver spent {spent:.1f} s of the sweep's {wall_s:.0f} s in gensweep's callbacks and "
+          f"searcher ({spent / max(wall_s, 1e-9):.1%}{': ' + dearest if dearest else ''}; {DRIVER_FILE})")
 
 
 def log_front_to_wandb(rows: list[dict[str, Any]], spec: SweepSpec, args: argparse.Namespace, wandb_mode: str,
@@ -285,6 +306,7 @@ def exit_status(rows: list[dict[str, Any]], stopped_by: int, resume: str) -> int
     return 0
 
 
+DRIVER_FILE = "driver.json"
 UNFINISHED = ("running", "pending", "paused", "no result", "unfinished")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ray import tune
 
 from trainables.checkpoints import SPARE_BYTES, folder_bytes, free_bytes, trial_dirname
+from trainables.driver_clock import clocked
 
 MiB = 2**20
 
@@ -34,6 +35,7 @@ def describe(folder: str, needed: int) -> str:
             f"state need {needed / MiB:.0f} MiB)")
 
 
+@clocked
 class StorageWatch(tune.Callback):
     """Driver side: after each result (and each trial failure), stop the sweep when the free space left is less than
     twice the largest checkpoint seen plus a margin: the trials still running each write one more checkpoint before

@@ -28,11 +28,13 @@ from sweeps import storage as sweep_storage
 from sweeps import study
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.sweep_results import is_number, sweep_trials, trial_status, tune_trial
+from trainables.driver_clock import clocked
 
 UPLOAD_EVERY_S = 60.0
 DRAIN_TIMEOUT_S = 120.0  # how long the end of a sweep waits for trials still queued
 
 
+@clocked
 class StudyWriter(tune.Callback):
     """A Tune callback that feeds ended trials to a writer thread. Pickled into Tune's tuner.pkl, so it keeps only
     names (the spec is read back from the sweep's file) and comes back on --resume; the thread starts with the

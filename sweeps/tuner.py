@@ -19,6 +19,7 @@ from sweeps import storage as sweep_storage
 from sweeps.rows import short
 from sweeps.spec import SweepSpec
 from trainables import checkpoints
+from trainables.driver_clock import clocked
 from trainables.evaluation import FIDPlan
 from trainables.trainable import TrialPlan, train_trial
 
@@ -37,6 +38,7 @@ def trial_dirname(trial) -> str:
     return checkpoints.trial_dirname(trial.config["model_name"], trial.trial_id)
 
 
+@clocked
 class MilestoneOptunaSearch(OptunaSearch):
     """OptunaSearch that passes over results without the ranking metric (FID exists only at ASHA milestones; a
     diverged trial has none); Optuna's intermediate values then hold only comparable points. A trial that ends
@@ -45,6 +47,9 @@ class MilestoneOptunaSearch(OptunaSearch):
     def _has_objectives(self, result: dict | None) -> bool:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         return bool(result) and all(m in result for m in metrics)
+
+    def suggest(self, trial_id: str) -> dict | None:  # here to be clocked: TPE's cost grows with the study
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._has_objectives(result):
@@ -69,6 +74,7 @@ def make_fid_plan(spec: SweepSpec, test_images: torch.Tensor, dataset: str) -> F
                    rfid=fid.rfid)
 
 
+@clocked
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive `--resume`. Tune does not save the scheduler with the sweep's state (only the
     searcher and the callbacks; the scheduler comes back from tuner.pkl, pickled when the Tuner was made, with empty

@@ -20,6 +20,7 @@ from ray import tune
 
 from genmodels.engine import CHECKPOINT_FILE
 from genmodels.io import json_lines, load_checkpoint
+from trainables.driver_clock import clocked
 
 GRAPHS_FAILED_FILE = "gensweep_graph_capture_failed.json"  # written by a trial whose CUDA graph capture failed
 ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
@@ -141,6 +142,7 @@ def stored_results(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[dict[str,
         return None
 
 
+@clocked
 class TrialEndRecorder(tune.Callback):
     """Driver side: records in each trial's folder that it ended (completed, stopped by ASHA, diverged), at once,
     so a resumed sweep never trains it again even if Tune's saved state still lists it as running."""

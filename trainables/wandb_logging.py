@@ -38,6 +38,7 @@ from ray.tune import Callback
 from genmodels.config import ConfigError
 from genmodels.registry import trial_config
 from trainables.checkpoints import IMAGES_DIR
+from trainables.driver_clock import clocked
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def result_step(result: dict[str, Any]) -> int | None:
     return int(step) if isinstance(step, numbers.Real) and not isinstance(step, bool) else None
 
 
+@clocked
 class WandbLogger(Callback):
     """Logs every trial of a Tune sweep as one W&B run: results, checkpoint images, a final `model` artifact.
 
