@@ -104,7 +104,8 @@ def sweep_spec(args: argparse.Namespace, storage: str) -> SweepSpec:
     spec = SweepSpec.load(storage, args.resume)
     if not restorable(storage, spec.name):
         raise UsageError(f"sweep {spec.name!r} was saved but stopped before Tune saved any state (no trial ran); "
-                         f"delete {sweep_storage.join(storage, spec.name)} and start it again: python sweeps/run.py "
+                         f"delete {sweep_storage.join(storage, spec.name)} and start it again: "
+                         f"{'gensweep run' if args.prog.startswith('gensweep') else 'python sweeps/run.py'} "
                          f"{shlex.join(spec.argv)}" + ("" if "--name" in " ".join(spec.argv) else
                                                       f" --name {spec.name}"))
     given = {key: value for key, value in [("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)]
@@ -202,7 +203,9 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     cluster.warn_if_asha_is_serial(spec)
     if not args.resume:
         spec.save(storage)
-    resume = f"python sweeps/run.py --resume {spec.name} --storage-path {shlex.quote(storage)}" + (
+    # in the form the sweep was started with: an installed gensweep has no sweeps/run.py to call
+    resume = (f"gensweep resume {spec.name}" if args.prog.startswith("gensweep") else
+              f"python sweeps/run.py --resume {spec.name}") + f" --storage-path {shlex.quote(storage)}" + (
         f" --address {shlex.quote(args.address)}" if args.address else "")
     print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
     interrupted, folder = False, sweep_storage.join(storage, spec.name)
