@@ -304,15 +304,30 @@ class Trainer:
         subset = not full if subset is None else subset
         if not subset or self.subset_batches is None:
             with timed(self.progress, f"epoch {self.epoch}: evaluating on {len(self.test_batches.images)} test images"):
-                return self.eval_model.eval().evaluate(self.test_batches.epoch(), full=full)
+                return self.eval_model.eval().evaluate(self._reported(self.test_batches, f"epoch {self.epoch}: "
+                                                                                         f"evaluating"), full=full)
         metrics = self.eval_model.eval().evaluate(self.subset_batches.epoch(), full=False)
         return {**{f"subset_{k}": v for k, v in metrics.items()}, "subset_images": len(self.subset_batches.images)}
+
+    def _reported(self, batches: Batches, what: str) -> Iterator[torch.Tensor]:
+        """One pass over `batches`, with a progress line every `progress_every` seconds (none after the last batch:
+        the phase's own "done" line follows): an evaluation with many importance samples takes minutes on a CPU."""
+        if self.progress is None:
+            yield from batches.epoch()
+            return
+        total, start = len(batches), time.perf_counter()
+        next_report = start + self.progress_every
+        for done, x in enumerate(batches.epoch(), 1):
+            yield x  # the caller evaluates the batch before asking for the next one
+            if done < total and (now := time.perf_counter()) >= next_report:
+                next_report, rate = now + self.progress_every, done / (now - start)
+                self.progress(f"{what}: batch {done}/{total} ({done / total:.0%}), {(total - done) / rate:.1f} s left")
 
     @torch.no_grad()
     def final_evaluate(self, out_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Path]]:
         """The model's once-per-run metrics and image grids (see GenerativeModel.final_evaluate/final_images)."""
         model = self.eval_model.eval()
-        metrics = model.final_evaluate(self.test_batches.epoch())
+        metrics = model.final_evaluate(self._reported(self.test_batches, "final evaluation"))
         images = model.final_images(self.test_images(len(self.test_batches.images)), Path(out_dir)) if out_dir else {}
         return metrics, images
 
@@ -333,7 +348,9 @@ class Trainer:
             if model.can_reconstruct:
                 x = self.test_images(min(n // 2, 32))
                 pairs = torch.stack([x.float() / 255, model.reconstruct(x).float()], 1).flatten(0, 1)
-                paths["reconstructions"] = save_grid(pairs, out_dir / "reconstructions.png", nrow=16)
+                paths["reconstructions"] = save_grid(
+                    pairs, out_dir / "reconstructions.png", nrow=16, column_labels=["in", "rec"] * 8,
+                    title="columns alternate: a test image (in), then its reconstruction (rec)")
         return paths
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""`python -m genmodels.train` as users run it: progress lines during every long phase, and one-line errors (exit 2,
-no traceback) for a corrupt dataset copy, a bad checkpoint to resume from, and an --out that cannot be written."""
+"""`python -m genmodels.train` as users run it: progress lines during every long phase, the expensive estimates only
+where a flag asks, the final metrics in metrics.jsonl, and one-line errors (exit 2, no traceback) for a corrupt
+dataset copy, a bad checkpoint to resume from, and an --out that cannot be written."""
+import json
 import os
 import pickle
 import re
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from conftest import make_trainer, run_cli
 
 from genmodels.data import DataUnavailable, load_images, synthetic_images
+from genmodels.train import Log, heartbeat, main
 
 TINY = ["--dataset", "synthetic", "--train-size", "64", "--arch", "conv-small", "--width", "8", "--batch-size", "8",
         "--epochs", "1", "--test-size", "16", "--eval-k", "2", "--final-eval-k", "2"]
@@ -39,9 +43,76 @@ def test_progress_lines_come_before_the_first_epoch_line(tmp_path):
     assert "epoch 1: evaluating on 16 test images ..." in before
     assert any(re.fullmatch(r"epoch 1: evaluating on 16 test images: done in [\d.]+ s", x) for x in before)
     assert "epoch 1: sampling grids ..." in before
+    # TINY asks for both bounds: each evaluation's 2 batches of 8 get a line after the first (none after the last)
+    assert any(re.fullmatch(r"epoch 1: evaluating: batch 1/2 \(50%\), [\d.]+ s left", x) for x in before)
     after = lines[first_epoch:]
     assert "final evaluation and images ..." in after
+    assert any(re.fullmatch(r"final evaluation: batch 1/2 \(50%\), [\d.]+ s left", x) for x in after)
     assert any(x.startswith("final evaluation and images: done in ") for x in after)
+
+
+SMALL = ["--dataset", "synthetic", "--train-size", "64", "--test-size", "16", "--arch", "conv-small", "--width", "8",
+         "--batch-size", "8"]
+
+
+def metrics_lines(out: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl's epoch lines and final lines."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if not x.get("final")], [x for x in lines if x.get("final")]
+
+
+def test_bounds_run_only_when_asked_and_the_final_line_is_in_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    assert "no per-epoch bound (--eval-k K adds it); no final bound (--final-eval-k K adds it)" in \
+        capsys.readouterr().out
+    (epoch,), (final,) = metrics_lines(out)
+    assert "test_bpd" in epoch and not [k for k in epoch if "iwae" in k]  # the cheap metrics on the whole split
+    assert final == {"final": True, "epoch": 1, "step": 8}
+    # Asked for on a resume; the next resume goes on with what the run was asked for; 0 turns each off again.
+    assert main(["--resume", "--out", str(out), "--epochs", "2", "--eval-k", "2", "--final-eval-k", "3"]) == 0
+    assert "final: final_test_iwae_bpd=" in capsys.readouterr().out
+    assert main(["--resume", "--out", str(out), "--epochs", "3"]) == 0
+    assert main(["--resume", "--out", str(out), "--epochs", "4", "--eval-k", "0", "--final-eval-k", "0"]) == 0
+    epochs, finals = metrics_lines(out)
+    assert [x["epoch"] for x in epochs] == [x["epoch"] for x in finals] == [1, 2, 3, 4]
+    assert [sorted(k for k in x if "iwae" in k) for x in epochs] == [[], *[["test_iwae_bpd", "test_iwae_bpd_k2",
+                                                                            "test_iwae_nll"]] * 2, []]
+    assert [sorted(k for k in x if "iwae" in k) for x in finals] == [
+        [], *[["final_test_iwae_bpd", "final_test_iwae_bpd_k3"]] * 2, []]
+    assert all(x["final_test_iwae_bpd"] > 0 for x in finals[1:3])
+
+
+def test_eval_subset_evaluates_the_epochs_before_the_last_on_a_subset(tmp_path):
+    out = tmp_path / "run"
+    assert main([*SMALL, "--epochs", "2", "--eval-subset", "8", "--out", str(out)]) == 0
+    (first, last), _ = metrics_lines(out)
+    assert first["subset_images"] == 8 and "subset_test_bpd" in first and "test_bpd" not in first
+    assert "test_bpd" in last and "subset_test_bpd" not in last
+
+
+def test_resuming_a_checkpoint_of_the_old_cli_runs_no_bound(checkpoint, tmp_path, capsys):
+    """A checkpoint written before the CLI recorded what was asked (final_eval_k 1000 in its config): none asked."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.pt").write_bytes(checkpoint.read_bytes())
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert "no final bound" in capsys.readouterr().out
+    epochs, (final,) = metrics_lines(out)
+    assert [x["epoch"] for x in epochs] == [1, 2] and not [k for x in epochs for k in x if "iwae" in k]
+    assert final == {"final": True, "epoch": 2, "step": 16}
+
+
+def test_heartbeat_fills_a_silent_phase_and_stops_with_it(capsys):
+    log = Log()
+    with heartbeat(log, 0.0):  # at least 1 s without a line
+        log("final evaluation and images ...")
+        time.sleep(1.4)
+        log("final evaluation and images: done in 1.4 s")
+    time.sleep(1.2)  # stopped: no line after the block
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "final evaluation and images ..." and lines[-1].endswith("done in 1.4 s"), lines
+    assert lines[1:-1] == ["final evaluation and images: still running, 1 s so far"], lines
 
 
 def test_trainer_is_quiet_unless_progress_is_set(capsys):
