@@ -1,4 +1,4 @@
-"""One experiment protocol, driven by the Ray trainable, `genmodels.train`, the benchmarks and bench_overhead:
+"""One experiment protocol, driven by the Ray trainable, `genmodels.train` and the benchmarks (bench/):
 
     exp = Experiment.setup(cfg, train_images, test_images)   # prepare (checks, derived values), then build
     exp.restore(path)                                          # optional: continue a checkpointed run

@@ -70,7 +70,7 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
           f"{total / 2**30:.0f} GiB GPU: --gpus-per-trial {fraction}")
     if trials > 1 and not mps_running():
         print("gensweep: note: packed trials time-slice the GPU; under CUDA MPS (`nvidia-cuda-mps-control -d`, where "
-              "the machine allows it) their kernels can overlap: `python -m genmodels.bench pack --mps` measures "
+              "the machine allows it) their kernels can overlap: `python -m bench pack --mps` measures "
               "whether that pays for this model")
     return fraction
 

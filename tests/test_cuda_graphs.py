@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, make_trainer
 
-from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images
+from bench.common import BENCH_MODELS, bench_config, bench_images
 from genmodels.engine import Diverged
 from genmodels.io import save_atomic
 

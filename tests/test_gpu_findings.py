@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import genmodels.engine as engine
 import genmodels.models.ncsn as ncsn
-from genmodels.bench.training import sampling_rate
+from bench.training import sampling_rate
 from genmodels.data import synthetic_images
 from genmodels.metrics.fid import FIDScorer
 from genmodels.networks.quantizer import VectorQuantizer, _sq_dist
@@ -61,7 +61,7 @@ def test_the_samplers_convolutions_run_in_the_precision_asked_for(precision, cal
 
 @pytest.mark.parametrize("autocast, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_the_benchs_bf16_sampling_row_samples_in_bf16(autocast, expected):
-    # genmodels.bench.training's "sampling, bf16 autocast" row: sampling_rate(autocast=True) on the default config
+    # bench.training's "sampling, bf16 autocast" row: sampling_rate(autocast=True) on the default config
     model = build_model("ncsn", NCSN_TINY, channels=3).eval()
     assert model.cfg.sampling_precision == "fp32"
     seen, _ = conv_dtypes(model)

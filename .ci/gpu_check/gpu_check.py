@@ -1,30 +1,25 @@
-"""The GPU check of docs/PERFORMANCE.md, in two calls that each fit the device tool with time for a rerun
-(15 minutes of device time per session, the machine's start included; 10 minutes per command; 8 files back):
+"""The GPU check: two calls, each a few steps under their own time limits inside the call's budget (README.md beside
+this file says how it is called and why so):
 
-    bash .ci/gpu-check 1     # 180 s: nvidia-smi, the CUDA tests, every model's graph check, the NCSN profile,
-                             #        the cold-compile tests in the time left
-    bash .ci/gpu-check 2     # 270 s: `bench all` inside its budget
+    bash .ci/gpu-check 1     # nvidia-smi, the CUDA tests, every model's graph check, the NCSN profile,
+                             # the cold-compile tests in the time left
+    bash .ci/gpu-check 2     # `python -m bench all` inside its budget
+    bash .ci/gpu-check 1 --rehearse    # the same steps on this CPU, with tiny budgets (tests/bench/test_gpu_check.py)
 
-    bash .ci/gpu-check 1 --rehearse    # the same steps on this CPU, with tiny budgets (tests/test_gpu_check.py)
+A step that runs over is ended with every process it started (bench/processes.py), and the call goes on with the
+next. Every result (a test's outcome, a model's graph status, a benchmark row, each step's end) is appended to the
+rows file as a JSON line the moment it is known, so a stop loses little measured before it. The output folder ($OUT
+on the device machine, else runs/gpu-check/call-N) holds check-N.json, check-N.log, check-N.rows.jsonl and
+check-N.tar.gz (everything else).
 
-Each step runs in a process group of its own under its own time limit, within the call's budget (--budget-s): a
-step that runs over is ended with every process it started (genmodels/bench/harness.py), and the call goes on with
-the next. Every result (a test's outcome, a model's graph status, a benchmark row, each step's end) is appended to
-the rows file as a JSON line the moment it is known, so a stop loses nothing measured before it. The output folder
-($OUT on the device machine, else runs/gpu-check/call-N) holds at most four files per call:
-
-    check-N.json        the call: each step's status, seconds and limit, and every row (rewritten after each step)
-    check-N.log         what the call printed: each step's start and end, the end of a failed step's output
-    check-N.rows.jsonl  every row as it was measured (what survives even a kill of the whole call)
-    check-N.tar.gz      everything else: each step's whole output, nvidia-smi, the profile's and bench's JSON
-
-`python -m genmodels.bench.gpu_check env|graphs|cleanup` are the steps' own entry points.
+`python -m gpu_check.gpu_check env|graphs|cleanup` (with .ci on PYTHONPATH) are the steps' own entry points.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -38,34 +33,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from genmodels.bench.harness import (
-    MAX_OUTPUT_FILES,
+from bench.common import BENCH_MODELS
+from bench.processes import (
     MPS_DIR_ENV,
     ROWS_ENV,
     STEP_ENV,
-    WORK_ENV,
-    WORK_PREFIX,
     append_rows,
-    clean_earlier_work,
     end_all_groups,
     exit_on_signals,
-    finish_output,
     group_members,
     processes_with_env,
     read_rows,
     run_group,
     stop_mps,
     tail,
+)
+from genmodels.io import write_text_atomic
+from gpu_check.harness import (
+    MAX_OUTPUT_FILES,
+    WORK_ENV,
+    WORK_PREFIX,
+    clean_earlier_work,
+    finish_output,
     write_fake_mps_control,
-    write_json_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-BUDGETS = {1: 180.0, 2: 270.0}  # seconds per call on the GPU; the device tool's timeout_s adds 40 (docs)
+BUDGETS = {1: 180.0, 2: 270.0}  # seconds per call on the GPU; the device tool's timeout_s adds 40 (README.md)
 REHEARSAL_BUDGETS = {1: 100.0, 2: 100.0}
 FINISH_S = 8.0  # kept back from the budget for the end: MPS, the tarball, the last JSON
 GRAPH_FAIL_ENV = "GENSWEEP_GRAPH_CHECK_FAIL"  # models whose graph check raises (rehearsing the restart)
-GRAPH_MODELS = ("vae", "resnet_vae", "iwae", "dfc", "vqvae", "vqvae_prior", "ncsn", "ncsn_refinenet")
+GRAPH_MODELS = tuple(BENCH_MODELS)
+MODULE = "gpu_check.gpu_check"  # this module, as its steps' children run it (python -m, .ci on PYTHONPATH)
 
 
 @dataclass
@@ -93,8 +92,9 @@ class Context:
     env: dict[str, str] = field(default_factory=dict)
 
     def child_env(self, step: str) -> dict[str, str]:
-        return {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", ROWS_ENV: str(self.rows), STEP_ENV: step,
-                WORK_ENV: str(self.work)}
+        path = os.pathsep.join(p for p in (str(ROOT / ".ci"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, ROWS_ENV: str(self.rows),
+                STEP_ENV: step, WORK_ENV: str(self.work)}
 
     def run(self, step: str, command: list[str], timeout_s: float, extra_env: dict[str, str] | None = None,
             log_name: str | None = None, stop_when: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class Context:
 # ------------------------------------------------------------------------------------------------ the steps
 
 def _env_step(ctx: Context, allowed: float) -> dict[str, Any]:
-    return _quiet(ctx.run("env", [ctx.python, "-m", "genmodels.bench.gpu_check", "env", "--device", ctx.device,
+    return _quiet(ctx.run("env", [ctx.python, "-m", MODULE, "env", "--device", ctx.device,
                                   "--work", str(ctx.work)], allowed))
 
 
@@ -125,32 +125,69 @@ def _quiet(ended: dict[str, Any]) -> dict[str, Any]:
 
 def _cuda_test_files() -> list[str]:
     """The test files with CUDA tests (those that ask torch.cuda.is_available()), and the custom norms' tests."""
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                    if "cuda.is_available" in p.read_text(encoding="utf-8", errors="replace"))
     norms = "tests/test_score_networks.py"
     return files + ([norms] if norms not in files and (ROOT / norms).exists() else [])
 
 
 def _pytest(ctx: Context, step: str, selection: list[str], per_test_s: float, allowed: float) -> dict[str, Any]:
-    # failures' tracebacks short and without their captured output (the rows say why, in one line each)
-    command = [ctx.python, "-m", "pytest", "-q", "-rfE", "--tb=short", "--show-capture=no", "-p", "no:cacheprovider",
-               "-p", "genmodels.bench.pytest_rows", *selection, *_cuda_test_files()]
-    ended = _quiet(ctx.run(step, command, allowed, {"GENSWEEP_TEST_TIMEOUT_S": str(per_test_s)}))
-    results = [r for r in read_rows(ctx.rows) if r.get("benchmark") == "pytest" and r.get("step") == step]
+    """pytest on the CUDA test files: each test stopped after `per_test_s` by pytest-timeout (where the machine's
+    pytest has it), the run interrupted (SIGINT, then SIGKILL 2 s later: `timeout -k`) just before the step's limit
+    so that it still writes its JUnit XML, whose test cases become the step's rows."""
+    xml = ctx.work / f"{step}.xml"
+    per_test = ["--timeout", f"{per_test_s:g}"] if importlib.util.find_spec("pytest_timeout") else []
+    if not per_test:
+        ctx.log(f"    {step}: pytest-timeout is not installed here; no per-test limit, only the step's")
+    stop_s = max(1.0, allowed - 3.0)  # SIGINT; SIGKILL 2 s later (pytest writes its XML at once), before the step's
+    # -v: each test's node id is in the log before it runs (the one a stop interrupted is the last without an
+    # outcome); failures' tracebacks short and without their captured output (the rows say why, in one line each)
+    command = ["timeout", "-s", "INT", "-k", "2", f"{stop_s:.1f}", ctx.python, "-m", "pytest", "-v", "-rfE",
+               "--tb=short", "--show-capture=no", "-p", "no:cacheprovider", f"--junitxml={xml}", *per_test,
+               *selection, *_cuda_test_files()]
+    ended = _quiet(ctx.run(step, command, allowed))
+    if ended["rc"] in (124, 128 + 9, -9) and ended["status"] == "failed":
+        ended["status"] = "timed out"  # `timeout` stopped it (124; -9 where its SIGKILL to the group ended it too)
+    results = [dict(row, step=step) for row in _junit_rows(xml)]
+    append_rows(results, "pytest", path=ctx.rows)
     counts: dict[str, int] = {}
     for r in results:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     ended["tests"] = counts
-    if ended["status"] == "timed out":  # the test that was running: its start is in the log, its end is not
-        started = [line.split("[gpu-check] start ", 1)[1].strip() for line in tail(ctx.work / f"{step}.txt", 400)
-                   if "[gpu-check] start " in line]
-        finished = {r["test"] for r in results}
-        running = [t for t in started if t not in finished]
+    if not xml.exists():
+        ended["why"] = "no JUnit XML: pytest was killed before it could write one (its log has each test's line)"
+    if ended["status"] == "timed out":  # the test that was running: its node id is in the log, its outcome is not
+        running = [line.strip() for line in tail(ctx.work / f"{step}.txt", 400)
+                   if "::" in line and " " not in line.strip()]
         if running:
-            append_rows([{"test": running[-1], "outcome": "stopped",
+            append_rows([{"test": running[-1], "outcome": "stopped", "step": step,
                           "message": f"running when the step's {allowed:.0f} s ran out"}], "pytest", path=ctx.rows)
             ended["stopped_in"] = running[-1]
     return ended
+
+
+def _junit_rows(path: Path) -> list[dict[str, Any]]:
+    """One row per test case of a pytest JUnit XML file: its node, outcome, seconds and the first line of why."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        cases = ElementTree.parse(path).getroot().iter("testcase")
+    except (OSError, ElementTree.ParseError):
+        return []
+    rows = []
+    for case in cases:
+        if not case.get("name"):
+            continue  # the test a SIGINT interrupted: written without a name
+        outcome, message = "passed", None
+        for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            found = case.find(tag)
+            if found is not None:
+                outcome = name
+                message = (found.get("message") or found.text or tag).strip().splitlines()[0][:300]
+                break
+        rows.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                     "seconds": float(case.get("time") or 0), "message": message})
+    return rows
 
 
 def _tests_step(ctx: Context, allowed: float) -> dict[str, Any]:
@@ -172,7 +209,7 @@ def _graphs_step(ctx: Context, allowed: float) -> dict[str, Any]:
     remaining, runs, start = list(ctx.models), [], time.monotonic()
     size = "small" if ctx.rehearse else "full"
     while remaining and (left := deadline - time.monotonic()) > 1:
-        command = [ctx.python, "-m", "genmodels.bench.gpu_check", "graphs", "--device", ctx.device,
+        command = [ctx.python, "-m", MODULE, "graphs", "--device", ctx.device,
                    "--models", ",".join(remaining), "--size", size, *(["--steps", "3"] if ctx.rehearse else [])]
         extra = {GRAPH_FAIL_ENV: os.environ.get(GRAPH_FAIL_ENV, "iwae" if ctx.rehearse else "")}
         ended = _quiet(ctx.run("graphs", command, left, extra))
@@ -202,7 +239,7 @@ def _graphs_step(ctx: Context, allowed: float) -> dict[str, Any]:
 
 def _profile_step(ctx: Context, allowed: float) -> dict[str, Any]:
     small = ["--size", "small", "--steps", "2", "--warmup", "1"] if ctx.rehearse else []
-    return _quiet(ctx.run("profile", [ctx.python, "-m", "genmodels.bench", "profile", "--model", "ncsn",
+    return _quiet(ctx.run("profile", [ctx.python, "-m", "bench", "profile", "--model", "ncsn",
                                       "--cuda-graphs", "off", "--device", ctx.device,
                                       "--json", str(ctx.work / "profile-ncsn.json"), *small], allowed))
 
@@ -210,7 +247,7 @@ def _profile_step(ctx: Context, allowed: float) -> dict[str, Any]:
 def _bench_all_step(ctx: Context, allowed: float) -> dict[str, Any]:
     """`bench all` in this process (each benchmark is a process group of its own under it), its budget what the
     call has left less the time to end its last step."""
-    from genmodels.bench import run_all
+    from bench import run_all
 
     start = time.monotonic()
     budget = max(0.0, allowed - 5.0)
@@ -240,7 +277,7 @@ def _pack_overrun_step(ctx: Context, allowed: float) -> dict[str, Any]:
     (a fixed limit missed the row on a slower CI machine), ends the rest. Says what was left afterwards: the
     group's members, the daemon."""
     step, mps = "pack-overrun", ctx.work / "mps"
-    command = [ctx.python, "-m", "genmodels.bench", "pack", "--device", ctx.device, "--model", "vae",
+    command = [ctx.python, "-m", "bench", "pack", "--device", ctx.device, "--model", "vae",
                "--cuda-graphs", "", "--mps", "--trials", "8", "--steps", "200", "--warmup", "1",
                "--json", str(ctx.work / "pack-overrun.json")]
     first_row: list[float] = []
@@ -306,7 +343,7 @@ def run_call(call: int, steps: list[Step], ctx: Context, budget_s: float) -> dic
         summary["elapsed_s"] = round(time.monotonic() - start, 1)
         summary["rows"] = [r for r in read_rows(ctx.rows)]
         summary["partial"] = not final
-        write_json_atomic(json_path, summary)
+        write_text_atomic(json_path, json.dumps(summary, indent=1, default=str))
 
     try:
         for i, step in enumerate(steps):
@@ -418,7 +455,7 @@ def _env_main(argv: list[str]) -> None:
     """nvidia-smi (to the work folder) and what torch sees, as one row."""
     import subprocess
 
-    p = argparse.ArgumentParser(prog="python -m genmodels.bench.gpu_check env")
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE} env")
     p.add_argument("--device", default="cuda")
     p.add_argument("--work", type=Path, required=True)
     args = p.parse_args(argv)
@@ -459,7 +496,7 @@ def _graphs_main(argv: list[str]) -> None:
     `graph_status` and `graph_captured` from each epoch's metrics, `Experiment.graph_captured` and any other public
     `graph*` attribute, and the warnings that name a graph. Exits 3 after a model that raised (the parent goes on
     with the next in a new process)."""
-    p = argparse.ArgumentParser(prog="python -m genmodels.bench.gpu_check graphs")
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE} graphs")
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default=",".join(GRAPH_MODELS))
     p.add_argument("--size", choices=["small", "full"], default="full")
@@ -467,7 +504,7 @@ def _graphs_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from genmodels.bench.common import bench_config, bench_images, peak_memory, reset_memory, timed_run
+    from bench.common import bench_config, bench_images, peak_memory, reset_memory, timed_run
     from genmodels.experiment import make_experiment
 
     device = torch.device(args.device)

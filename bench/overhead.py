@@ -1,7 +1,7 @@
 """Tune's overhead on one trial: the same config trained by calling the engine directly, then as a one-trial sweep.
 
-    python sweeps/bench_overhead.py --space vae --preset full --seconds 60 --json overhead.json
-    python sweeps/bench_overhead.py --space vae --preset smoke --seconds 60      # CPU
+    python -m bench overhead --space vae --preset full --seconds 60 --json overhead.json
+    python -m bench overhead --space vae --preset smoke --seconds 60      # CPU
 
 Both runs do the same work per epoch: train, evaluate, write the sample grids, save a checkpoint, and the
 model's final evaluation at the end. The Tune run goes through the sweep's own make_tuner (sweeps/tuner.py) (ASHA, the
@@ -18,7 +18,7 @@ once, not per trial.
 subprocess (sweeps/run.py --space S --preset P --no-wandb, into a temporary folder), then reads each trial's reports
 from the result.json Tune writes in its folder (`--results FOLDER` reads a sweep that has already run instead):
 
-    python sweeps/bench_overhead.py --sweep --space vae --preset smoke --json busy.json
+    python -m bench overhead --sweep --space vae --preset smoke --json busy.json
 
 A trial starts at its first report's timestamp less that report's time_this_iter_s and ends at its last report's
 timestamp (Tune's timestamps are whole seconds); its own time is its last time_total_s. busy fraction = the trials'
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import math
 import os
 import shlex
@@ -40,14 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable, as sweeps/run.py's users expect
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genmodels.config import TrialConfig
+from genmodels.io import json_lines
 
-from genmodels.config import TrialConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", default="vae")
     p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
     p.add_argument("--seconds", type=float, default=60.0, help="training time of the trial, run directly")
@@ -68,7 +67,7 @@ def trial_spans(folder: Path) -> list[dict[str, Any]]:
     """Each trial's start, end and own seconds, from the result.json (a JSON report a line) in its folder."""
     spans = []
     for path in sorted(folder.glob("*/result.json")):
-        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        reports = json_lines(path.read_text())
         if reports:
             first, last = reports[0], reports[-1]
             spans.append({"trial": path.parent.name, "start": first["timestamp"] - first["time_this_iter_s"],
@@ -103,14 +102,14 @@ def busy_figures(spans: list[dict[str, Any]], slots: int) -> dict[str, Any]:
 
 def sweep_busy(args: argparse.Namespace) -> dict[str, Any]:
     """--sweep / --results: run the sweep through the CLI (or read one), and how busy its trial slots were."""
-    from genmodels.bench.common import environment, write_json
+    from bench.common import environment, write_json
     from genmodels.engine import default_device
 
     with tempfile.TemporaryDirectory(prefix="gsbusy") as tmp:
         wall_s, command = None, None
         folder = args.results
         if folder is None:
-            command = [sys.executable, str(Path(__file__).resolve().parent / "run.py"), "--space", args.space,
+            command = [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", args.space,
                        "--preset", args.preset, "--no-wandb", "--storage-path", tmp, "--name", "bench",
                        *(["--data-dir", args.data_dir] if args.data_dir else []), *shlex.split(args.sweep_args)]
             print(f"sweep: {shlex.join(command)}", flush=True)
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configure_environment(local=True)  # the same Ray/Tune environment variables as a real sweep, before Ray's import
     import torch
 
-    from genmodels.bench.common import environment, write_json
+    from bench.common import environment, write_json
     from genmodels.data import load_splits
     from genmodels.engine import default_device
     from genmodels.experiment import prepare

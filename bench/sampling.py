@@ -1,6 +1,6 @@
 """sampling: what bf16 sampling costs an NCSN checkpoint in FID, against what it saves in time.
 
-    python -m genmodels.bench sampling --checkpoint runs/ncsn/state.pt --n 2000 --fid-weights PATH
+    python -m bench sampling --checkpoint runs/ncsn/state.pt --n 2000 --fid-weights PATH
 
 Samples n images from the checkpoint's EMA weights three times, each in `sampling_batch` chains (as the FID ladder
 does): fp32 with seed 0, fp32 with seed 1, bf16 with seed 0. The bf16 run uses the same seed and N as the first,
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from genmodels.bench.common import timed_run
+from bench.common import timed_run
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images, sync, write_json
-from genmodels.bench.harness import MPS_CONTROL, MPS_DIR_ENV, mps_dirs
+from bench.common import BENCH_MODELS, bench_config, bench_images, sync, write_json
+from bench.processes import MPS_CONTROL, MPS_DIR_ENV, mps_dirs
 
 
 def add_pack_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,12 @@
-"""sweeps/offline_wheels.py: slimmed wheels keep a RECORD that matches their files; parts keep to their size."""
+""".ci/offline_wheels.py: slimmed wheels keep a RECORD that matches their files; parts keep to their size."""
+import sys
 import zipfile
 
 import pytest
+from conftest import ROOT
 
-from sweeps.offline_wheels import project_name, slim, split_into_parts
+sys.path.insert(0, str(ROOT / ".ci"))  # a script of .ci/, not a package
+from offline_wheels import project_name, slim, split_into_parts  # noqa: E402
 
 
 def _wheel(path, files):

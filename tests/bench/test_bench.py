@@ -1,6 +1,5 @@
-"""The benchmark harness on CPU at CI sizes, and the engine's fast-path options (compile, memory format, sync-free
-divergence check) leaving training unchanged."""
-import copy
+"""The benchmarks (bench/) on the CPU at CI sizes: each one's report, the rows it keeps when stopped, `bench all`'s
+budget, the trial benchmark's plans and `bench overhead`'s sweep figures."""
 import json
 import statistics
 import time
@@ -10,20 +9,10 @@ import torch
 from conftest import make_trainer
 from torch import nn
 
-import genmodels.bench.suite as bench
-import genmodels.bench.training as training
-import genmodels.engine as engine
-from genmodels.data import Batches, synthetic_images
-from genmodels.engine import Diverged, seed_everything
-from genmodels.registry import build_model
+import bench.suite as bench
+import bench.training as training
 
-TINY_VAE = dict(arch="conv-small", width=4, latent=8, batch_size=16, steps_per_epoch=3, lr=1e-3)
 TINY_NCSN = dict(arch="unet", width=8, unet_blocks=1, num_levels=3, batch_size=8, steps_per_epoch=3, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return synthetic_images(64, seed=0), synthetic_images(32, seed=1)
 
 
 def _recomputed_rate(run, unit):
@@ -96,161 +85,6 @@ def test_flop_count_of_a_linear_model_is_exact(monkeypatch):
     assert flops == 2 * 3072 * 2
 
 
-def test_bench_models_match_the_sweep_presets():
-    """BENCH_MODELS copies the sweeps' presets (genmodels cannot import sweeps.spaces, which imports ray)."""
-    from ray.tune.search.sample import Categorical, Domain
-
-    from sweeps.spaces import SPACES
-
-    spaces = {"vae": "vae", "resnet_vae": "resnet_vae", "iwae": "iwae", "dfc": "dfc", "vqvae": "vqvae",
-              "vqvae_prior": "vqvae", "ncsn": "ncsn", "ncsn_refinenet": "ncsn"}
-    differs = {("vqvae_prior", "stage1_epochs"), ("vqvae_prior", "epochs"),  # starts at the second stage
-               ("vqvae_prior", "steps_per_epoch"),
-               ("ncsn_refinenet", "arch"), ("ncsn_refinenet", "batch_size"),  # the smoke preset has no refinenet
-               ("dfc", "vgg_weights")}  # random weights: same FLOPs, no download
-    assert set(spaces) == set(bench.BENCH_MODELS)
-    for name, (model, full, small) in bench.BENCH_MODELS.items():
-        space = SPACES[spaces[name]]
-        assert space.model == model
-        for size, preset in (("full", full), ("smoke", small)):
-            fixed = {**space.params, **space.presets[size].config}
-            for key, value in preset.items():
-                if (name, key) in differs or key not in fixed:
-                    continue
-                expected = fixed[key]
-                if isinstance(expected, Categorical):
-                    assert value in expected.categories, (name, size, key)
-                elif not isinstance(expected, Domain):
-                    assert value == expected, (name, size, key)
-            for key in ("batch_size", "arch", "width", "epochs"):  # what sets the work: never left to a default
-                if key in fixed and not isinstance(fixed[key], Domain) and (name, key) not in differs:
-                    assert preset.get(key) == fixed[key], (name, size, key)
-
-
-@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
-def test_trainer_matches_a_plain_eager_loop(images, memory_format):
-    """compile=False, and channels_last on CPU, train the same as a hand-written loop over the same batches:
-    Adam, clipping, EMA with warm-up and BatchNorm statistics, all with the engine's RNG order."""
-    train, test = images
-    params = dict(TINY_VAE, ema_decay=0.9, grad_clip=1.0, seed=5, compile=False, memory_format=memory_format)
-    trainer = make_trainer("vae", params, train, test, device="cpu")
-    assert trainer.compiled_loss is None and trainer.channels_last == (memory_format == "channels_last")
-    got = trainer.train_epoch()
-
-    seed_everything(5)
-    model = build_model("vae", params, channels=3)
-    ema = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for step, x in enumerate(Batches(train, 16, "cpu", shuffle=True, flip=True, seed=5).epoch(3)):
-        loss, logs = model.loss(x)
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(0.9, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
-        losses.append(loss.item())
-
-    # The engine averages the logged losses in fp32, the loop above in float64.
-    if memory_format == "channels_last":
-        # Convolutions sum in another order, and Adam's first steps are about lr * sign(grad): a conv bias before
-        # BatchNorm, whose gradient is rounding noise, moves differently without changing any output. So: the loss.
-        assert got["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-4)
-        return
-    assert got["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
-    for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
-        assert torch.equal(a, b), name
-    # The engine's EMA is ema * decay + p * (1 - decay) with the decay on the device (graph-safe), lerp's rounding
-    # differs from it in the last bit.
-    for (name, a), b in zip(trainer.ema.model.state_dict().items(), ema.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_channels_last_weights_and_same_loss_as_contiguous_for_groupnorm_unet(images):
-    train, test = images
-    results = {}
-    for fmt in ("contiguous", "channels_last"):
-        t = make_trainer("ncsn", dict(TINY_NCSN, memory_format=fmt, ema_decay=0.99), train, test, device="cpu")
-        conv = t.model.net.stem.weight
-        assert conv.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
-        results[fmt] = (t.train_epoch()["train_loss"], t.evaluate()["test_dsm_loss"])
-    assert results["channels_last"][0] == pytest.approx(results["contiguous"][0], rel=1e-4)
-    assert results["channels_last"][1] == pytest.approx(results["contiguous"][1], rel=1e-4)
-
-
-def test_auto_memory_format_is_contiguous_on_cpu_and_bad_names_fail(images):
-    assert engine.use_channels_last("auto", torch.device("cuda")) and not engine.use_channels_last(
-        "auto", torch.device("cpu"))
-    t = make_trainer("vae", TINY_VAE, *images, device="cpu")
-    assert not t.channels_last and t.model.encoder[0].weight.is_contiguous()
-    with pytest.raises(ValueError, match="memory_format"):
-        make_trainer("vae", dict(TINY_VAE, memory_format="nhwc"), *images, device="cpu")
-
-
-def test_channels_last_checkpoint_resumes_in_nchw_with_matching_optimizer_layout(images, tmp_path):
-    train, test = images
-    a = make_trainer("vae", dict(TINY_VAE, memory_format="channels_last", seed=2), train, test, device="cpu")
-    a.train_epoch()
-    a.save(tmp_path / "state.pt")
-    after_a = a.train_epoch()["train_loss"]
-    b = make_trainer("vae", dict(TINY_VAE, memory_format="contiguous", seed=9), train, test, device="cpu")
-    b.load(tmp_path / "state.pt")
-    assert set(b.state_dict()["model"]) == set(a.state_dict()["model"])
-    for p in b.model.parameters():
-        for value in b.optimizer.state[p].values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                assert value.stride() == p.stride()
-    assert b.train_epoch()["train_loss"] == pytest.approx(after_a, rel=1e-4)
-
-
-def test_compile_keeps_state_dict_keys_and_the_original_module(images):
-    """torch.compile wraps the loss function only: no `_orig_mod.` prefix in checkpoints, the same module trained.
-    (Compiling itself takes about a minute on a CPU; docs/PERFORMANCE.md has the measured compile time.)"""
-    plain = make_trainer("vae", TINY_VAE, *images, device="cpu")
-    compiled = make_trainer("vae", dict(TINY_VAE, compile=True), *images, device="cpu")
-    assert compiled.compiled_loss is not None and isinstance(compiled.model, type(plain.model))
-    keys = list(compiled.state_dict()["model"])
-    assert keys == list(plain.state_dict()["model"]) and not any("_orig_mod" in k for k in keys)
-    assert compiled.state_dict()["config"]["train.compile"] is True
-    plain.model.load_state_dict(compiled.state_dict()["model"])  # loads both ways, strictly
-
-
-def test_divergence_is_caught_at_the_check_after_it(images, monkeypatch):
-    """The loss sent to the host at a check is read at the next one (no wait in between): a NaN from step 1 on
-    raises within two check intervals, before the epoch ends."""
-    monkeypatch.setattr(engine, "DIVERGENCE_CHECK_EVERY", 2)
-    t = make_trainer("vae", dict(TINY_VAE, steps_per_epoch=50), *images, device="cpu")
-    steps = []
-
-    def nan_loss(x):
-        steps.append(1)
-        return torch.tensor(float("nan"), requires_grad=True), {}
-
-    monkeypatch.setattr(t.model, "loss", nan_loss)
-    with pytest.raises(Diverged, match="loss is nan at step 2"):
-        t.train_epoch()
-    assert len(steps) == 4  # read at step 4, the check after step 2's
-
-
-def test_logged_values_are_averaged_per_name(images, monkeypatch):
-    t = make_trainer("vae", TINY_VAE, *images, device="cpu")
-    counter = iter(range(100))
-
-    def loss(x):
-        i = float(next(counter))
-        w = t.model.to_posterior.weight
-        return (w.sum() * 0 + i), {"a": torch.tensor(2 * i), "b": torch.tensor(i, dtype=torch.bfloat16)}
-
-    monkeypatch.setattr(t.model, "loss", loss)
-    metrics = t.train_epoch()
-    assert metrics == {"train_loss": 1.0, "train_a": 2.0, "train_b": 1.0}  # means of 0, 1, 2
-
-
 @pytest.mark.slow
 def test_pack_bench_runs_trials_in_parallel_processes(tmp_path):
     out = tmp_path / "pack.json"
@@ -270,7 +104,7 @@ def test_pack_bench_runs_trials_in_parallel_processes(tmp_path):
 
 def test_pack_bench_says_why_mps_was_not_measured(monkeypatch):
     """--mps on a machine without NVIDIA's MPS control: one row per count saying so, the other variants measured."""
-    import genmodels.bench.pack as pack
+    import bench.pack as pack
 
     monkeypatch.setattr(pack.shutil, "which", lambda name: None)
     monkeypatch.setattr(pack, "run_concurrent_trials", lambda n, *a, **k: [
@@ -280,30 +114,6 @@ def test_pack_bench_says_why_mps_was_not_measured(monkeypatch):
     assert rows[:4] == [(False, False, 1, None), (False, False, 2, None)] * 2
     assert [r[3] for r in rows[4:]] == ["CUDA MPS not available: nvidia-cuda-mps-control is not on PATH"] * 2
     assert report["rows"][1]["speedup_vs_one"] == pytest.approx(2.0)
-
-
-def test_gpus_per_trial_auto_falls_back_to_cpu_with_one_line(capsys):
-    from sweeps.cli import parse_args
-    from sweeps.packing import auto_gpus_per_trial
-
-    assert parse_args(["--gpus-per-trial", "auto"]).gpus_per_trial == "auto"
-    assert parse_args(["--gpus-per-trial", "0.25"]).gpus_per_trial == 0.25
-    assert auto_gpus_per_trial("vae", {"batch_size": 8}, {"train": None, "test": None}) == 0.0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "auto" in out[0] and "GPU" in out[0]
-
-
-def test_worst_case_configs_take_the_largest_numbers_and_every_string():
-    from ray import tune
-
-    from sweeps.packing import worst_case_configs
-
-    config = {"latent": tune.choice([32, 256, 64]), "arch": tune.choice(["unet", "refinenet"]),
-              "lr": tune.loguniform(1e-4, 1e-2), "batch_size": 128, "k": tune.randint(1, 51)}
-    configs = worst_case_configs(config)
-    assert sorted(c["arch"] for c in configs) == ["refinenet", "unet"]
-    assert all(c["latent"] == 256 and c["k"] == 50 and c["batch_size"] == 128 for c in configs)
-    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
 
 
 @pytest.mark.slow
@@ -318,7 +128,7 @@ def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
     out = tmp_path / "all.json"
     start = time.monotonic()
     # 30 s: enough for the CPU's small vae train step (its share, 18 s) on a loaded 2-core CI machine
-    subprocess.run([sys.executable, "-m", "genmodels.bench", "all", "--device", "cpu", "--models", "vae",
+    subprocess.run([sys.executable, "-m", "bench", "all", "--device", "cpu", "--models", "vae",
                     "--budget-s", "30", "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
     elapsed = time.monotonic() - start
     report = json.loads(out.read_text())
@@ -331,19 +141,11 @@ def test_bench_all_keeps_to_its_budget_and_records_every_step(tmp_path):
 def test_train_writes_each_row_as_it_is_measured(tmp_path):
     from argparse import Namespace
 
-    from genmodels.bench.training import write_partial
+    from bench.training import write_partial
 
     out = tmp_path / "train.json"
     write_partial(Namespace(json=out), [{"model": "vae"}])
     assert json.loads(out.read_text()) == {"benchmark": "train", "partial": True, "rows": [{"model": "vae"}]}
-
-
-def test_mps_is_seen_where_its_control_pipe_is(tmp_path):
-    from sweeps.packing import mps_running
-
-    assert not mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
-    (tmp_path / "control").touch()
-    assert mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
 
 
 def test_sampling_bench_compares_bf16_with_fp32_on_one_checkpoint(tmp_path, monkeypatch):
@@ -379,7 +181,7 @@ def test_profile_bench_breaks_a_step_down_by_op():
 
 
 def test_trial_bench_times_every_phase_of_both_plans(tmp_path):
-    from genmodels.bench.trial import PHASES, PLANS, main
+    from bench.trial import PHASES, PLANS, main
 
     out = tmp_path / "trial.json"
     main(["--model", "vae", "--preset", "small", "--device", "cpu", "--epochs", "1", "--json", str(out)])
@@ -396,7 +198,7 @@ def test_trial_bench_times_every_phase_of_both_plans(tmp_path):
 
 
 def test_trial_plans_schedule_each_phase_as_the_trainable_does():
-    from genmodels.bench.trial import plan_seconds
+    from bench.trial import plan_seconds
 
     unit = dict(startup=1.0, train=10.0, eval_full=5.0, eval_subset=1.0, grids=2.0, grids_final=3.0, checkpoint=1.0,
                 final_eval=7.0, fid_rungs=[4.0, 6.0], fid_final=8.0)
@@ -414,43 +216,6 @@ def test_trial_plans_schedule_each_phase_as_the_trainable_does():
     assert plan_seconds(unit, 9, milestones, "milestones", 0.0)["checkpoint"] == 9.0  # 0: every epoch
 
 
-def test_trial_presets_match_the_sweeps():
-    """The trial benchmark's schedules, evaluation settings, FID ladders and data sizes are the sweeps' own."""
-    import dataclasses
-
-    from ray.tune.search.sample import Domain
-
-    from genmodels.bench.common import SMOKE_IMAGES, TRIAL_PRESETS, bench_config
-    from genmodels.bench.trial import FID_LADDERS, STEP_FRACTIONS, asha_milestones
-    from genmodels.registry import trial_config
-    from sweeps.budgets import ASHASettings, FIDSettings
-    from sweeps.spaces import FID_SETTINGS, SMOKE_DATA, SPACES
-
-    spaces = {"vae": "vae", "resnet_vae": "resnet_vae", "iwae": "iwae", "dfc": "dfc", "vqvae": "vqvae",
-              "vqvae_prior": "vqvae", "ncsn": "ncsn", "ncsn_refinenet": "ncsn"}
-    assert set(TRIAL_PRESETS) == set(bench.BENCH_MODELS)
-    for name, presets in TRIAL_PRESETS.items():
-        space = SPACES[spaces[name]]
-        for size, trial_preset in zip(("full", "smoke"), presets):
-            preset = space.presets[size]
-            assert (trial_preset.grace_period, trial_preset.reduction_factor) == \
-                (preset.grace_period, preset.reduction_factor), (name, size)
-            assert trial_preset.metric == space.metric, name
-            model, params = bench_config(name, "full" if size == "full" else "small")
-            flat = trial_config({**params, **trial_preset.config}, model).flat()
-            fixed = {**space.params, **preset.config}
-            for key in ("eval_images", "eval_k", "final_eval_k", "eval_subset", "langevin_steps"):
-                if key in fixed and not isinstance(fixed[key], Domain):
-                    assert next(v for k, v in flat.items() if k.endswith(f".{key}")) == fixed[key], (name, size, key)
-    for size, (ladder, final) in FID_LADDERS.items():
-        settings = FID_SETTINGS["smoke" if size == "small" else "full"]
-        assert (settings.ladder, settings.final) == (ladder, final)
-    assert {f.name: f.default for f in dataclasses.fields(FIDSettings)}["step_fractions"] == STEP_FRACTIONS
-    assert SMOKE_IMAGES == (SMOKE_DATA["train_size"], SMOKE_DATA["test_size"])
-    for epochs, grace, rf in [(150, 10, 3), (50, 5, 3), (4, 1, 2), (90, 61, 3), (30, 61, 3), (10, 1, 3)]:
-        assert asha_milestones(epochs, grace, rf) == ASHASettings(epochs, min(grace, epochs), rf).milestones
-
-
 def _write_results(folder, trials):
     """result.json files as Tune writes them: one JSON report a line."""
     for name, reports in trials.items():
@@ -461,7 +226,7 @@ def _write_results(folder, trials):
 
 
 def test_sweep_busy_figures_from_the_trials_result_files(tmp_path):
-    from sweeps.bench_overhead import busy_figures, main, trial_spans
+    from bench.overhead import busy_figures, main, trial_spans
 
     # (timestamp, time_this_iter_s, time_total_s) per report: a runs 98-104, b 98-110, c 105-108, d 110-112
     _write_results(tmp_path, {"a": [(100, 2, 2), (104, 4, 6)], "b": [(101, 3, 3), (110, 9, 12)],

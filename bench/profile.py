@@ -1,6 +1,6 @@
 """profile: where a training step's time goes, op by op, with torch.profiler.
 
-    python -m genmodels.bench profile --model ncsn --cuda-graphs off --json prof-ncsn.json
+    python -m bench profile --model ncsn --cuda-graphs off --json prof-ncsn.json
 
 Trains `--warmup` steps, then profiles `--steps` more of the engine's real step (`Experiment.train_epoch`), and
 reports the ops with the most self time on the device (on a CPU: on the host), their share of it, and their calls
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from genmodels.bench.common import BENCH_MODELS, bench_config, bench_images, sync
+from bench.common import BENCH_MODELS, bench_config, bench_images, sync
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:

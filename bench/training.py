@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from genmodels.bench.common import (
+from bench.common import (
     BENCH_MODELS,
     CIFAR_TRAIN_IMAGES,
     bench_config,

@@ -1,9 +1,9 @@
-"""`python -m genmodels.bench trial`: one trial's wall time by phase, at a preset's real shapes and batch, for a
+"""`python -m bench trial`: one trial's wall time by phase, at a preset's real shapes and batch, for a
 sweep's two evaluation plans side by side, measured in this process:
 
-    python -m genmodels.bench trial --model vae --preset full --device cuda --json trial.json
-    python -m genmodels.bench trial --model vae --preset full --epochs 2 --steps 5                 # a CPU: minutes
-    python -m genmodels.bench trial --model ncsn --preset full --epochs 1 --steps 2 --one-step-sampling --max-samples 8
+    python -m bench trial --model vae --preset full --device cuda --json trial.json
+    python -m bench trial --model vae --preset full --epochs 2 --steps 5                 # a CPU: minutes
+    python -m bench trial --model ncsn --preset full --epochs 1 --steps 2 --one-step-sampling --max-samples 8
 
 Plans: `per-epoch` (a full evaluation, grids and a checkpoint every epoch: the trainable before milestones) and
 `milestones` (those at ASHA's milestones and at the end, the cheap subset evaluation in between, and a checkpoint
@@ -22,7 +22,6 @@ another in the same process).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,11 @@ from typing import Any, Callable
 
 import torch
 
-from genmodels.bench.common import (
+from bench.common import (
     BENCH_MODELS,
     CIFAR_TEST_IMAGES,
     CIFAR_TRAIN_IMAGES,
     SMOKE_IMAGES,
-    TRIAL_PRESETS,
     add_run_arguments,
     bench_config,
     bench_images,
@@ -46,23 +44,14 @@ from genmodels.bench.common import (
     format_table,
     sync,
     timed_run,
+    trial_preset,
     write_json,
 )
-from genmodels.bench.harness import append_rows
+from bench.processes import append_rows
+from sweeps.budgets import ASHASettings
 
 PHASES = ("startup", "train", "evaluation", "fid", "grids", "checkpoint", "final_eval")
 PLANS = ("per-epoch", "milestones")
-# sweeps/spaces.py's FID_SETTINGS (samples per rung, at the end) and sweeps/budgets.py's step fractions
-FID_LADDERS = {"full": ((1000, 5000, 10000), 10000), "small": ((128, 256), 256)}
-STEP_FRACTIONS = (0.25, 0.5, 1.0)
-
-
-def asha_milestones(epochs: int, grace_period: int, reduction_factor: int) -> tuple[int, ...]:
-    """The epochs where ASHA compares trials, as sweeps place them (sweeps/budgets.py, ASHASettings.milestones):
-    grace_period * reduction_factor**k up to `epochs` (genmodels may not import sweeps)."""
-    grace = min(grace_period, epochs)
-    rungs = int(math.log(epochs / grace) / math.log(reduction_factor) + 1)
-    return tuple(grace * reduction_factor ** k for k in range(rungs))
 
 
 def plan_seconds(unit: dict[str, Any], epochs: int, milestones: tuple[int, ...], plan: str,
@@ -116,8 +105,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     model_name, params = bench_config(args.model, args.preset)
-    preset = TRIAL_PRESETS[args.model][args.preset == "small"]
-    params.update(preset.config)
+    preset = trial_preset(args.model, args.preset)
     epochs, batch = int(params["epochs"]), int(params["batch_size"])
     real_train, real_test = (CIFAR_TRAIN_IMAGES, CIFAR_TEST_IMAGES) if args.preset == "full" else SMOKE_IMAGES
     real_steps = int(params.get("steps_per_epoch") or real_train // batch)
@@ -141,10 +129,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cfg = prepare(trial_config(params, model_name), train)  # the sweep's driver does this once, before any trial
     exp, startup = timed(lambda: Experiment(cfg, train, test, device), device)
     startup += timed_run(lambda: exp.train_epoch(1), device)
-    ladder, final_n = args.ladder, args.final_n
-    fractions = STEP_FRACTIONS
-    milestones = asha_milestones(epochs, args.grace_period or preset.grace_period,
-                                 args.reduction_factor or preset.reduction_factor)
+    ladder, final_n = args.ladder or preset.fid.ladder, args.final_n or preset.fid.final
+    fractions = preset.fid.step_fractions
+    grace = args.grace_period or preset.grace_period
+    milestones = ASHASettings(epochs, min(grace, epochs), args.reduction_factor or preset.reduction_factor).milestones
     between = fractions[0]  # the grids' sampling budget between the end's (the first rung's)
     langevin_steps = getattr(cfg.model, "langevin_steps", 0) if args.one_step_sampling else 0
 
@@ -264,14 +252,12 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m genmodels.bench trial", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench trial", description=__doc__.split("\n\n")[0])
     add_run_arguments(p)
     add_trial_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ladder, final_n = FID_LADDERS[args.preset]
-    args.ladder, args.final_n = args.ladder or ladder, args.final_n or final_n
     result = measure(args)
     report = {"benchmark": "trial", **environment(torch.device(args.device)), **result}
     print(f"trial: {args.model} ({result['model_name']}) at {args.preset}, {result['epochs']} epochs of "

@@ -1,7 +1,7 @@
-"""`python -m genmodels.bench all`: the whole suite inside one time budget, written as one JSON, so a GPU box is
+"""`python -m bench all`: the whole suite inside one time budget, written as one JSON, so a GPU box is
 characterised in one call:
 
-    python -m genmodels.bench all --budget-s 420 --json all.json --rows rows.jsonl
+    python -m bench all --budget-s 420 --json all.json --rows rows.jsonl
 
 Train (fast path against the seeds' way, with NCSN sampling and, where its share allows, compile payback) for each
 model, then pack, fid, flops and, on a GPU, a VAE trial's wall time by phase (trial), each in a process group of
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from genmodels.bench.common import BENCH_MODELS, environment, write_json
-from genmodels.bench.harness import (
+from bench.common import BENCH_MODELS, environment, write_json
+from bench.processes import (
     MPS_DIR_ENV,
     ROWS_ENV,
     STEP_ENV,
@@ -91,7 +91,7 @@ def run_step(name: str, extra: list[str], device: str, timeout_s: float, rows: s
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         log = Path(log) if log else Path(tmp) / "output.txt"
-        command = [sys.executable, "-m", "genmodels.bench", name, "--device", device, "--json", str(out), *extra]
+        command = [sys.executable, "-m", "bench", name, "--device", device, "--json", str(out), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", STEP_ENV: " ".join([name, *extra])}
         if rows:
             env[ROWS_ENV] = str(rows)
@@ -115,7 +115,7 @@ def run_step(name: str, extra: list[str], device: str, timeout_s: float, rows: s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m genmodels.bench all", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench all", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole suite (default 420)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=",".join(BENCH_MODELS), help=f"comma-separated: {', '.join(BENCH_MODELS)}")

@@ -1,7 +1,7 @@
 """Wheels of the sweep stack (Ray Tune, Optuna, W&B and what they need) for a machine with no package index, cut to
 fit a transfer limit:
 
-    python sweeps/offline_wheels.py --python 3.12 --out wheels --part-mib 60
+    python .ci/offline_wheels.py --python 3.12 --out wheels --part-mib 60
     # on the machine, after carrying every wheels/part-N folder there:
     pip install --no-index --find-links wheels/part-1 --find-links wheels/part-2 -r wheels/requirements.txt
 

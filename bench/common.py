@@ -2,6 +2,7 @@
 peak FLOP/s and memory, the environment record, the table and the JSON."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -11,7 +12,11 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from genmodels.bench.harness import ROWS_ENV, append_rows, write_json_atomic
+from bench.processes import ROWS_ENV, append_rows
+from genmodels.io import write_text_atomic
+from sweeps.budgets import FIDSettings
+from sweeps.domains import is_searched
+from sweeps.spaces import FID_SETTINGS, FULL_DATA, SMOKE_DATA, SPACES, Preset, Space
 
 
 def add_run_arguments(p) -> None:
@@ -34,83 +39,73 @@ def timed_run(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# name: (registry model, `full` config, `small` config). The full configs are the `full` presets of sweeps/spaces.py
-# (which imports ray, so genmodels cannot read them; tests/test_bench.py checks that they agree), with the model's
-# defaults where a sweep searches the value; the small ones are the smoke presets' CI-sized networks. `epochs` and
-# `steps_per_epoch` give a trial's length (for compile's payback); the benchmark sets its own steps.
-BENCH_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "vae": ("vae", dict(arch="conv", batch_size=128, epochs=150),
-            dict(arch="conv-small", width=8, batch_size=64, epochs=4, steps_per_epoch=8)),
-    "resnet_vae": ("vae", dict(arch="resnet", norm="group", width=32, batch_size=128, epochs=100),
-                   dict(arch="resnet", norm="group", width=8, batch_size=32, epochs=3, steps_per_epoch=8)),
-    "iwae": ("iwae", dict(arch="conv", norm="group", batch_size=64, epochs=100),
-             dict(arch="conv-small", width=8, batch_size=32, epochs=3, steps_per_epoch=6)),
-    # random VGG weights: the same FLOPs as ImageNet's, and nothing to download
-    "dfc": ("dfc", dict(arch="resnet", norm="group", batch_size=128, lr=1e-3, epochs=50, vgg_weights="random"),
-            dict(arch="resnet", norm="group", width=8, batch_size=16, epochs=3, steps_per_epoch=4,
-                 vgg_weights="random")),
-    "vqvae": ("vqvae", dict(width=128, res_blocks=2, prior_width=128, prior_layers=6, restart_window=100,
-                            batch_size=128, stage1_epochs=60, epochs=90),
-              dict(width=32, res_blocks=1, prior_width=16, prior_layers=4, restart_window=20, codebook_size=64,
-                   batch_size=32, stage1_epochs=6, epochs=10, steps_per_epoch=25)),
+# name: (the space of sweeps/spaces.py it trains, overrides by size). Size `full` is the space's `full` preset and
+# `small` its `smoke` preset (its CI-sized network), every value the sweep searches at the model's default, then the
+# overrides of that size (a callable one is computed from the preset's config). `epochs` and `steps_per_epoch` give a
+# trial's length (for compile's payback); the benchmark sets its own steps.
+_PRIOR_ONLY = {"stage1_epochs": 0, "epochs": lambda preset: preset["epochs"] - preset["stage1_epochs"]}
+_NCSN_FULL = {"arch": "unet", "width": 128, "ema_decay": 0.999, "num_levels": 10}  # the seed's network, NCSN's L
+BENCH_MODELS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "vae": ("vae", {}),
+    "resnet_vae": ("resnet_vae", {"full": {"width": 32}}),
+    "iwae": ("iwae", {}),
+    "dfc": ("dfc", {"full": {"vgg_weights": "random"}}),  # random VGG weights: ImageNet's FLOPs, nothing to download
+    "vqvae": ("vqvae", {"small": {"codebook_size": 64}}),
     # the VQ-VAE's second stage: the PixelCNN prior on the codes of the frozen autoencoder
-    "vqvae_prior": ("vqvae", dict(width=128, res_blocks=2, prior_width=128, prior_layers=6, batch_size=128,
-                                  stage1_epochs=0, epochs=30),
-                    dict(width=32, res_blocks=1, prior_width=16, prior_layers=4, codebook_size=64, batch_size=32,
-                         stage1_epochs=0, epochs=4, steps_per_epoch=25)),
-    "ncsn": ("ncsn", dict(arch="unet", width=128, ema_decay=0.999, batch_size=128, epochs=100, steps_per_epoch=2000),
-             dict(arch="unet", width=8, unet_blocks=1, num_levels=None, gamma=0.1, ema_decay=0.999, batch_size=64,
-                  epochs=4, steps_per_epoch=8)),
-    "ncsn_refinenet": ("ncsn", dict(arch="refinenet", width=128, ema_decay=0.999, batch_size=128, epochs=100,
-                                    steps_per_epoch=2000),
-                       dict(arch="refinenet", width=8, num_levels=None, gamma=0.1, ema_decay=0.999, batch_size=16,
-                            epochs=4, steps_per_epoch=8)),
+    "vqvae_prior": ("vqvae", {"full": _PRIOR_ONLY, "small": {**_PRIOR_ONLY, "codebook_size": 64}}),
+    "ncsn": ("ncsn", {"full": _NCSN_FULL, "small": {"gamma": 0.1}}),
+    "ncsn_refinenet": ("ncsn", {"full": {**_NCSN_FULL, "arch": "refinenet"},
+                                "small": {"arch": "refinenet", "gamma": 0.1, "batch_size": 16}}),
 }
 CIFAR_TRAIN_IMAGES = 50_000  # a full trial's epoch, for its length in steps
 CIFAR_TEST_IMAGES = 10_000
-SMOKE_IMAGES = (512, 256)  # the smoke presets' synthetic train and test splits (sweeps/spaces.py's SMOKE_DATA)
+SMOKE_IMAGES = (SMOKE_DATA["train_size"], SMOKE_DATA["test_size"])  # the smoke presets' synthetic splits
 
 
 class TrialPreset(NamedTuple):
     """What a whole trial adds to a BENCH_MODELS network at one preset: ASHA's schedule, the metric the sweep ranks
     by (FID: the FID ladder runs at every milestone; a full-only metric: a full evaluation there; a likelihood: the
-    end-of-trial bound runs), and the evaluation settings the preset sets."""
+    end-of-trial bound runs), and the preset's FID budgets."""
     grace_period: int
     reduction_factor: int
     metric: str
-    config: dict[str, Any] = {}
+    fid: FIDSettings
 
     @property
     def fid_ranked(self) -> bool:
         return self.metric == "fid"
 
 
-# name: (full, small), from sweeps/spaces.py's presets like BENCH_MODELS (tests/test_bench.py checks that they agree)
-_FAMILY_SMOKE_EVAL = dict(eval_images=128, eval_k=8, final_eval_k=32)
-TRIAL_PRESETS: dict[str, tuple[TrialPreset, TrialPreset]] = {
-    "vae": (TrialPreset(10, 3, "test_bpd"), TrialPreset(1, 2, "test_bpd", dict(eval_k=8, final_eval_k=32))),
-    "resnet_vae": (TrialPreset(10, 3, "test_bpd"), TrialPreset(1, 2, "test_bpd", _FAMILY_SMOKE_EVAL)),
-    "iwae": (TrialPreset(10, 3, "test_iwae_bpd"), TrialPreset(1, 2, "test_iwae_bpd", _FAMILY_SMOKE_EVAL)),
-    "dfc": (TrialPreset(5, 3, "fid"), TrialPreset(1, 2, "fid", _FAMILY_SMOKE_EVAL)),
-    "vqvae": (TrialPreset(61, 3, "fid"), TrialPreset(7, 2, "fid")),
-    "vqvae_prior": (TrialPreset(61, 3, "fid"), TrialPreset(7, 2, "fid")),
-    "ncsn": (TrialPreset(10, 3, "fid"), TrialPreset(1, 2, "fid", dict(langevin_steps=5))),
-    "ncsn_refinenet": (TrialPreset(10, 3, "fid"), TrialPreset(1, 2, "fid", dict(langevin_steps=5))),
-}
-
-# Dense bf16 tensor-core peaks from the datasheets (no sparsity), matched against torch.cuda.get_device_name.
-GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+def _space_preset(name: str, size: str) -> tuple[Space, Preset]:
+    """The sweeps.spaces Space and Preset that benchmark `name` trains at `size` (small | full)."""
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(BENCH_MODELS)}")
+    space = SPACES[BENCH_MODELS[name][0]]
+    return space, space.presets["full" if size == "full" else "smoke"]
 
 
 def bench_config(name: str, size: str, batch_size: int | None = None) -> tuple[str, dict[str, Any]]:
     """The registry model and flat config that benchmark `name` trains at `size` (small | full)."""
-    if name not in BENCH_MODELS:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(BENCH_MODELS)}")
-    model, full, small = BENCH_MODELS[name]
-    params = dict(full if size == "full" else small)
+    space, preset = _space_preset(name, size)
+    config = {**space.params, **preset.config}
+    params = {k: v for k, v in config.items() if not is_searched(v) and k not in {*SMOKE_DATA, *FULL_DATA}}
+    for key, value in BENCH_MODELS[name][1].get(size, {}).items():
+        params[key] = value(config) if callable(value) else value
     if batch_size:
         params["batch_size"] = batch_size
-    return model, params
+    return space.model, params
+
+
+def trial_preset(name: str, size: str) -> TrialPreset:
+    """ASHA's schedule, the ranking metric and the FID budgets of the sweep preset benchmark `name` trains at
+    `size`."""
+    space, preset = _space_preset(name, size)
+    fid = preset.fid or FID_SETTINGS["full" if size == "full" else "smoke"]
+    return TrialPreset(preset.grace_period, preset.reduction_factor, space.metric, fid)
+
+
+# Dense bf16 tensor-core peaks from the datasheets (no sparsity), matched against torch.cuda.get_device_name.
+GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
 
 
 def trial_steps(params: dict[str, Any]) -> int:
@@ -222,7 +217,7 @@ def start_rows() -> None:
 def write_json(path: Path | None, report: dict) -> None:
     """The raw measurements, when --json asked for them, written whole or not at all (a temporary file renamed:
     a run stopped mid-write leaves the last report). Every call also appends the report's rows not yet appended to
-    the rows file named by $GENSWEEP_BENCH_ROWS (genmodels/bench/harness.py), so a benchmark that writes its
+    the rows file named by $GENSWEEP_BENCH_ROWS (bench/processes.py), so a benchmark that writes its
     report as it goes (partial rows, e.g. train's and pack's) has each row there as soon as it is measured."""
     rows = report.get("rows")
     if isinstance(rows, list) and os.environ.get(ROWS_ENV):
@@ -231,5 +226,5 @@ def write_json(path: Path | None, report: dict) -> None:
         append_rows(rows[sent:], key)
         _rows_sent[key] = max(sent, len(rows))
     if path:
-        write_json_atomic(path, report)
+        write_text_atomic(path, json.dumps(report, indent=1, default=str))
 

@@ -1,15 +1,15 @@
-"""What the GPU check (genmodels/bench/gpu_check.py) and `bench all` run their steps with, so that a step that runs
-over its time leaves nothing behind and loses nothing it measured:
+"""How `bench all` (and the GPU check in .ci/gpu_check/) run a benchmark, so that one that runs over its time leaves
+nothing behind and loses nothing it measured:
 
 - `run_group`: a command in a process group of its own (setpgid, in the caller's session: whatever ends the
   session still ends it), stopped at its limit with SIGTERM to the whole group, then SIGKILL after a grace period;
   members left once the leader has ended (workers it spawned) are ended too. `subprocess.run(timeout=)` kills only
-  the direct child. Each child carries $GENSWEEP_GPU_CHECK_WORK, so a later call can end what a killed one left.
+  the direct child.
 - `append_rows`: rows as JSON lines appended to the file named by $GENSWEEP_BENCH_ROWS, flushed and fsynced as each
   is measured, so a kill keeps every row written before it (`read_rows` skips a line cut short by the kill).
 - `stop_mps`: a CUDA MPS control daemon started for a run (it daemonizes: it escapes any process group) asked to
   quit, then any process still carrying its pipe folder in its environment ended.
-- `finish_output`: the output folder kept to a few files (the device tool returns 8 at most), the rest in a tarball.
+- `end_processes`: the one SIGTERM-then-SIGKILL loop that the three above share.
 
 No torch here: a step's child imports this before it knows what it will run, and the tests use it on plain Pythons.
 """
@@ -21,19 +21,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from genmodels.io import json_lines
 
 ROWS_ENV = "GENSWEEP_BENCH_ROWS"  # the JSON-lines file every benchmark appends its rows to, as it measures them
 STEP_ENV = "GENSWEEP_BENCH_STEP"  # the step a row was measured in (written into each row)
 MPS_DIR_ENV = "GENSWEEP_MPS_DIR"  # where pack starts its MPS daemon (pipe/, log/), so the runner can stop it
 MPS_CONTROL = "nvidia-cuda-mps-control"
-WORK_PREFIX = "gensweep-gpu-check-"  # work folders under the temp dir; a later call cleans up what one left
-WORK_ENV = "GENSWEEP_GPU_CHECK_WORK"  # the work folder of the run that started a process (in its environment)
-MAX_OUTPUT_FILES = 6
 
 _live_groups: set[int] = set()
 
@@ -59,28 +56,40 @@ def append_rows(rows: Iterable[dict[str, Any]], benchmark: str | None = None, pa
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every whole row of a rows file; a last line cut short by a kill is skipped."""
-    rows = []
+    """Every whole row of a rows file (none when there is no file yet); a last line cut short by a kill is
+    skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return json_lines(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return rows
-    for line in lines:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------ ending processes
+
+def _signal_pids(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """`data` as JSON at `path`, written to a temporary file beside it and renamed: a reader (or a kill) never sees
-    half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+def end_processes(alive: Callable[[], list[int]], grace_s: float, kill_wait_s: float | None = None,
+                  send: Callable[[Sequence[int], int], None] = _signal_pids) -> list[tuple[str, list[int]]]:
+    """SIGTERM to the processes `alive()` lists, then SIGKILL to those still listed `grace_s` later, waiting
+    `kill_wait_s` (default `grace_s`) for them to go. `send(pids, signal)` delivers a signal (default: to each
+    pid; a process group passes its own). Returns the signals sent, each with the pids it went to."""
+    sent: list[tuple[str, list[int]]] = []
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s if kill_wait_s is None else kill_wait_s)):
+        left = alive()
+        if not left:
+            break
+        send(left, sig)
+        sent.append((signal.Signals(sig).name, left))
+        deadline = time.monotonic() + wait_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return sent
 
 
 # ------------------------------------------------------------------------------------------------ process groups
@@ -120,15 +129,8 @@ def end_group(pgid: int, grace_s: float) -> int:
     members were alive when it began."""
     alive = group_members(pgid)
     if alive:
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if group_members(pgid):
-            _signal_group(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while group_members(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        end_processes(lambda: group_members(pgid), grace_s, kill_wait_s=5.0,
+                      send=lambda pids, sig: _signal_group(pgid, sig))
     _live_groups.discard(pgid)
     return len(alive)
 
@@ -256,116 +258,15 @@ def stop_mps(base: str | Path, grace_s: float = 3.0) -> list[str]:
             notes.append(f"asked the MPS daemon at {pipe} to quit")
         except (subprocess.TimeoutExpired, OSError) as e:
             notes.append(f"MPS quit at {pipe} did not answer ({type(e).__name__})")
-    deadline = time.monotonic() + grace_s
-    while (left := processes_with_env("CUDA_MPS_PIPE_DIRECTORY", str(pipe))) and time.monotonic() < deadline:
+
+    def left() -> list[int]:
+        return processes_with_env("CUDA_MPS_PIPE_DIRECTORY", str(pipe))
+
+    deadline = time.monotonic() + grace_s  # the daemon's own way out after quit, first
+    while left() and time.monotonic() < deadline:
         time.sleep(0.1)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = processes_with_env("CUDA_MPS_PIPE_DIRECTORY", str(pipe))
-        if not left:
-            break
-        notes.append(f"{signal.Signals(sig).name} to {len(left)} MPS process(es) still running: {left}")
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace_s
-        while processes_with_env("CUDA_MPS_PIPE_DIRECTORY", str(pipe)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    if not processes_with_env("CUDA_MPS_PIPE_DIRECTORY", str(pipe)):
+    for name, pids in end_processes(left, grace_s):
+        notes.append(f"{name} to {len(pids)} MPS process(es) still running: {pids}")
+    if not left():
         shutil.rmtree(pipe, ignore_errors=True)  # nothing listens there now; the log stays
     return notes
-
-
-def clean_earlier_work(keep: str | Path | None = None) -> list[str]:
-    """A warm machine can hold what an earlier, killed call left: its processes (they carry its work folder in
-    their environment) are ended, its MPS daemon stopped and its work folder removed (every WORK_PREFIX folder in
-    the temp dir other than `keep`)."""
-    notes = []
-    base = str(Path(tempfile.gettempdir()) / WORK_PREFIX)
-    mine = str(keep) if keep is not None else None
-    left = [pid for pid in processes_with_env(WORK_ENV, base, prefix=True)
-            if mine is None or pid not in processes_with_env(WORK_ENV, mine)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if left:
-            notes.append(f"{signal.Signals(sig).name} to {len(left)} process(es) an earlier call left: {left}")
-            time.sleep(1.0)
-        left = [pid for pid in left if pid in processes_with_env(WORK_ENV, base, prefix=True)]
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
-        if keep is not None and folder.resolve() == Path(keep).resolve():
-            continue
-        notes += stop_mps(folder / "mps", grace_s=1.0)
-        shutil.rmtree(folder, ignore_errors=True)
-        notes.append(f"removed {folder} (an earlier call's)")
-    return notes
-
-
-def write_fake_mps_control(bin_dir: str | Path, stubborn: bool = False) -> Path:
-    """A stand-in for nvidia-cuda-mps-control, for rehearsing on a CPU: `-d` starts a daemon that leaves its
-    session (as the real one does, so no process-group kill reaches it) with the caller's environment, and makes a
-    `control` file in $CUDA_MPS_PIPE_DIRECTORY; `quit` on stdin ends it, unless `stubborn` (then only stop_mps's
-    kill by environment does)."""
-    bin_dir = Path(bin_dir)
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    script = bin_dir / MPS_CONTROL
-    daemon = "import time; time.sleep(3600)"  # started in a session of its own, as a daemon is
-    script.write_text(f"""#!{sys.executable}
-import os, signal, subprocess, sys
-pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
-if sys.argv[1:] == ["-d"]:
-    proc = subprocess.Popen([sys.executable, "-c", {daemon!r}], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    open(os.path.join(pipe, "fake.pid"), "w").write(str(proc.pid))
-    open(os.path.join(pipe, "control"), "w").close()
-    sys.exit(0)
-if sys.stdin.read().strip() == "quit" and not {stubborn!r}:
-    try:
-        os.kill(int(open(os.path.join(pipe, "fake.pid")).read()), signal.SIGTERM)
-        os.unlink(os.path.join(pipe, "control"))
-    except (OSError, ValueError):
-        pass
-""")
-    script.chmod(0o755)
-    return script
-
-
-# ------------------------------------------------------------------------------------------------ output folder
-
-def finish_output(out_dir: str | Path, work_dir: str | Path, tarball: str, keep: Sequence[str],
-                  max_file_mib: float = 4.0) -> dict[str, Any]:
-    """Keep the output folder to `keep` (the call's JSON, log and rows) and one tarball: every file of `work_dir`,
-    and any file in `out_dir` that is not kept (moved into the tarball), as `tarball` in `out_dir`. Files above
-    `max_file_mib` go in cut to their last `max_file_mib`. Returns the folder's files and the tarball's members."""
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
-    stray = [p for p in out_dir.iterdir() if p.name not in {*keep, tarball}]
-    if stray:
-        extra = work_dir / "out-extra"
-        extra.mkdir(parents=True, exist_ok=True)
-        for p in stray:
-            shutil.move(str(p), extra / p.name)
-    limit = int(max_file_mib * 2 ** 20)
-    members = []
-    tmp = out_dir / f".{tarball}.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        for path in sorted(p for p in work_dir.rglob("*") if p.is_file() and not p.is_symlink()):
-            name = str(path.relative_to(work_dir))
-            if "mps/pipe/" in name.replace(os.sep, "/"):
-                continue  # the MPS daemon's pipes (its log is kept)
-            if path.stat().st_size > limit:
-                cut = work_dir / ".cut"
-                with open(path, "rb") as f:
-                    f.seek(-limit, os.SEEK_END)
-                    cut.write_bytes(f.read())
-                tar.add(cut, arcname=name)
-                cut.unlink()
-            else:
-                tar.add(path, arcname=name)
-            members.append(name)
-    os.replace(tmp, out_dir / tarball)
-    files = sorted(p.name for p in out_dir.iterdir())
-    return {"files": files, "tarball": members, "stray_moved": [p.name for p in stray]}

@@ -1,15 +1,15 @@
 """Benchmarks, one subcommand each, printed as a table and optionally written as JSON: train
-(genmodels/bench/training.py), pack (pack.py), sampling (sampling.py), profile (profile.py), flops and fid (here),
+(bench/training.py), pack (pack.py), sampling (sampling.py), profile (profile.py), flops and fid (here),
 and `all` of them (run_all.py).
 
-    python -m genmodels.bench train --json train.json              # every model, fast path against the seeds' way
-    python -m genmodels.bench train --models vae,ncsn --size small --device cpu --steps 10
-    python -m genmodels.bench pack --model vae --trials 1,2,4,8    # concurrent trials on one GPU
-    python -m genmodels.bench flops --size full                     # work per image; images/s at a target MFU
-    python -m genmodels.bench fid --device cpu --n 64 --fid-weights PATH --json fid-cpu.json
-    python -m genmodels.bench sampling --checkpoint runs/ncsn/state.pt  # bf16 sampling: FID change, time saved
-    python -m genmodels.bench profile --model ncsn --cuda-graphs off  # a step's time by op
-    python -m genmodels.bench all --budget-s 420 --json all.json      # the whole suite, one budget, one JSON
+    python -m bench train --json train.json              # every model, fast path against the seeds' way
+    python -m bench train --models vae,ncsn --size small --device cpu --steps 10
+    python -m bench pack --model vae --trials 1,2,4,8    # concurrent trials on one GPU
+    python -m bench flops --size full                     # work per image; images/s at a target MFU
+    python -m bench fid --device cpu --n 64 --fid-weights PATH --json fid-cpu.json
+    python -m bench sampling --checkpoint runs/ncsn/state.pt  # bf16 sampling: FID change, time saved
+    python -m bench profile --model ncsn --cuda-graphs off  # a step's time by op
+    python -m bench all --budget-s 420 --json all.json      # the whole suite, one budget, one JSON
 
 Adding a benchmark: a function `bench_NAME(args)` returning a list of row dicts (or rows and a dict of run-wide
 facts), a function adding its arguments to a subparser, and one entry in BENCHMARKS. Row values that are dicts
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from genmodels.bench.common import (
+from bench.common import (
     BENCH_MODELS,
     add_run_arguments,
     bench_config,
@@ -34,11 +34,11 @@ from genmodels.bench.common import (
     trial_steps,
     write_json,
 )
-from genmodels.bench.harness import exit_on_signals
-from genmodels.bench.pack import add_pack_arguments, bench_pack
-from genmodels.bench.profile import add_profile_arguments, bench_profile
-from genmodels.bench.sampling import add_sampling_arguments, bench_sampling
-from genmodels.bench.training import add_train_arguments, bench_train
+from bench.pack import add_pack_arguments, bench_pack
+from bench.processes import exit_on_signals
+from bench.profile import add_profile_arguments, bench_profile
+from bench.sampling import add_sampling_arguments, bench_sampling
+from bench.training import add_train_arguments, bench_train
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops: the work per training image of each model, and what a target MFU means in images/s (no training)
@@ -154,7 +154,7 @@ BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     for name, (add_arguments, _) in BENCHMARKS.items():
         p = sub.add_parser(name)

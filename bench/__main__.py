@@ -1,0 +1,36 @@
+"""`python -m bench NAME ...`, from the repository's root:
+
+    train | pack | flops | fid | sampling | profile   one benchmark (bench/suite.py)
+    trial                                            a whole trial's wall time by phase (bench/trial.py)
+    all                                              all of them inside one time budget (bench/run_all.py)
+    overhead                                         Tune's overhead on one trial, or a sweep's busy slots
+                                                     (bench/overhead.py)
+    scale                                            the driver's cost per trial from 8 trials to thousands
+                                                     (bench/scale.py)
+
+`python -m bench NAME --help` lists a subcommand's flags. The GPU check that runs them on a GPU machine is
+.ci/gpu_check/ (`bash .ci/gpu-check 1|2`)."""
+import sys
+
+from bench.processes import exit_on_signals
+
+# a subcommand with a module of its own; the rest are bench/suite.py's
+SUBCOMMANDS = {"all": "bench.run_all", "trial": "bench.trial", "overhead": "bench.overhead", "scale": "bench.scale"}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    exit_on_signals()  # stopped with SIGTERM (a step's limit), a benchmark still runs its `finally` blocks
+    if argv[0] in SUBCOMMANDS:
+        import importlib
+
+        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    else:
+        from bench.suite import main as suite_main
+
+        suite_main(argv)
+
+
+main(sys.argv[1:])
