@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,10 +64,86 @@ signals_received: list[int] = []
 
 def on_sigterm(signum: int, frame) -> None:
     signals_received.append(signum)
+    if local_ray and signum == signal.SIGTERM:
+        threading.Thread(target=watch_ray, args=(list(local_ray),), name="gensweep-ray-watch", daemon=True).start()
     handler = signal.getsignal(signal.SIGINT)
     if not callable(handler) or handler is on_sigterm:
         raise KeyboardInterrupt
     handler(signal.SIGINT, frame)  # Tune's while the sweep runs (save the state, stop); else Python's: raise
+
+
+# A SIGTERM to the driver's whole process group (`kill -TERM -- -PGID`, a shell's job control, Slurm's scancel, many
+# supervisors) reaches the local Ray's GCS and raylet too: they are the driver's children, in its group, and end
+# within seconds. Tune's graceful stop then waits a minute for a GCS that is gone, and the driver dies without its
+# leaderboard. So while Tune stops, the driver watches them: if they end first, the sweep ends as a killed driver's
+# does, at once: the board from storage, the resume line, exit 143.
+RAY_PROCESSES = ("gcs_server", "raylet")
+local_ray: list[int] = []  # their PIDs while this driver's local Ray runs
+ending: dict[str, Any] = {}  # what stop_without_ray needs: spec, storage, the resume line
+
+
+def ray_children() -> list[int]:
+    """PIDs of this process's children that are the local Ray's GCS or raylet (none without /proc)."""
+    found = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        stat = _stat(pid)
+        if stat and stat[1] == os.getpid() and stat[0] in RAY_PROCESSES:
+            found.append(int(pid))
+    return found
+
+
+def _stat(pid: str | int) -> tuple[str, int, str] | None:
+    """(name, parent PID, state) of a process from /proc; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, int(rest[1]), rest[0]
+
+
+def watch_ray(pids: list[int], every_s: float = 0.1) -> None:
+    """Until the driver shuts Ray down itself (local_ray cleared): stop_without_ray as soon as one of the local
+    Ray's processes has ended (gone, or dead and unreaped)."""
+    while local_ray:
+        if any((s := _stat(pid)) is None or s[2] in "ZX" for pid in pids):
+            if local_ray:
+                stop_without_ray()
+            return
+        time.sleep(every_s)
+
+
+def stop_without_ray() -> None:
+    """The end of a sweep whose Ray died with its driver: the leaderboard from the trials' results in storage, the
+    resume line, this driver's own processes ended by PID, exit 143. Tune's state is the one it saved last, as after
+    a killed driver, and --resume continues from it."""
+    print("\ngensweep: SIGTERM reached the local Ray's own processes too (a signal to the whole process group): "
+          "the sweep stops now, from what its trials stored", flush=True)
+    try:
+        if ending:
+            spec, storage = ending["spec"], ending["storage"]
+            print_board([trial_row(t, spec) for t in sweep_trials(storage, spec)], spec, "local")
+            print(f"gensweep: interrupted; continue with: {ending['resume']}", flush=True)
+    finally:
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if pid.isdigit() and (stat := _stat(pid)):
+            children.setdefault(stat[1], []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def stop_code() -> int:
@@ -176,12 +253,14 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     os.environ["WANDB_MODE"] = wandb_mode
     with signals_held() as held:
         cluster.init_ray(args.address, {"WANDB_MODE": wandb_mode, "WANDB_SILENT": "true"})
+    local_ray[:] = [] if args.address else ray_children()
     try:
         if held:
             print("gensweep: stopped while Ray was starting; nothing ran: run the same command again")
             return stop_code()
         return run_on_ray(spec, args, storage, data, plan, wandb_mode, warm)
     finally:
+        local_ray.clear()
         ray.shutdown()  # the local Ray's processes end with the driver, whatever ended the sweep
 
 
@@ -208,6 +287,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
               f"python sweeps/run.py --resume {spec.name}") + f" --storage-path {shlex.quote(storage)}" + (
         f" --address {shlex.quote(args.address)}" if args.address else "")
     print(f"gensweep: if this driver stops, continue the sweep with: {resume}")
+    ending.update(spec=spec, storage=storage, resume=resume)
     interrupted, folder = False, sweep_storage.join(storage, spec.name)
     driver_clock.reset()
     started = time.monotonic()
@@ -223,6 +303,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
         WandbLogger.close_all(timeout_s=10)
         StudyWriter.close_all()
+        local_ray.clear()  # Ray's processes end now, and not because of a signal
         ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 
     record_driver_time(folder, time.monotonic() - started)

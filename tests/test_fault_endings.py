@@ -120,6 +120,45 @@ def test_sigterm_stops_as_ctrl_c_does_and_exits_143(tmp_path, capsys):
         print(f"\nSIGTERM: stopped in {took:.1f} s")
 
 
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the processes still in process group `pgid` (zombies aside)."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(pid))
+    return members
+
+
+def test_sigterm_to_the_whole_process_group_ends_as_sigterm_to_the_driver(tmp_path, capsys):
+    """`kill -TERM -- -PGID` (a shell's job control, Slurm's scancel, supervisors) reaches the local Ray's GCS and
+    raylet too; before, the driver waited a minute for the dead GCS and died with exit 1 and no board."""
+    storage, name = tmp_path / "runs", "group"
+    with open(tmp_path / "driver.log", "w") as f:  # a session of its own: the group signalled is the sweep's alone
+        driver = subprocess.Popen([*SMOKE, "--num-samples", "3", "--max-concurrent", "1", "--storage-path",
+                                   str(storage), "--name", name, "--fixed", "steps_per_epoch=30"], cwd=ROOT, stdout=f,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                  start_new_session=True)
+    wait_for(lambda: results(storage / name))
+    sent = time.time()
+    os.killpg(driver.pid, signal.SIGTERM)
+    code = driver.wait(timeout=60)
+    took = time.time() - sent
+    time.sleep(2)
+    left = group_members(driver.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 143 and took < 15 and not left, (code, took, left, log[-3000:])
+    assert f"Leaderboard of {name}" in log and f"--resume {name}" in last_line(tmp_path / "driver.log"), log[-3000:]
+    with capsys.disabled():
+        print(f"\nSIGTERM to the process group: stopped in {took:.1f} s")
+
+
 def test_ctrl_c_while_ray_starts_is_one_line_exit_130_and_leaves_no_folder(tmp_path):
     storage, name = tmp_path / "runs", "starting"
     log = tmp_path / "driver.log"
