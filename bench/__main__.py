@@ -12,10 +12,8 @@
 .ci/gpu_check/ (`bash .ci/gpu-check 1|2`)."""
 import sys
 
+from bench import SUBCOMMANDS, module
 from bench.processes import exit_on_signals
-
-# a subcommand with a module of its own; the rest are bench/suite.py's
-SUBCOMMANDS = {"all": "bench.run_all", "trial": "bench.trial", "overhead": "bench.overhead", "scale": "bench.scale"}
 
 
 def main(argv: list[str]) -> None:
@@ -23,14 +21,7 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         return
     exit_on_signals()  # stopped with SIGTERM (a step's limit), a benchmark still runs its `finally` blocks
-    if argv[0] in SUBCOMMANDS:
-        import importlib
-
-        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-    else:
-        from bench.suite import main as suite_main
-
-        suite_main(argv)
+    module(argv[0]).main(argv[1:] if argv[0] in SUBCOMMANDS else argv)
 
 
 main(sys.argv[1:])

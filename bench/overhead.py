@@ -45,7 +45,7 @@ from genmodels.io import json_lines
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", default="vae")
     p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     busy.add_argument("--sweep-args", default="", help="more run.py arguments, as one string (e.g. '--num-samples 4')")
     busy.add_argument("--slots", type=int, default=os.cpu_count(),
                       help="trials Tune can run at once: CPUs / CPUs per trial (default: this machine's CPUs)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def trial_spans(folder: Path) -> list[dict[str, Any]]:

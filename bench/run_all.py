@@ -114,7 +114,7 @@ def run_step(name: str, extra: list[str], device: str, timeout_s: float, rows: s
         return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench all", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole suite (default 420)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 "(default: $GENSWEEP_BENCH_ROWS)")
     p.add_argument("--logs", type=Path, default=None, help="keep each step's output here, one file per step")
     p.add_argument("--work", type=Path, default=None, help="pack's MPS folders go under here (default: temporary)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     if argv is None:
         exit_on_signals()
     rows = args.rows or os.environ.get(ROWS_ENV)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRIAL_FLAGS = ["--preset", "smoke", "--fixed", "epochs=1", "--seed", "0"]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, nargs="+", default=[8, 100], help="sweep sizes, run one after another")
     p.add_argument("--space", default="vae")
@@ -44,7 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--estimate", type=int, default=10_000, help="trials of the linear estimate")
     p.add_argument("--keep", type=Path, default=None, help="keep the sweeps' folders here (default: deleted)")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def tenths(spans: list[dict[str, Any]]) -> list[float]:

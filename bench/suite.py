@@ -153,14 +153,18 @@ BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[
 }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="benchmark", required=True)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="benchmark", required=True)
     for name, (add_arguments, _) in BENCHMARKS.items():
-        p = sub.add_parser(name)
-        add_run_arguments(p)
-        add_arguments(p)
-    args = parser.parse_args(argv)
+        one = sub.add_parser(name)
+        add_run_arguments(one)
+        add_arguments(one)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     if argv is None:  # a process of its own (bench all's steps): stopped with SIGTERM, its `finally` blocks run
         exit_on_signals()
     if args.threads:

@@ -251,11 +251,15 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-rfid", action="store_true", help="no reconstruction FID at the end (run.py --no-rfid)")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench trial", description=__doc__.split("\n\n")[0])
     add_run_arguments(p)
     add_trial_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args)

@@ -62,6 +62,11 @@ def parse(words: list[str]) -> bool:
 
         parse_args(words[2:])
         return True
+    if words[:2] == ["-m", "bench"] and len(words) > 2 and words[2] not in ("-h", "--help"):
+        import bench
+
+        bench.parse(words[2:])
+        return True
     return False
 
 
