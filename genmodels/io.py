@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -34,15 +35,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def json_lines(text: str) -> list[dict[str, Any]]:
+def json_lines(text: str, cut: list[int] | None = None) -> list[dict[str, Any]]:
     """The objects of a JSON-lines text (Tune's result.json), in order. A line that does not parse, e.g. the last one
-    of a file a crash or a full disk cut short, or one being written right now, is passed over."""
+    of a file a crash or a full disk cut short, or one being written right now, is passed over, and its number
+    (1-based) added to `cut` where one is given. Where a writer went on after a cut line without a newline, the line
+    holds the cut text and then a whole object that begins as the cut one did (the same first key): that one is
+    kept."""
     objects = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             obj = json.loads(line)
         except ValueError:
-            continue
+            obj = None
+            if cut is not None and line.strip():
+                cut.append(number)
+            # cut within its first key: any object after it is the appended one
+            head = re.match(r'\s*(\{\s*"(?:[^"\\]|\\.)*"\s*:)', line)
+            first = head[1] if head else '{"'
+            start = line.find(first, head.end() if head else 1)
+            while start > 0 and obj is None:
+                try:
+                    obj = json.loads(line[start:])
+                except ValueError:
+                    start = line.find(first, start + 1)
         if isinstance(obj, dict):
             objects.append(obj)
     return objects

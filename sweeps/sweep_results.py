@@ -13,7 +13,7 @@ import math
 import numbers
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from genmodels.io import json_lines
 from sweeps.spec import SWEEP_FILE, SweepSpec, UsageError
@@ -88,13 +88,30 @@ def _analysis(folder: str):
 
 
 def tune_trial(trial, folder: str, spec: SweepSpec) -> dict[str, Any]:
-    """A trial as Tune's state lists it, with its results from its folder (they can be newer than the state)."""
+    """A trial as Tune's state lists it, with its results from its folder (they can be newer than the state). Where
+    a line of its result.json was cut short, what the line held is looked for in the rest of the folder and in
+    Tune's last result, and the driver's ended marker gives the epoch it ended at (read_results)."""
     trial_folder = join(folder, trial.storage.trial_dir_name)
-    history = read_results(trial_folder)
+    marker: list[dict[str, Any] | None] = []  # the ended marker, read only for a result.json cut short
+
+    def has_ended() -> bool:
+        marker.append(_ended_marker(trial_folder))
+        return trial.status in ("TERMINATED", "ERROR") or marker[0] is not None
+
+    history, cut = read_results(trial_folder, has_ended, [trial.last_result or {}])
     last = history[-1] if history else (trial.last_result or {})
+    if cut:
+        last = _with_end(last, marker[0] if marker else _ended_marker(trial_folder))
     return {"trial": trial.storage.trial_dir_name, "id": trial.trial_id, "config": trial.config,
             "history": history, "last": last, "dir": None if is_uri(folder) else Path(trial_folder),
             "status": trial_status(last, spec.max_epochs, trial.status, spec.milestones)}
+
+
+def _ended_marker(trial_folder: str) -> dict[str, Any] | None:
+    """What the driver recorded as the trial ended (trainables/checkpoints.py TrialEndRecorder); None before."""
+    from trainables.checkpoints import ENDED_FILE  # imports Ray
+
+    return _read_object(join(trial_folder, ENDED_FILE))
 
 
 def folder_trials(folder: str, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -108,7 +125,7 @@ def folder_trials(folder: str, spec: SweepSpec) -> list[dict[str, Any]]:
         if not name.startswith(f"{spec.model_name}_") or not files & {PARAMS_FILE, RESULT_FILE}:
             continue
         trial_folder = join(folder, name)
-        history = read_results(trial_folder)
+        history, _ = read_results(trial_folder, ENDED_FILE in files)
         config = _read_object(join(trial_folder, PARAMS_FILE)) or next(
             (r["config"] for r in history if isinstance(r.get("config"), dict)), {})  # params.json cut short
         ended = _read_object(join(trial_folder, ENDED_FILE)) if ENDED_FILE in files else None
@@ -139,10 +156,44 @@ def folder_status(last: dict[str, Any], ended: bool, failed: bool, spec: SweepSp
     return NOT_ENDED if is_number(last.get("epoch")) else "no result"
 
 
-def read_results(trial_folder: str) -> list[dict[str, Any]]:
-    """A trial's results, oldest first, from its result.json; a line that does not parse (cut short by a full disk,
-    or being written right now) is skipped."""
-    return json_lines(_read(join(trial_folder, RESULT_FILE)))
+_said_cut: set[str] = set()  # the result.json files said to be cut short: one line a file, however often read
+
+
+def read_results(trial_folder: str, ended: bool | Callable[[], bool] = False,
+                 known: list[dict[str, Any]] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """A trial's results, oldest first, from its result.json, and whether a line of it was cut short. A last line
+    without its newline, of a trial that has not ended (`ended`, a callable asked only then), is being written now:
+    skipped without a word. Any other line that does not parse was cut short (a full disk, a copy cut short, a
+    driver killed as it wrote): said in one line on stderr (once a file in this process), and the results of the
+    epochs result.json lost are taken from the rest of the trial's folder (Tune's progress.csv, the reports its
+    checkpoints carry; trainables/checkpoints.py folder_reports) and from `known` results (Tune's last one)."""
+    path = join(trial_folder, RESULT_FILE)
+    text = _read(path)
+    cut: list[int] = []
+    history = json_lines(text, cut)
+    total = len(text.splitlines())
+    if not cut or (cut == [total] and not text.endswith(("\n", "\r")) and not (ended() if callable(ended) else ended)):
+        return history, False
+    from trainables.checkpoints import cut_lines, folder_reports  # Ray and torch: only for a damaged file
+
+    if path not in _said_cut:
+        _said_cut.add(path)
+        print(f"gensweep: {path}: {cut_lines(cut, total)} (cut short); the trial's results it lost are read from "
+              "the rest of its folder (ended marker, progress.csv, checkpoints)", file=sys.stderr, flush=True)
+    return with_lost_results(history, [*folder_reports(trial_folder), *known]), True
+
+
+def with_lost_results(history: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`history` with the results in `found` of the epochs it lacks (those of one epoch merged, the later ones'
+    values first), in epoch order."""
+    have = {r.get("epoch") for r in history}
+    lost: dict[Any, dict[str, Any]] = {}
+    for r in found:
+        if is_number(r.get("epoch")) and r["epoch"] not in have:
+            lost[r["epoch"]] = {**lost.get(r["epoch"], {}), **r}
+    if not lost:
+        return history
+    return sorted([*history, *lost.values()], key=lambda r: r["epoch"] if is_number(r.get("epoch")) else 0)
 
 
 def _read_object(path: str) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ twice and no ended trial is trained again. Paths may be local folders or cloud U
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import sys
@@ -19,13 +21,17 @@ import pyarrow.fs
 from ray import tune
 
 from genmodels.engine import CHECKPOINT_FILE
-from genmodels.io import json_lines, load_checkpoint
+from genmodels.io import json_lines, load_checkpoint, write_atomic
 from trainables.driver_clock import clocked
 
 GRAPHS_FAILED_FILE = "gensweep_graph_capture_failed.json"  # written by a trial whose CUDA graph capture failed
 ENDED_FILE = "gensweep_trial_ended.json"  # written by the driver (TrialEndRecorder) when a trial ends
 IMAGES_DIR = "images"  # inside each checkpoint: <name>.png grids written by the trainable, logged to W&B
 RESULT_FILE = "result.json"  # Tune's record of a trial's reports, one JSON object a line
+PROGRESS_FILE = "progress.csv"  # Tune's other record of them: a CSV row each, with the first report's columns only
+# In a checkpoint's exp.extra: the reports made since the previous checkpoint, this one's own last (the trainable's
+# `report` keeps them; a resumed trial reports again those result.json lacks)
+CARRIED_REPORTS = "reports"
 
 
 def trial_dirname(model_name: str, trial_id: str) -> str:
@@ -66,11 +72,13 @@ def record_end(trial_folder: str, info: dict[str, Any]) -> None:
         f.write(json.dumps(info).encode())
 
 
-def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tuple[dict[str, Any], str] | None:
+def newest_state(trial_folder: str | None, given: tune.Checkpoint | None,
+                 carried: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], str] | None:
     """(state, path) of the trial's newest checkpoint that loads, by the epoch saved in it: those in its folder and
     the one Tune handed back. (Not by folder name: Tune numbers the checkpoints of a restored trial from its own
     count, so after a resume a lower number can hold a later epoch.) An unreadable one (e.g. truncated by a crash)
-    is passed over, and that is said on stderr."""
+    is passed over, and that is said on stderr. With `carried`, the reports every checkpoint that loads carries
+    (CARRIED_REPORTS) are added to it, by epoch, the newer checkpoint's where two carry one epoch."""
     candidates: list[tune.Checkpoint] = []
     if trial_folder:
         fs, root = _fs(trial_folder)
@@ -83,6 +91,7 @@ def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tup
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
     newest: tuple[dict[str, Any], str] | None = None
+    by_epoch: dict[int, tuple[tuple[int, int], dict[str, Any]]] = {}  # epoch: (the checkpoint's age, its report)
     for checkpoint in candidates:
         try:
             with checkpoint.as_directory() as d:
@@ -93,6 +102,13 @@ def newest_state(trial_folder: str | None, given: tune.Checkpoint | None) -> tup
             continue
         if newest is None or (state["epoch"], state["step"]) > (newest[0]["epoch"], newest[0]["step"]):
             newest = state, checkpoint.path
+        age = (state["epoch"], state["step"])
+        for report in (state.get("extra") or {}).get(CARRIED_REPORTS) or []:
+            epoch = report.get("epoch")
+            if isinstance(epoch, int) and (epoch not in by_epoch or by_epoch[epoch][0] < age):
+                by_epoch[epoch] = age, report
+    if carried is not None:
+        carried.extend(by_epoch[epoch][1] for epoch in sorted(by_epoch))
     return newest
 
 
@@ -142,6 +158,86 @@ def stored_results(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[dict[str,
         return None
 
 
+def repair_results(fs: pyarrow.fs.FileSystem, trial_path: str) -> bool:
+    """Make result.json under `trial_path` on `fs` end on a whole line before anything is appended to it: a line that
+    does not parse (cut short by a full disk, a copy cut short, a driver killed as it wrote) is dropped, or, where a
+    writer went on after the cut without a newline, replaced by the whole report that follows the cut text; a last
+    line without its newline gets one. Tune's driver appends a resumed trial's reports to this file as it is (its
+    JsonLoggerCallback copies it from storage when the trial starts): a cut line left in it would swallow the next
+    report. Says so in one line on stderr; returns whether the file was changed."""
+    path = f"{trial_path}/{RESULT_FILE}"
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode(errors="replace")
+    except OSError:  # none yet (FileNotFoundError included), or unreadable: nothing to append to it
+        return False
+    kept: list[str] = []
+    cut: list[int] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        try:
+            whole = isinstance(json.loads(line), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            kept.append(line)
+        elif line.strip():
+            cut.append(number)
+            kept.extend(json.dumps(r) for r in json_lines(line))  # the report appended to a cut one, if any
+    if not cut and (not text or text.endswith("\n")):
+        return False
+    repaired = "".join(f"{line}\n" for line in kept).encode()
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        write_atomic(path, lambda f: f.write(repaired))
+    else:
+        with fs.open_output_stream(path) as f:  # an object store's put is atomic: readers see the old or the new
+            f.write(repaired)
+    where = path if isinstance(fs, pyarrow.fs.LocalFileSystem) else f"{fs.type_name}://{path}"
+    said = (f"{cut_lines(cut, len(text.splitlines()))} (cut short): the cut text dropped" if cut
+            else "its last line had no newline; ended it")
+    print(f"gensweep: {where}: {said}, so that the resumed trial's reports start on a line of their own",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def cut_lines(numbers: list[int], total: int) -> str:
+    """Which lines of a file of `total` lines do not parse, in words: `line 7 of 7 does not parse`."""
+    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    return f"line {shown} of {total} does not parse" if len(numbers) == 1 else f"lines {shown} of {total} do not parse"
+
+
+def folder_reports(trial_folder: str) -> list[dict[str, Any]]:
+    """What the trial's folder holds of its reports besides result.json, for a result.json cut short: Tune's
+    progress.csv (a row a report, numbers as numbers; only the first report's columns, and a row cut short is
+    passed over), then the reports its checkpoints carry (whole, as they were reported; the last epoch of a trial
+    always has a checkpoint). Either may be missing: then what the other holds."""
+    fs, root = _fs(trial_folder)
+    rows: list[dict[str, Any]] = []
+    try:
+        with fs.open_input_stream(f"{root}/{PROGRESS_FILE}") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        text = ""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines.pop()  # cut short
+    for row in csv.DictReader(io.StringIO("".join(lines))):
+        if None not in row and None not in row.values():  # a row with more or fewer cells than the header
+            rows.append({k: _cell(v) for k, v in row.items() if v != ""})
+    carried: list[dict[str, Any]] = []
+    newest_state(trial_folder, None, carried)
+    return rows + carried
+
+
+def _cell(text: str) -> Any:
+    """A progress.csv cell as the report had it: Tune writes str() of each value."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)
+
+
 @clocked
 class TrialEndRecorder(tune.Callback):
     """Driver side: records in each trial's folder that it ended (completed, stopped by ASHA, diverged), at once,
@@ -154,3 +250,16 @@ class TrialEndRecorder(tune.Callback):
         last = trial.last_result or {}
         record_end(f"{self.sweep_folder}/{trial_dirname(trial.config['model_name'], trial.trial_id)}",
                    {"epoch": last.get("epoch"), "diverged": last.get("diverged", 0)})
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        """A trial that starts again from a checkpoint (after --resume, or a retry) has its result.json in storage
+        repaired (repair_results) before Tune's JsonLoggerCallback, one of Tune's default callbacks and so called
+        after the sweep's own, copies it to the driver and appends to it. A trial without a checkpoint gets no copy:
+        Tune starts its file anew."""
+        if trial.storage is None or trial.checkpoint is None:
+            return
+        try:
+            repair_results(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
+        except Exception as e:  # noqa: BLE001 - a bucket that refuses it: Tune appends as before, the sweep goes on
+            print(f"gensweep: result.json of trial {trial.trial_id} cannot be repaired ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)

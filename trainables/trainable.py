@@ -22,6 +22,7 @@ from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
 from trainables.checkpoints import (
+    CARRIED_REPORTS,
     IMAGES_DIR,
     folder_bytes,
     graph_capture_failed,
@@ -34,10 +35,9 @@ from trainables.checkpoints import (
 )
 from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
 
-# In exp.extra (saved in each checkpoint): the reports made since the previous checkpoint, this one's own last. Tune
-# persists a checkpoint before the driver records its report, so a driver stopped in between leaves a checkpoint
-# whose reports the sweep never saw; a resumed trial reports them again (`replay`).
-CARRIED_REPORTS = "reports"
+# In exp.extra (saved in each checkpoint, under CARRIED_REPORTS): the reports made since the previous checkpoint, this
+# one's own last. Tune persists a checkpoint before the driver records its report, so a driver stopped in between
+# leaves a checkpoint whose reports the sweep never saw; a resumed trial reports them again (`replay`).
 
 
 class TrialPlan(NamedTuple):
@@ -76,11 +76,15 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     exp = Experiment(trial_config(config), data["train"], data["test"])
     if graphs_failed:
         exp.extra["graphs_off_after_failed_capture"] = 1
-    newest = newest_state(trial_folder, tune.get_checkpoint())
+    # The reports every checkpoint carries, not the newest's alone: a line of result.json that was cut short (and
+    # dropped by the driver's repair_results) may be an older checkpoint's.
+    carried: list[dict[str, Any]] = []
+    newest = newest_state(trial_folder, tune.get_checkpoint(), carried)
     if newest:
         exp.restore_state(newest[0])
         # Without the trial's folder there is no result.json to compare with: nothing is replayed.
-        replay(exp.extra.get(CARRIED_REPORTS, []), recorded_epochs(trial_folder) if trial_folder else None)
+        replay([r for r in carried if r.get("epoch", 0) <= exp.epoch],
+               recorded_epochs(trial_folder) if trial_folder else None)
     exp.extra["resumed_from_epoch"] = exp.epoch
     # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,
@@ -118,10 +122,11 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
 
 
 def replay(carried: list[dict[str, Any]], recorded: set[int] | None) -> None:
-    """Report again, in order, the carried reports whose epoch result.json lacks (`replayed` 1; the checkpoint of
-    the last is the one just restored, already in the trial's folder). Where result.json cannot be read (not
-    synced to a bucket yet, or gone) nothing is replayed: which epochs the sweep recorded is unknown, and a missed
-    row is better than a recorded epoch reported twice (which reads as an epoch trained twice)."""
+    """Report again, in order, the carried reports (of the checkpoints in the trial's folder, up to the one just
+    restored) whose epoch result.json lacks (`replayed` 1; the checkpoint of the last is the one just restored,
+    already in the trial's folder). Where result.json cannot be read (not synced to a bucket yet, or gone) nothing
+    is replayed: which epochs the sweep recorded is unknown, and a missed row is better than a recorded epoch
+    reported twice (which reads as an epoch trained twice)."""
     if recorded is None:
         return
     for metrics in carried:
