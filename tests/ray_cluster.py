@@ -8,6 +8,8 @@ namespace, every process inside it.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -222,3 +224,42 @@ def kill_when(driver: subprocess.Popen, ready, timeout: float = 150, poll: float
             break
         time.sleep(poll)
     assert driver.wait(timeout=30) == -signal.SIGKILL, f"the driver ended with {driver.returncode} before the kill"
+
+
+def stored_results(storage: Path, name: str) -> dict[str, list[dict]]:
+    """{trial_id: its reports in order} from the sweep's folder in storage."""
+    results = {}
+    for path in sorted((storage / name).glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            results[rows[0]["trial_id"]] = rows
+    return results
+
+
+def tune_state(storage: Path, name: str) -> dict[str, dict] | None:
+    """The experiment state Tune saved to storage (what Tuner.restore will see): per trial its status, last epoch
+    reported and the epoch of its latest checkpoint (0: none; None: deleted since, the saved state lags)."""
+    from ray.tune import ExperimentAnalysis
+
+    from genmodels.engine import CHECKPOINT_FILE
+    from genmodels.io import load_checkpoint
+
+    def checkpoint_epoch(trial) -> int | None:
+        try:
+            return load_checkpoint(Path(trial.checkpoint.path) / CHECKPOINT_FILE)["epoch"] if trial.checkpoint else 0
+        except FileNotFoundError:
+            return None
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(str(storage / name)).trials
+    except (ValueError, FileNotFoundError, json.JSONDecodeError):
+        return None  # not written yet
+    return {t.trial_id: {"status": t.status, "epoch": (t.last_result or {}).get("epoch", 0),
+                         "checkpoint_epoch": checkpoint_epoch(t), "config": t.config} for t in trials}
+
+
+def stop(proc) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()  # by PID: our own driver
+        proc.wait()

@@ -20,7 +20,7 @@ from sweeps import distributions, importance, leaderboard, report, study, study_
 from sweeps.spec import SweepSpec
 from trainables.checkpoints import ENDED_FILE
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 State = optuna.trial.TrialState
 
 

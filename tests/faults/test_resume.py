@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from ray_cluster import LocalCluster, kill_when
-from test_cluster import stop, stored_results, tune_state
+from ray_cluster import LocalCluster, kill_when, stop, stored_results, tune_state
 
 
 def tiny_ncsn_checkpoint(tmp_path: Path) -> Path:

@@ -3,7 +3,6 @@ storage, and a real multi-node Ray cluster on this machine that loses a worker n
 finishes every trial from checkpoints."""
 import glob
 import json
-import logging
 import pickle
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import ROOT, LocalCluster, kill_when
+from ray_cluster import ROOT, LocalCluster, kill_when, stop, stored_results, tune_state
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 
@@ -239,37 +238,7 @@ def live_results(cluster: LocalCluster, name: str) -> list[dict]:
     return rows
 
 
-def stored_results(storage: Path, name: str) -> dict[str, list[dict]]:
-    """{trial_id: its reports in order} from the sweep's folder in storage."""
-    results = {}
-    for path in sorted((storage / name).glob("*/result.json")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            results[rows[0]["trial_id"]] = rows
-    return results
 
-
-def tune_state(storage: Path, name: str) -> dict[str, dict] | None:
-    """The experiment state Tune saved to storage (what Tuner.restore will see): per trial its status, last epoch
-    reported and the epoch of its latest checkpoint (0: none; None: deleted since, the saved state lags)."""
-    from ray.tune import ExperimentAnalysis
-
-    from genmodels.engine import CHECKPOINT_FILE
-    from genmodels.io import load_checkpoint
-
-    def checkpoint_epoch(trial) -> int | None:
-        try:
-            return load_checkpoint(Path(trial.checkpoint.path) / CHECKPOINT_FILE)["epoch"] if trial.checkpoint else 0
-        except FileNotFoundError:
-            return None
-
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    try:
-        trials = ExperimentAnalysis(str(storage / name)).trials
-    except (ValueError, FileNotFoundError, json.JSONDecodeError):
-        return None  # not written yet
-    return {t.trial_id: {"status": t.status, "epoch": (t.last_result or {}).get("epoch", 0),
-                         "checkpoint_epoch": checkpoint_epoch(t), "config": t.config} for t in trials}
 
 
 def table(title: str, results: dict[str, list[dict]], node_names: dict[str, str]) -> str:
@@ -291,12 +260,6 @@ def leaderboard_rows(log: str, name: str) -> list[str]:
     """The ranked rows run.py prints at the end of a sweep."""
     board = log[log.index(f"Leaderboard of {name}"):].splitlines()[3:]
     return [line for line in board if line[:1].isdigit()]
-
-
-def stop(proc) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.kill()  # by PID: our own driver
-        proc.wait()
 
 
 @pytest.mark.slow

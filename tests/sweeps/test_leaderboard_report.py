@@ -117,7 +117,7 @@ def test_source_wandb_without_login_is_one_line_and_exit_2(fid_sweep, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     r = subprocess.run([sys.executable, "sweeps/leaderboard.py", "--source", "wandb", "--name", "s",
-                        "--storage-path", str(fid_sweep)], cwd=Path(__file__).parents[1], env=no_login_env(home),
+                        "--storage-path", str(fid_sweep)], cwd=Path(__file__).parents[2], env=no_login_env(home),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
