@@ -70,40 +70,17 @@ class Experiment:
         exp.trainer.load_weights(state)
         return exp
 
-    @property
-    def model(self):
-        return self.trainer.model
-
-    @property
-    def eval_model(self):
-        return self.trainer.eval_model
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.device
-
-    @property
-    def epoch(self) -> int:
-        return self.trainer.epoch
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps so far."""
-        return self.trainer.step
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        """Small values saved in the run's checkpoint and restored with it (e.g. the best metric so far)."""
-        return self.trainer.extra
-
-    @property
-    def progress(self) -> Callable[[str], None] | None:
-        return self.trainer.progress
-
-    @property
-    def graph_captured(self) -> bool:
-        """Whether the training step runs as a replayed CUDA graph."""
-        return self.trainer.graph_captured
+    # the Trainer's state, read through the facade (nothing outside this module reaches into exp.trainer)
+    model = property(lambda self: self.trainer.model)
+    eval_model = property(lambda self: self.trainer.eval_model)
+    device = property(lambda self: self.trainer.device)
+    epoch = property(lambda self: self.trainer.epoch)
+    step = property(lambda self: self.trainer.step, doc="Optimizer steps so far.")
+    extra = property(lambda self: self.trainer.extra,
+                     doc="Small values saved in the run's checkpoint and restored with it (e.g. the best metric).")
+    progress = property(lambda self: self.trainer.progress)
+    graph_captured = property(lambda self: self.trainer.graph_captured,
+                              doc="Whether the training step runs as a replayed CUDA graph.")
 
     @property
     def done(self) -> bool:

@@ -227,14 +227,15 @@ NCSN_SAMPLING_SPACE = Space(
 VAE_FAMILY_SMOKE = {**SMOKE_DATA, "epochs": 3, "steps_per_epoch": 8, "batch_size": 32, "eval_images": 128,
                     "eval_k": 8, "final_eval_k": 32}
 
+RESNET = {"arch": "resnet", "norm": "group"}  # GroupNorm: the family reports L_k, which BatchNorm would bias
+
 RESNET_VAE_SPACE = Space(
     name="resnet_vae",
     model="vae",
     description="ResNet-VAE (residual encoder and decoder, GroupNorm); ranked by test negative ELBO (beta=1) in "
                 "bits/dim, as vae is (--metric test_iwae_bpd for the bound at eval_k)",
     params={
-        "arch": "resnet",
-        "norm": "group",
+        **RESNET,
         "beta": loguniform(0.1, 4.0),
         "latent": choice([32, 64, 128, 256]),
         "lr": loguniform(1e-4, 3e-3),
@@ -257,8 +258,7 @@ DFC_SPACE = Space(
     description="DFC-VAE (ResNet-VAE + VGG-19 perceptual loss); ranked by sample FID (--metric test_iwae_bpd for "
                 "the likelihood bound instead); the perceptual loss changes meaning with alpha, so it never ranks",
     params={
-        "arch": "resnet",
-        "norm": "group",
+        **RESNET,  # the ResNet-VAE with a perceptual loss
         "alpha": loguniform(0.05, 5.0),
         "beta": loguniform(0.05, 1.0),
         "layers": choice(["123", "345", "seed"]),
