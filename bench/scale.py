@@ -8,8 +8,9 @@ one epoch: trials of a second or two on a CPU), W&B off unless --wandb offline, 
 - wall time against the ideal: the trials' own time (time_total_s) divided by the slots (CPUs / CPUs per trial),
   and the span from the first trial's start to the last one's end over that ideal (Ray Tune's own release test
   allows 1.28 at 10,000 one-second trials);
-- trials finished per minute in each tenth of the sweep (the trials in order of their end), and the last tenth's
-  rate over the first's;
+- trials finished per minute in each tenth of the sweep (the trials in order of their end), the last tenth's rate
+  over the first's, and each tenth's busy fraction (a rate that falls while the slots stay busy is the trials
+  getting slower, e.g. other work on the machine, not the driver);
 - the driver's own time in each of gensweep's callbacks and in the searcher, from the sweep's driver.json
   (trainables/driver_clock.py; a checkout without it says n/a), as a share of the span;
 - a linear estimate for --estimate trials (default 10,000) from the per-trial costs measured at the largest size:
@@ -51,20 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
-def tenths(spans: list[dict[str, Any]]) -> list[float]:
-    """Trials finished per minute in each tenth of the sweep: the trials in order of their end, ten groups, each
-    group's count over the time from the previous group's last end (the first: the first start) to its own."""
-    ends = sorted(s["end"] for s in spans)
-    start = min(s["start"] for s in spans)
-    rates, previous = [], start
+def tenths(spans: list[dict[str, Any]], slots: int) -> tuple[list[float], list[float]]:
+    """Trials finished per minute in each tenth of the sweep (the trials in order of their end, ten groups, each
+    group's count over the time from the previous group's last end, the first's from the first start), and each
+    tenth's busy fraction: its trials' own time over slots x that time. A rate that falls while the busy fraction
+    holds is the trials' own time growing (other work on the machine), not the driver."""
+    ordered = sorted(spans, key=lambda s: s["end"])
+    rates, busy, previous = [], [], min(s["start"] for s in spans)
     for k in range(10):
-        group = ends[len(ends) * k // 10:len(ends) * (k + 1) // 10]
+        group = ordered[len(ordered) * k // 10:len(ordered) * (k + 1) // 10]
         if not group:
             continue
-        elapsed = max(group[-1] - previous, 1.0)  # Tune's timestamps are whole seconds
+        elapsed = max(group[-1]["end"] - previous, 1.0)  # Tune's timestamps are whole seconds
         rates.append(60.0 * len(group) / elapsed)
-        previous = group[-1]
-    return rates
+        busy.append(sum(s["own_s"] for s in group) / (slots * elapsed))
+        previous = group[-1]["end"]
+    return rates, busy
 
 
 def run_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -89,17 +92,18 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     busy = busy_figures(spans, args.slots)
     ideal = busy["trial_s"] / args.slots
     driver = json.loads((folder / "driver.json").read_text()) if (folder / "driver.json").exists() else None
-    rates = tenths(spans)
+    rates, busy_by_tenth = tenths(spans, args.slots)
     row = {"trials": n, "cli_wall_s": wall_s, "span_s": busy["span_s"], "trial_s": busy["trial_s"],
            "mean_trial_s": busy["trial_s"] / len(spans), "ideal_s": ideal, "span_over_ideal": busy["span_s"] / ideal,
-           "busy_fraction": busy["busy_fraction"], "per_minute_by_tenth": rates,
+           "busy_fraction": busy["busy_fraction"], "per_minute_by_tenth": rates, "busy_by_tenth": busy_by_tenth,
            "last_tenth_over_first": rates[-1] / rates[0], "driver": driver,
            "gensweep_share": driver["gensweep_s"] / busy["span_s"] if driver else None}
     hooks = "n/a (no driver.json)" if driver is None else ", ".join(
         f"{k} {v['s']:.1f} s/{v['calls']}" for k, v in driver["hooks"].items())
     print(f"scale: {n} trials: CLI {wall_s:.0f} s, span {busy['span_s']:.0f} s against an ideal {ideal:.0f} s "
           f"({row['span_over_ideal']:.2f}x; trials {row['mean_trial_s']:.2f} s each on {args.slots} slots); per "
-          f"minute by tenth {' '.join(f'{r:.0f}' for r in rates)} (last/first {row['last_tenth_over_first']:.2f}); "
+          f"minute by tenth {' '.join(f'{r:.0f}' for r in rates)} (last/first {row['last_tenth_over_first']:.2f}), "
+          f"busy by tenth {' '.join(f'{b:.2f}' for b in busy_by_tenth)}; "
           f"gensweep's callbacks and searcher "
           f"{'n/a' if driver is None else format(row['gensweep_share'], '.1%')} of the span: {hooks}", flush=True)
     return row

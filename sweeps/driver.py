@@ -334,7 +334,8 @@ def record_driver_time(folder: str, wall_s: float) -> None:
     spent = sum(t["s"] for t in totals.values())
     try:
         sweep_storage.write_text(sweep_storage.join(folder, DRIVER_FILE),
-                                 json.dumps({"wall_s": wall_s, "gensweep_s": spent, "hooks": totals}, indent=1))
+                                 json.dumps({"wall_s": wall_s, "gensweep_s": spent, "hooks": totals,
+                                             "per_hook": driver_clock.per_hook()}, indent=1))
     except OSError:  # a full disk has been said already; this file is only a measurement
         pass
     dearest = ", ".join(f"{name} {t['s']:.1f} s" for name, t in list(totals.items())[:3])

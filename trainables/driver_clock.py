@@ -43,6 +43,11 @@ def totals() -> dict[str, dict[str, float]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
 
 
+def per_hook() -> dict[str, dict[str, float]]:
+    """{"Class.hook": {"s": seconds, "calls": n}}, dearest first."""
+    return {k: {"s": s, "calls": CALLS[k]} for k, s in sorted(SECONDS.items(), key=lambda kv: -kv[1])}
+
+
 def reset() -> None:
     SECONDS.clear()
     CALLS.clear()
