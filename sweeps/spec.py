@@ -152,11 +152,13 @@ class SweepSpec:
             info = json.loads(text)
             if not isinstance(info, dict):
                 raise ValueError(f"a JSON {type(info).__name__}, not an object")
+            if "space" not in info and "version" not in info:
+                raise KeyError("space")  # an empty or foreign object: damaged, not a sweep of another gensweep
             return cls.from_json(info, name)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"{sweep_storage.join(storage, name, SWEEP_FILE)} is damaged ({type(e).__name__}: "
-                             f"{e}); its trials are still in that folder, but --resume, leaderboard.py and "
-                             f"report.py need this file") from None
+                             f"{e}); its trials are still in that folder, but gensweep resume, leaderboard and "
+                             f"report need this file") from None
 
     @staticmethod
     def exists(storage: str, name: str) -> bool:
@@ -182,6 +184,7 @@ class SweepSpec:
         fixed = ps.parse_fixed(args.fixed)
         param_space = ps.build_param_space(space, preset, {**(space.seed_defaults if args.seed_defaults else {}),
                                                            **fixed}, ps.cli_overrides(space, args), args.seed)
+        _refuse_unused(param_space, fixed, space.name)
         objectives = tuple(_metric(space, m.strip(), "--objectives") for m in args.objectives.split(",")) \
             if args.objectives else ()
         require(not objectives or (len(set(objectives)) >= 2 and not args.metric),
@@ -195,7 +198,8 @@ class SweepSpec:
             # (docs/sweeps.md, "What a sweep does").
             param_space["model.final_eval_k"] = 0
         require(not (args.no_rfid and "rfid" in objectives),
-                 "--no-rfid leaves nothing to rank by with --metric rfid; drop one of them")
+                 f"--no-rfid leaves nothing to rank by with {'--objectives' if args.objectives else '--metric'} "
+                 f"rfid; drop one of them")
         p = space.presets[preset]
         defaults = p.fid or FID_SETTINGS[preset]
         fid = dataclasses.replace(defaults, network="inception" if args.fid_weights else (args.fid_network or
@@ -219,6 +223,18 @@ def _check_name(name: Any) -> None:
     require(isinstance(name, str) and bool(SAFE_NAME.fullmatch(name)),
              f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, not starting with '.' or '-'), "
              f"so the printed --resume and wandb sync commands can be pasted as they are")
+
+
+def _refuse_unused(param_space: dict[str, Any], fixed: dict[str, Any], space: str) -> None:
+    """A --fixed value the trial would ignore (every value pinned must change what the trial computes)."""
+    from genmodels.registry import qualified, trial_config
+    from sweeps import param_space as ps
+
+    unused = trial_config(ps.representative(param_space)).model.unused()
+    for key, qualified_key in zip(fixed, qualified(param_space["model_name"], fixed)):
+        name = qualified_key.partition(".")[2]
+        require(not (qualified_key.startswith("model.") and name in unused),
+                f"--fixed {key}={fixed[key]!r}: space {space!r} does not use {name} ({unused.get(name)}); drop it")
 
 
 def _metric(space, requested: str | None, flag: str = "--metric") -> str:

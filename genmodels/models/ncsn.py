@@ -85,6 +85,14 @@ class NCSNConfig(ModelConfig):
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
 
+    def unused(self) -> dict[str, str]:
+        if self.sigma_schedule == "ncsnv2":  # sigma_1 from the data, L from NCSNv2's rule (noise_schedule)
+            why = "sigma_schedule=ncsnv2 derives the levels from the data"
+            return {"sigma_1": why, "num_levels": why, "gamma": why}
+        if self.num_levels is not None:
+            return {"gamma": "num_levels is set, so the geometric schedule does not use the ratio gamma"}
+        return {}
+
 
 def noise_schedule(cfg: NCSNConfig, dims: int) -> NoiseSchedule:
     """The config's noise levels, largest first, and Langevin step sizes, for data of `dims` dimensions."""

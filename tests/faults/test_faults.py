@@ -43,6 +43,10 @@ def run_main(argv, capsys):
     (["--name", "a/b"], "--name 'a/b': use letters, digits"),
     (["--space", "ncsn-sampling", "--checkpoint", "GARBAGE"], "cannot be read as a gensweep checkpoint"),
     (["--space", "ncsn-sampling", "--checkpoint", "VAE"], "holds a 'vae' model; this space evaluates ncsn"),
+    (["--space", "vqvae", "--objectives", "fid,rfid", "--no-rfid"], "--no-rfid leaves nothing to rank by with "
+                                                                    "--objectives rfid"),
+    (["--space", "ncsn-v2", "--fixed", "num_levels=0"], "space 'ncsn-v2' does not use num_levels (sigma_schedule"),
+    (["--space", "ncsn", "--fixed", "num_levels=10", "--fixed", "gamma=0.5"], "does not use gamma (num_levels is"),
 ])
 def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, message, tmp_path, capsys):
     storage = tmp_path / "runs"

@@ -60,6 +60,7 @@ def test_a_file_written_before_the_spec_still_loads(tmp_path):
     ("{not json", "is damaged (JSONDecodeError"),
     ('{"version": 2, "name": "bad"}', "is damaged (KeyError: 'asha')"),
     ('[1, 2]', "is damaged (ValueError"),
+    ('{}', "is damaged (KeyError: 'space')"),
     ('{"version": 99}', "format version 99"),
 ])
 def test_a_damaged_or_newer_file_fails_in_one_line(tmp_path, text, says):
