@@ -213,7 +213,7 @@ def bench_train(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
         fast = fast_training(model_name, params, images, device, steps, warmup, args.repeats) if run_fast else None
         rows.append(_train_row(name, "training", params, gflops, peak, base, fast))
         write_partial(args, rows)
-        if cuda and run_fast and params.get("cuda_graphs", True):  # what the graphs alone buy
+        if cuda and run_fast and params.get("cuda_graphs", False):  # what the graphs alone buy
             eager = fast_training(model_name, {**params, "cuda_graphs": False}, images, device, steps, warmup,
                                   args.repeats, count_syncs=False)
             rows.append(_train_row(name, "training, cuda_graphs=False", params, gflops, peak, base, eager))

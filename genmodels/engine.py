@@ -4,8 +4,9 @@ The inner loop never waits for the GPU: batches come from a uint8 tensor residen
 logged values are summed on the device and read once per epoch, and the divergence check reads a loss copied to
 the host one check interval earlier; progress lines (off unless `Trainer.progress` is set) use the host's step
 count and clock only. On CUDA the model runs in channels_last (faster bf16 convolutions), Adam is fused, the whole
-step (forward, backward, clipping, Adam, EMA) is captured once as a CUDA graph, checked against an eager step and
-replayed (genmodels.cuda_graph; `cuda_graphs=False` turns it off; each epoch's `graph_status` says how it ran),
+step (forward, backward, clipping, Adam, EMA) can be captured once as a CUDA graph, checked against an eager step and
+replayed (genmodels.cuda_graph; opt-in with `cuda_graphs=True` until a GPU run proves it for every model; each
+epoch's `graph_status` says how it ran),
 and `compile=True` compiles the loss (forward and backward) with torch.compile; docs/PERFORMANCE.md says what each
 of these buys and when compiling pays for itself.
 """
@@ -199,12 +200,15 @@ class Trainer:
         return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *optimizer, self._step_on_device]
 
     def _step_values(self, outputs: tuple[torch.Tensor, torch.Tensor, list[str]]) -> dict[str, torch.Tensor]:
+        # The logged values (the loss first). The weights are compared by their update (`_step_moved`), not their
+        # norms: one Adam step moves a norm by ~lr / |w| (1e-5 of it at width 128, lr 2e-4), which no tolerance sees.
         _, stacked, names = outputs
-        values = {f"train_{name}": value for name, value in zip(names, stacked)}
-        models = {"parameter norms": self.model, **({"EMA norms": self.ema.model} if self.ema else {})}
-        for label, model in models.items():
-            values[label] = torch.stack(torch._foreach_norm(list(model.parameters())))
-        return values
+        return {f"train_{name}": value for name, value in zip(names, stacked)}
+
+    def _step_moved(self) -> dict[str, list[torch.Tensor]]:
+        # Whose update (after - before, a norm per tensor) the self-check compares: the model's and the EMA's weights.
+        return {"model update": list(self.model.parameters()),
+                **({"EMA update": list(self.ema.model.parameters())} if self.ema else {})}
 
     def _step_counters(self) -> dict[str, torch.Tensor]:
         steps = [state["step"] for state in self.optimizer.state.values() if torch.is_tensor(state.get("step"))]
@@ -220,7 +224,8 @@ class Trainer:
         if self._graphed is None or key != self._graph_key:
             self._graphed, self._graph_key = None, key  # frees the old graph's memory pool before the new capture
             self._graphed = GraphedStep(self._step, name=f"{self.model_name or 'model'} training step",
-                                        check=StepCheck(self._step_state, self._step_values, self._step_counters),
+                                        check=StepCheck(self._step_state, self._step_values, self._step_counters,
+                                                        moved=self._step_moved),
                                         off_switch="train.cuda_graphs=false")
         return self._graphed
 

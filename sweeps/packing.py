@@ -7,6 +7,9 @@ floor(HEADROOM * GPU memory / (peak reserved + CUDA_CONTEXT_BYTES)), at most MAX
 feature networks and sampling batches at the end of a trial, which the headroom has to absorb (docs/PERFORMANCE.md).
 An NCSN trial sizes its sampling batch to its own GPU fraction of the free memory (genmodels.models.ncsn's
 chains_that_fit reads the fraction Ray gave it), so packed trials that sample at once share that room.
+
+A probe whose CUDA graph capture fails (GraphCaptureFailed: that process's CUDA state is spoilt) is run again in a new
+process with train.cuda_graphs off, as Tune's retry of such a trial runs; the sweep starts on that measurement.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-from genmodels.cuda_graph import WARMUP_STEPS
+from genmodels.cuda_graph import WARMUP_STEPS, GraphCaptureFailed
 
 HEADROOM = 0.9  # share of the GPU's memory the packed trials may plan to use
 CUDA_CONTEXT_BYTES = 1 << 30  # per process: CUDA context, cuBLAS/cuDNN workspaces (not in the allocator's stats)
@@ -58,10 +61,7 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
         print("gensweep: --gpus-per-trial auto measures a trial's GPU memory and needs a GPU; none is visible, so "
               "trials run on the CPU (--gpus-per-trial 0)")
         return 0.0
-    configs = worst_case_configs(config)
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        probes = [pool.submit(trial_memory, model_name, params, data["train"], data["test"]).result()
-                  for params in configs]
+    probes = probe_memory(model_name, worst_case_configs(config), data)
     peak, total = max(p["peak_reserved"] for p in probes), probes[0]["total"]
     trials = max(1, min(MAX_TRIALS_PER_GPU, int(HEADROOM * total // (peak + CUDA_CONTEXT_BYTES))))
     fraction = math.floor(10_000 / trials) / 10_000  # Ray accepts four decimals; round down so n trials fit
@@ -73,6 +73,34 @@ def auto_gpus_per_trial(model_name: str, config: dict[str, Any], data: dict[str,
               "the machine allows it) their kernels can overlap: `python -m bench pack --mps` measures "
               "whether that pays for this model")
     return fraction
+
+
+def probe_memory(model_name: str, configs: list[dict[str, Any]], data: dict[str, torch.Tensor]) -> list[dict[str, int]]:
+    """`trial_memory` of each config, one after another in a spawned process; a probe whose graph capture fails is
+    run again with CUDA graphs off, in a new process (the failed capture spoilt the CUDA state of the one it ran in)."""
+    probes = []
+    pool = _probe_process()
+    try:
+        for params in configs:
+            try:
+                probes.append(pool.submit(trial_memory, model_name, params, data["train"], data["test"]).result())
+            except GraphCaptureFailed as e:
+                print(f"gensweep: --gpus-per-trial auto: a probe's CUDA graph capture failed "
+                      f"({str(e).splitlines()[0][:200]}); probing that config again with CUDA graphs off, as Tune's "
+                      f"retry of such a trial runs")
+                pool.shutdown(wait=True)
+                pool = _probe_process()
+                eager = {**{k: v for k, v in params.items() if k.rsplit(".", 1)[-1] != "cuda_graphs"},
+                         "train.cuda_graphs": False}
+                probes.append(pool.submit(trial_memory, model_name, eager, data["train"], data["test"]).result())
+    finally:
+        pool.shutdown(wait=True)
+    return probes
+
+
+def _probe_process() -> ProcessPoolExecutor:
+    """One spawned process for the probes: the driver itself keeps no CUDA context."""
+    return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
 
 
 def mps_running(environ: dict[str, str] | None = None) -> bool:

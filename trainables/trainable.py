@@ -5,6 +5,7 @@ into a typed TrialConfig here, at the Ray boundary.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import tempfile
@@ -61,17 +62,25 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
     `run.py --resume`, the epoch of the checkpoint it restored) and on which Ray node it runs.
     """
+    # A reused actor's previous trial may still be held in reference cycles (torch's first imports make some, with
+    # the first Experiment on their frames' stack): freed now, before this trial allocates its own.
+    gc.collect()
     # Ray logs "Checkpoint successfully created" at every report, from every trial, to the driver's screen.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     trial_folder = f"{folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
         if folder else None
     if trial_folder and has_ended(trial_folder):
         return  # it ended before the driver died: nothing to redo (Tune keeps the results it has)
-    if config.get("checkpoint"):
-        return evaluate_checkpoint(config, data, plan)
     graphs_failed = graph_capture_failed(trial_folder) if trial_folder else None
     if graphs_failed:  # Tune's retry of a trial whose CUDA graph capture failed: the same trial, eagerly
         config = {**config, "train.cuda_graphs": False}
+    if config.get("checkpoint"):  # an ncsn-sampling trial: its Langevin graphs may fail to capture as well
+        try:
+            return evaluate_checkpoint(config, data, plan, graphs_off=bool(graphs_failed))
+        except GraphCaptureFailed as e:
+            if trial_folder:
+                record_graph_capture_failed(trial_folder, str(e))
+            raise
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     if graphs_failed:
@@ -206,12 +215,18 @@ def track_best(best: dict[str, float], metrics: dict[str, Any], metric: str, mod
     return {key: best[key]}
 
 
-def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan) -> None:
+def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan,
+                        graphs_off: bool = False) -> None:
     """No training: the model of a finished run, with the trial's model settings (the searched sampler values and
-    any --fixed ones) and seed overriding its saved config, scored once at the final FID budget. What `ncsn-sampling`
-    sweeps. The overrides are read from the trial's own config, so a resumed sweep applies them as well."""
-    overrides = {k: v for k, v in config.items() if k.startswith("model.") or k == "train.seed"}
+    any --fixed ones), seed and train.cuda_graphs (--fixed, or off in the retry of a trial whose Langevin graph
+    failed to capture: `graphs_off`) overriding its saved config, scored once at the final FID budget. What
+    `ncsn-sampling` sweeps. The overrides are read from the trial's own config, so a resumed sweep applies them as
+    well."""
+    overrides = {k: v for k, v in config.items()
+                 if k.startswith("model.") or k in ("train.seed", "train.cuda_graphs")}
     exp = Experiment.from_checkpoint(config["checkpoint"], data["train"], data["test"], overrides)
+    if graphs_off:
+        exp.extra["graphs_off_after_failed_capture"] = 1
     images_dir = Path.cwd() / IMAGES_DIR / "final"
     extra, final_images = evaluate_extra(exp, plan, True, images_dir)
     report(exp, {**exp.evaluate(), **extra}, plan, images_dir, True, final_images)

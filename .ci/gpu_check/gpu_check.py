@@ -1,14 +1,17 @@
 """The GPU check: two calls, each a few steps under their own time limits inside the call's budget (README.md beside
 this file says how it is called and why so):
 
-    bash .ci/gpu-check 1     # nvidia-smi, the CUDA tests, every model's graph check, the NCSN profile,
-                             # the cold-compile tests in the time left
-    bash .ci/gpu-check 2     # `python -m bench all` inside its budget
+    bash .ci/gpu-check 1     # nvidia-smi, the CUDA tests, every model's graph check (NCSN first), the NCSN profile
+    bash .ci/gpu-check 2     # the cold-compile tests, then `python -m bench all` in the time left
     bash .ci/gpu-check 1 --rehearse    # the same steps on this CPU, with tiny budgets (tests/bench/test_gpu_check.py)
 
 A step that runs over is ended with every process it started (bench/processes.py), and the call goes on with the
-next. Every result (a test's outcome, a model's graph status, a benchmark row, each step's end) is appended to the
-rows file as a JSON line the moment it is known, so a stop loses little measured before it. The output folder ($OUT
+next. CUDA graphs are off by default (train.cuda_graphs) until a GPU check shows them sound; the check turns them on
+wherever it trains or benchmarks with them: the graph check passes cuda_graphs=True, the CUDA tests set it per test,
+and bench all's benchmarks run under `python -m gpu_check.graphs_on` (graphs_on.py), which makes it their default.
+
+Every result (a test's outcome, a model's graph status, a benchmark row, each step's end) is appended to the rows
+file as a JSON line the moment it is known, so a stop loses little measured before it. The output folder ($OUT
 on the device machine, else runs/gpu-check/call-N) holds check-N.json, check-N.log, check-N.rows.jsonl and
 check-N.tar.gz (everything else).
 
@@ -49,6 +52,7 @@ from bench.processes import (
     tail,
 )
 from genmodels.io import write_text_atomic
+from gpu_check.graphs_on import with_graphs_on
 from gpu_check.harness import (
     MAX_OUTPUT_FILES,
     WORK_ENV,
@@ -59,11 +63,15 @@ from gpu_check.harness import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-BUDGETS = {1: 180.0, 2: 270.0}  # seconds per call on the GPU; the device tool's timeout_s adds 40 (README.md)
+# seconds per call on the GPU; the device tool's timeout_s adds 40 (README.md), and with a machine's start the two
+# calls leave room for call 1 run again while the machine is held
+BUDGETS = {1: 160.0, 2: 250.0}
 REHEARSAL_BUDGETS = {1: 100.0, 2: 100.0}
 FINISH_S = 8.0  # kept back from the budget for the end: MPS, the tarball, the last JSON
 GRAPH_FAIL_ENV = "GENSWEEP_GRAPH_CHECK_FAIL"  # models whose graph check raises (rehearsing the restart)
-GRAPH_MODELS = tuple(BENCH_MODELS)
+# NCSN's two networks first: the graphs that matter most (the longest trials, the Langevin sampler beside them) are
+# the ones a call that runs short of time must not leave unreached
+GRAPH_MODELS = ("ncsn", "ncsn_refinenet", *(m for m in BENCH_MODELS if not m.startswith("ncsn")))
 MODULE = "gpu_check.gpu_check"  # this module, as its steps' children run it (python -m, .ci on PYTHONPATH)
 
 
@@ -127,7 +135,7 @@ def _cuda_test_files() -> list[str]:
     """The test files with CUDA tests (those that ask torch.cuda.is_available()), and the custom norms' tests."""
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                    if "cuda.is_available" in p.read_text(encoding="utf-8", errors="replace"))
-    norms = "tests/test_score_networks.py"
+    norms = "tests/genmodels/test_score_networks.py"
     return files + ([norms] if norms not in files and (ROOT / norms).exists() else [])
 
 
@@ -197,7 +205,8 @@ def _tests_step(ctx: Context, allowed: float) -> dict[str, Any]:
 
 
 def _compile_tests_step(ctx: Context, allowed: float) -> dict[str, Any]:
-    """The tests that compile (cold: tens of seconds each), in the time the call has left."""
+    """The tests that compile (cold: tens of seconds each), reduce-overhead's own CUDA graphs among them: call 2's
+    first step, so that call 1's time goes to the CUDA tests and the graph check."""
     return _pytest(ctx, "compile-tests", ["-k", "compile"], 10.0 if ctx.rehearse else 75.0, allowed)
 
 
@@ -259,7 +268,8 @@ def _bench_all_step(ctx: Context, allowed: float) -> dict[str, Any]:
     if ctx.rehearse:
         args += ["--mps", "on", "--pack-trials", "1"]  # one trial with graphs, one under the stand-in MPS
     os.environ.update({WORK_ENV: str(ctx.work), STEP_ENV: "bench all"})
-    with contextlib.redirect_stdout(_Lines(lambda line: ctx.log(f"    {line}"))):  # its lines into the call's log
+    # its lines into the call's log; each benchmark with train.cuda_graphs on unless it sets it (graphs_on.py)
+    with contextlib.redirect_stdout(_Lines(lambda line: ctx.log(f"    {line}"))), with_graphs_on(run_all):
         report = run_all.main(args)
     for run in report["runs"]:
         for line in run.get("error", []):
@@ -313,18 +323,20 @@ class _Lines(io.TextIOBase):
 
 
 def plan(call: int, rehearse: bool) -> list[Step]:
+    """Call 1: what turning CUDA graphs on by default waits for (the CUDA tests, every model's graph check, NCSN's
+    first), then the NCSN profile in what is left. Call 2: the cold-compile tests (reduce-overhead's CUDA graphs),
+    then bench all."""
     if call == 1:
         if rehearse:
             return [Step("env", _env_step, 15, 5), Step("cuda-tests", _tests_step, 45, 10),
-                    Step("graphs", _graphs_step, 30, 10), Step("profile", _profile_step, 20, 5),
-                    Step("compile-tests", _compile_tests_step, None, 10)]
-        return [Step("env", _env_step, 15, 5), Step("cuda-tests", _tests_step, 85, 20),
-                Step("graphs", _graphs_step, 60, 20), Step("profile", _profile_step, 35, 10),
-                Step("compile-tests", _compile_tests_step, None, 20)]
+                    Step("graphs", _graphs_step, 30, 10), Step("profile", _profile_step, 20, 5)]
+        return [Step("env", _env_step, 15, 5), Step("cuda-tests", _tests_step, 80, 20),
+                Step("graphs", _graphs_step, 60, 20), Step("profile", _profile_step, 35, 10)]
     if rehearse:
-        return [Step("env", _env_step, 15, 5), Step("bench-all", _bench_all_step, None, 30),
-                Step("pack-overrun", _pack_overrun_step, 40, 25)]
-    return [Step("env", _env_step, 15, 5), Step("bench-all", _bench_all_step, None, 30)]
+        return [Step("env", _env_step, 15, 5), Step("compile-tests", _compile_tests_step, 15, 5),
+                Step("bench-all", _bench_all_step, None, 30), Step("pack-overrun", _pack_overrun_step, 40, 25)]
+    return [Step("env", _env_step, 15, 5), Step("compile-tests", _compile_tests_step, 80, 20),
+            Step("bench-all", _bench_all_step, None, 30)]
 
 
 # ------------------------------------------------------------------------------------------------ a call
@@ -427,7 +439,8 @@ def _call_main(argv: list[str]) -> int:
     for note in clean_earlier_work(keep=work):
         log(f"cleanup: {note}")
     device = args.device or ("cpu" if args.rehearse else "cuda")
-    default_models = "vae" if args.rehearse and args.call == 2 else ",".join(GRAPH_MODELS)
+    # call 1's graph check in GRAPH_MODELS' order (NCSN first); call 2's bench all in BENCH_MODELS' (its shares)
+    default_models = ",".join(GRAPH_MODELS) if args.call == 1 else "vae" if args.rehearse else ",".join(BENCH_MODELS)
     ctx = Context(call=args.call, device=device, rehearse=args.rehearse, out=out, work=work,
                   rows=out / f"check-{args.call}.rows.jsonl", python=sys.executable, fid_weights=args.fid_weights,
                   models=[m for m in (args.models or default_models).split(",") if m], log=log)

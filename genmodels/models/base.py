@@ -35,8 +35,8 @@ class GenerativeModel(nn.Module):
         super().__init__()
         self.cfg, self.channels = cfg, channels
         # Whether sampling may replay CUDA graphs (NCSN's Langevin steps): the engine sets it from
-        # train.cuda_graphs, so the retry of a trial whose capture failed samples eagerly as it trains eagerly.
-        self.cuda_graphs = True
+        # train.cuda_graphs (off unless asked for), so the retry of a trial whose capture failed samples eagerly.
+        self.cuda_graphs = False
 
     @classmethod
     def prepare(cls, cfg: TrialConfig, train_images: torch.Tensor | None = None) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class NCSN(GenerativeModel):
         Chains run `batch_size` at a time: by default the last `sampling_batch` plan (made now if there is none):
         as many as `chains_that_fit` on a GPU (thousands), where each Langevin step is a replayed CUDA graph; 128
         on a CPU (where larger batches fall out of the cache and run slower per image). `graphed=False` samples
-        eagerly on a GPU too; by default a GPU replays graphs unless the engine's train.cuda_graphs is off.
+        eagerly on a GPU too; by default a GPU replays graphs when the engine's train.cuda_graphs is on (opt-in).
         `sampling_precision` bf16 runs the score network under bf16 autocast; fp32 leaves the caller's autocast, if
         any, as it is (an autocast(enabled=False) here would switch a caller's bf16 off).
         """

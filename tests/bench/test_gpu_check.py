@@ -451,7 +451,7 @@ def test_each_call_rehearsed_on_the_cpu(tmp_path, call):
     steps = {s["step"]: s for s in summary["steps"]}
     assert steps["env"]["status"] == "ok"
     if call == 1:
-        assert set(steps) == {"env", "cuda-tests", "graphs", "profile", "compile-tests"}
+        assert set(steps) == {"env", "cuda-tests", "graphs", "profile"}
         graphs = steps["graphs"]
         assert graphs["processes"] == 2 and set(graphs["errors"]) == {"iwae"}  # the injected failure, then on
         assert graphs["models"] == len(gpu_check.GRAPH_MODELS) and not graphs["not_reached"]

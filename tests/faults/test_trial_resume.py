@@ -117,6 +117,7 @@ def test_a_trial_whose_graph_capture_failed_is_retried_without_graphs(trial, mon
             raise GraphCaptureFailed("capture failed; run it with CUDA graphs off: train.cuda_graphs=false")
         return run(self, on_epoch, evaluation)
 
+    monkeypatch.setitem(TINY_VAE, "train.cuda_graphs", True)  # graphs are opt-in: this trial asked for them
     monkeypatch.setattr(experiment.Experiment, "run", capture_fails_once)
     with pytest.raises(GraphCaptureFailed):
         trial(1, recorded=lambda n: True)

@@ -1,11 +1,11 @@
-"""Issue #22, findings 3-5 and 6 (second half), from the GPU-path review of 0e26f38, tested where they can run.
+"""What the GPU path relies on, tested on the CPU where it can be and on CUDA where it needs a GPU:
 
-3. NCSN.sample's autocast: sampling_precision=bf16 runs the score network's convolutions in bf16, and fp32 leaves a
-   caller's bf16 autocast on (the bench's "bf16" sampling row measured fp32).
-4. VQ-VAE dead-code restarts read nothing back to the host, and draw the same codes as the restart they replace.
-5. A packed trial plans its sampling batch from its share of the GPU's free memory, and an FID run probes once.
-6. VQ-VAE stage 2 lets go of stage 1's last batch of encoder outputs (under CUDA graphs: memory of the stage-1
-   graph's pool) and of the stage-1 graphed step.
+- the sampler's precision: sampling_precision=bf16 runs the score network's convolutions in bf16, and fp32 leaves a
+  caller's bf16 autocast on (the bench's "bf16" sampling row);
+- VQ-VAE dead-code restarts read nothing back to the host, and draw the same codes as the restart they replaced;
+- a packed trial plans its sampling batch from its share of the GPU's free memory, and an FID run probes once;
+- VQ-VAE stage 2 lets go of stage 1's last batch of encoder outputs (under CUDA graphs: memory of the stage-1
+  graph's pool) and of the stage-1 graphed step.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ VQ_TINY = dict(width=8, res_blocks=1, codebook_size=16, code_dim=8, prior_width=
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-# ------------------------------------------------------------------------- 3: the sampler's precision
+# ---------------------------------------------------------------------------- the sampler's precision
 
 def conv_dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], list]:
     """The output dtypes of every convolution of `model` from now on (a set the hooks fill), and the hooks."""
@@ -69,7 +69,7 @@ def test_the_benchs_bf16_sampling_row_samples_in_bf16(autocast, expected):
     assert seen == {expected} and row["steps"] == model.schedule.L + 1
 
 
-# --------------------------------------------------------------------- 4: restarts without host reads
+# ------------------------------------------------------------------------ restarts without host reads
 
 # Ops that read a tensor's value on the host (a device sync on CUDA): .item(), bool(), int(), float() and indexing
 # with a 0-dim tensor go through _local_scalar_dense; the others size their output from the data, or check their
@@ -212,7 +212,7 @@ def test_restarts_draw_the_codes_the_old_restart_drew(mode, dead, seed):
     assert bool((codes[:, None] == outputs[None]).all(-1).any(1).all())
 
 
-# -------------------------------------------------------------- 5: a packed trial's sampling batch
+# ----------------------------------------------------------------- a packed trial's sampling batch
 
 class FakeRay(types.ModuleType):
     """Just what gpu_share reads of Ray: a worker with `assigned` resources (or a driver, assigned None)."""
@@ -312,7 +312,7 @@ def test_an_fid_run_probes_the_gpu_once_and_samples_in_the_batches_it_planned(mo
     assert fake_gpu[0] == 1 and chunks[2:] == [128, 128, 44]
 
 
-# ------------------------------------------------------------------ 6: VQ-VAE stage 2 lets stage 1 go
+# --------------------------------------------------------------------- VQ-VAE stage 2 lets stage 1 go
 
 class EagerGraphedStep:
     """Stands in for genmodels.cuda_graph.GraphedStep on a CPU: runs the step eagerly, records each instance."""
@@ -360,7 +360,7 @@ def test_resuming_in_stage_two_starts_without_a_stage_one_batch():
 
 @cuda
 def test_stage_two_frees_stage_ones_graph_on_cuda():
-    cfg = {**VQ_TINY, "stage1_epochs": 1, "epochs": 2, "steps_per_epoch": 6, "batch_size": 16}
+    cfg = {**VQ_TINY, "stage1_epochs": 1, "epochs": 2, "steps_per_epoch": 6, "batch_size": 16, "cuda_graphs": True}
     trainer = make_trainer("vqvae", cfg, synthetic_images(64, 0), synthetic_images(16, 1), device="cuda")
     trainer.train_epoch()
     if not trainer.graph_captured:

@@ -218,3 +218,51 @@ def test_langevin_samples_eagerly_when_train_cuda_graphs_is_off(monkeypatch):
     for graphs in (False, True):
         _trainer("ncsn", graphs, "cuda").eval_model.sample(4, budget=0.01)
     assert built == ["train.cuda_graphs=false"]  # only the run with graphs on captured the Langevin step
+
+
+@cuda
+def test_a_graph_whose_update_is_wrong_fails_its_self_check_on_cuda(monkeypatch):
+    """The captured step leaves Adam's update out while its step counts still advance (the fault the update
+    comparison is for): the self-check says so, the step trains eagerly, and the epoch's losses stay finite."""
+    from genmodels.cuda_graph import GraphedStep
+
+    trainer = _trainer("vae", True, "cuda")
+    capture = GraphedStep._capture
+
+    def capture_without_update(self, x):
+        def counts_only():
+            for state in trainer.optimizer.state.values():
+                state["step"].add_(1)
+
+        with monkeypatch.context() as m:
+            m.setattr(trainer.optimizer, "step", counts_only)
+            return capture(self, x)
+
+    monkeypatch.setattr(GraphedStep, "_capture", capture_without_update)
+    with pytest.warns(UserWarning, match=r"self-check failed \(model update"):
+        metrics = trainer.train_epoch()
+    assert metrics["graph_status"].startswith("eager: self-check failed (model update") and not trainer.graph_captured
+    assert math.isfinite(metrics["train_loss"])
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_langevin_chunks_of_one_shape_are_compared_once_and_pass_on_cuda(monkeypatch, precision):
+    """An FID run samples in chunks of one size, each its own graph: the first is compared (under bf16 autocast with
+    bf16's tolerance), the others of that size not; every chunk replays."""
+    import genmodels.cuda_graph as cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "_COMPARED", {})
+    compared = []
+    compare = cuda_graph.compare
+    monkeypatch.setattr(cuda_graph, "compare", lambda *a: compared.append(a) or compare(*a))
+    model = _trainer("ncsn", True, "cuda", sampling_precision=precision).eval_model.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.sample(3 * 64, batch_size=64, T=3)
+    assert not [w for w in caught if "CUDA graph" in str(w.message)]  # no chunk fell back to eager
+    comparisons = len(compared)
+    assert comparisons and cuda_graph._COMPARED and all(v.startswith("self-check passed (")
+                                                        for v in cuda_graph._COMPARED.values())
+    model.sample(2 * 64, batch_size=64, T=3)
+    assert len(compared) == comparisons  # the same shape again: not compared again

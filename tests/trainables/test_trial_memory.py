@@ -1,0 +1,91 @@
+"""Trials run one after another in one process (Tune's reuse_actors): a trial that ends leaves nothing of itself
+behind for the next. No Ray: tune's calls are faked as in tests/faults/test_trial_resume.py, and the trainable builds
+its Experiment as a sweep's trial does; the Experiment class is wrapped only to hold a weak reference to each one."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from genmodels.data import synthetic_images
+
+TINY = {"model.arch": "conv-small", "model.width": 4, "model.latent": 4, "train.batch_size": 8,
+        "train.steps_per_epoch": 2, "train.epochs": 2}
+NCSN_TINY = {"model.arch": "unet", "model.width": 8, "model.unet_blocks": 1, "model.sigma_1": 20.0,
+             "model.num_levels": 2, "model.langevin_steps": 1, "train.ema_decay": 0.9, "train.batch_size": 8,
+             "train.steps_per_epoch": 2, "train.epochs": 2}
+CONFIGS = {"vae": ({"model_name": "vae", **TINY}, "test_bpd"),
+           "ncsn": ({"model_name": "ncsn", **NCSN_TINY}, "test_dsm_loss")}
+
+
+@pytest.fixture
+def trials(tmp_path, monkeypatch):
+    """run(config, metric, trial_id): train_trial as a sweep's trial, in this process; returns its reports. `made`:
+    a weak reference to each Experiment the trainable built, in order."""
+    import trainables.trainable as tr
+
+    made: list[weakref.ref] = []
+
+    class Recorded(tr.Experiment):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(tr, "Experiment", Recorded)
+    monkeypatch.setattr(tr.tune, "get_checkpoint", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    data = {"train": synthetic_images(32), "test": synthetic_images(16, seed=1)}
+
+    def run(config, metric, trial_id):
+        reports = []
+        monkeypatch.setattr(tr.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: trial_id})())
+        monkeypatch.setattr(tr.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+        tr.train_trial(config, data, tr.TrialPlan(metric), folder=str(tmp_path / "sweep"))
+        return reports
+
+    run.made = made
+    return run
+
+
+@pytest.mark.parametrize("model", list(CONFIGS))
+def test_a_trial_that_ended_is_freed_before_the_next_one_starts(trials, model):
+    """Once a trial has ended, nothing holds its Experiment (model, optimizer state, data on the device, CUDA graph
+    pool): a collection frees the first trial's, and from then on each trial's goes by its reference count alone
+    (the garbage collector off), as soon as train_trial returns. (The first trial in a process may sit in reference
+    cycles made by torch's first imports, such as torch._dynamo's inside Adam's first __init__, until a collection.)"""
+    config, metric = CONFIGS[model]
+    assert [r["epoch"] for r in trials(config, metric, "t1")] == [1, 2]
+    gc.collect()
+    assert trials.made[0]() is None
+    gc.disable()
+    try:
+        for n, trial_id in enumerate(["t2", "t3"], 1):
+            assert [r["epoch"] for r in trials(config, metric, trial_id)] == [1, 2]
+            assert len(trials.made) == n + 1 and trials.made[n]() is None, gc.get_referrers(trials.made[n]())
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_trial_that_ended_leaves_no_cuda_memory_allocated(trials, graphs):
+    """On the GPU: what a trial allocated (the data on the device, the model, Adam, the EMA, a CUDA graph's pool) is
+    released when it ends, so the second trial in the process ends where the first did."""
+    config, metric = CONFIGS["ncsn"]
+    config = {**config, "train.cuda_graphs": graphs, "train.steps_per_epoch": 6}
+    trials(config, metric, "t0")  # the process's first trial: its lazy imports, cuBLAS's and cuDNN's workspaces
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    reports = trials(config, metric, "t1")
+    torch.cuda.synchronize()
+    after_one = torch.cuda.memory_allocated()
+    trials(config, metric, "t2")
+    torch.cuda.synchronize()
+    after_two = torch.cuda.memory_allocated()
+    assert trials.made[1]() is None and trials.made[2]() is None
+    if graphs:
+        assert all(r.get("graph_captured") for r in reports), reports
+    assert after_one - before <= 1 << 20 and after_two - after_one <= 1 << 20, (before, after_one, after_two)
