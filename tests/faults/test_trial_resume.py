@@ -66,16 +66,20 @@ def test_a_final_report_the_driver_missed_is_replayed_once_on_resume(trial):
     assert "final_test_iwae_bpd" in again[0] and "final_test_iwae_bpd" not in first[0]  # the final evaluation
 
 
-def test_a_trial_resumed_mid_way_reports_every_epoch_it_trained_once(trial):
+def test_a_trial_resumed_mid_way_reports_every_epoch_it_trained_once(trial, capsys):
     import trainables.trainable as tr
 
     # epoch 1 without a checkpoint, 2 (a milestone) with one; the driver records epoch 1 only and is killed in 3
     plan = tr.TrialPlan("test_bpd", milestones=(2,), checkpoint_every_s=1e9)
     first = trial(3, recorded=lambda n: n == 1, stop_after=2, plan=plan)
     assert [(r["epoch"], r["checkpointed"]) for r in first] == [(1, 0), (2, 1)]
+    capsys.readouterr()
     again = trial(3, recorded=lambda n: True, plan=plan)
     assert [(r["epoch"], r.get("replayed", 0)) for r in again] == [(2, 1), (3, 0)]
     assert again[1]["resumed_from_epoch"] == 2
+    # the trial's own line names the checkpoint it continued from (Tune's may name an older one)
+    said = [line for line in capsys.readouterr().out.splitlines() if "continues from" in line]
+    assert len(said) == 1 and "checkpoint_000000" in said[0] and said[0].endswith("(epoch 2)"), said
 
 
 def test_nothing_is_replayed_when_result_json_has_every_report(trial):
