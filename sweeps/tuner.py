@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,7 +54,12 @@ class MilestoneOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._has_objectives(result):
-            super().on_trial_result(trial_id, result)
+            with warnings.catch_warnings():
+                # a resumed trial reports again an epoch Optuna's history may hold (a replayed report): Optuna keeps
+                # the value it has and warns "The reported value is ignored because this step ... is already
+                # reported", which says nothing wrong
+                warnings.filterwarnings("ignore", message=".*is already reported", category=UserWarning)
+                super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         super().on_trial_complete(trial_id, result if self._has_objectives(result) else None, error)

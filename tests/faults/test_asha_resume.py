@@ -134,3 +134,17 @@ def test_a_trial_without_stored_reports_adds_nothing(tmp_path):
     assert "Iter 1.000: None" in scheduler.debug_string() and "Iter 2.000: None" in scheduler.debug_string()
     assert [scheduler.on_trial_result(None, t, result(1, fid)) for t, fid in ((new, 5.0), (unreported, 9.0))] == [
         TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
+def test_an_epoch_reported_again_after_a_resume_warns_nothing(recwarn):
+    """A resumed trial reports again an epoch Optuna already holds (a replayed report): no warning on stderr."""
+    from ray import tune
+
+    from sweeps.tuner import MilestoneOptunaSearch
+
+    search = MilestoneOptunaSearch(metric="test_bpd", mode="min")
+    search.set_search_properties("test_bpd", "min", {"model.beta": tune.uniform(0.1, 1.0)})
+    assert search.suggest("t1")
+    for _ in range(2):
+        search.on_trial_result("t1", {"test_bpd": 8.0, "training_iteration": 2, "epoch": 2})
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
