@@ -93,8 +93,7 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         exp.restore_state(newest[0])
         # Tune's own "Restored on ... from checkpoint" names the checkpoint it handed back, which after a resume can
         # be older than the newest that loads: this line says which one the trial continues from
-        print(f"gensweep: trial {tune.get_context().get_trial_id()} continues from {newest[1]} (epoch {exp.epoch})",
-              flush=True)
+        print(f"gensweep: the trial continues from {newest[1]} (epoch {exp.epoch})", flush=True)
         # Without the trial's folder there is no result.json to compare with: nothing is replayed.
         replay([r for r in carried if r.get("epoch", 0) <= exp.epoch],
                recorded_epochs(trial_folder) if trial_folder else None)
