@@ -229,5 +229,25 @@ def script(name: str, argv: list[str] | None, prog: str) -> int:
     return main([name, *(sys.argv[1:] if argv is None else argv)], prog=prog)
 
 
+def exit_with(code: int) -> None:
+    """End the process with a command's exit code. After a refusal in a process that imported wandb (a failed W&B
+    API call), at once: wandb's service process can be left unresponsive, and wandb's exit handlers then wait for it
+    (seen in CI: minutes after the error line). The error is printed; nothing is left to clean up."""
+    if code == 2 and "wandb" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The `gensweep` console script."""
+    try:
+        exit_with(main())
+    except BrokenPipeError:  # `gensweep spaces | head`: the reader left; no traceback (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,12 +7,11 @@ at one milestone), from the trials' results on disk whatever the source.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-from sweeps.cli import script
+from sweeps.cli import exit_with, script
 from sweeps.rows import (
     EXTRA_KEYS,
     extra_columns,
@@ -159,11 +158,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code == 2 and "wandb" in sys.modules:
-        # A failed W&B API call can leave wandb's service process unresponsive, and wandb's exit handlers then
-        # wait for it (seen in CI: minutes after the error line). The error is printed; nothing is left to clean up.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_with(main())
