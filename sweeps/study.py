@@ -47,6 +47,11 @@ STATES = {"completed": TrialState.COMPLETE, "stopped (ASHA)": TrialState.PRUNED,
           "error": TrialState.FAIL, ENDED_EARLY: TrialState.FAIL}  # any other status (not ended yet): RUNNING
 
 
+def ended(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored trials that have ended (the ones the driver's writer adds, each once, as they end)."""
+    return [t for t in trials if t["status"] in STATES]
+
+
 def write_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | None = None,
                 local: Path | None = None) -> str:
     """Build the sweep's study from its stored trials (sweep_results.sweep_trials, read here unless given) and put
@@ -212,7 +217,7 @@ def save_study(storage: str, spec: SweepSpec, trials: list[dict[str, Any]] | Non
     either way."""
     try:
         trials = sweep_trials(storage, spec) if trials is None else trials
-        write_study(storage, spec, [t for t in trials if t["status"] in STATES] if ended_only else trials)
+        write_study(storage, spec, ended(trials) if ended_only else trials)
         return True
     except UsageError:  # no trial has reported yet: nothing to write
         return False

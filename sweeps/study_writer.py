@@ -140,7 +140,7 @@ class StudyAppender:
     def _rebuild(self, optuna):
         """The whole study from the stored trials that have ended, put in place atomically; then opened."""
         try:
-            ended = [t for t in sweep_trials(self.storage, self.spec) if t["status"] in study.STATES]
+            ended = study.ended(sweep_trials(self.storage, self.spec))
         except UsageError:  # no trial has reported yet
             ended = []
         study.write_study(self.storage, self.spec, ended, local=self.path if self.uri else None)
