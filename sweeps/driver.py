@@ -84,12 +84,13 @@ ending: dict[str, Any] = {}  # what stop_without_ray needs: spec, storage, the r
 
 def ray_children() -> list[int]:
     """PIDs of this process's children that are the local Ray's GCS or raylet (none without /proc)."""
-    found = []
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        stat = _stat(pid)
-        if stat and stat[1] == os.getpid() and stat[0] in RAY_PROCESSES:
-            found.append(int(pid))
-    return found
+    return [pid for pid, (name, parent, _) in _processes().items() if parent == os.getpid() and name in RAY_PROCESSES]
+
+
+def _processes() -> dict[int, tuple[str, int, str]]:
+    """(name, parent PID, state) of every process, from /proc (none without it)."""
+    pids = [p for p in os.listdir("/proc") if p.isdigit()] if os.path.isdir("/proc") else []
+    return {int(pid): stat for pid in pids if (stat := _stat(pid))}
 
 
 def _stat(pid: str | int) -> tuple[str, int, str] | None:
@@ -135,9 +136,8 @@ def stop_without_ray() -> None:
 
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if pid.isdigit() and (stat := _stat(pid)):
-            children.setdefault(stat[1], []).append(int(pid))
+    for pid, (_, parent, _) in _processes().items():
+        children.setdefault(parent, []).append(pid)
     out, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
