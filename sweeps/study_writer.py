@@ -90,8 +90,10 @@ class StudyWriter(tune.Callback):
         StudyWriter.running.discard(self)
 
     def _write_all(self) -> None:
-        appender = None
+        appender, failed = None, False
         while (item := self._queue.get()) is not None:
+            if failed:  # said once; `gensweep study` writes it from the trials' results (no rebuild per trial end)
+                continue
             try:
                 appender = appender or StudyAppender(self.storage, SweepSpec.load(self.storage, self.name))
                 appender.add(*item)
@@ -99,7 +101,7 @@ class StudyWriter(tune.Callback):
                 continue
             except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder, a bucket: one warning
                 study.warn_unwritable(self.storage, self.name, e)
-                appender = None  # the next trial tries again, with a rebuild
+                appender, failed = None, True
         if appender is not None:
             appender.close()
 
