@@ -141,6 +141,11 @@ def run_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
                    help="seconds between a trial's checkpoints, besides those at ASHA's milestones and at its end "
                         "(a fault loses at most this much training; 0 = every epoch; default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
+    p.add_argument("--reproducible", action="store_true",
+                   help="make --seed fix the whole sweep (configs, ASHA's decisions, the leaderboard) whatever the "
+                        "timing: trials run in batches of --max-concurrent (default: as many as fit; give it to "
+                        "rerun on another machine), each suggested and cut by ASHA from earlier batches only; a "
+                        "batch's slots wait for its last trial (docs/sweeps.md, 'Reproducible sweeps')")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a hyperparameter or config value, e.g. --fixed beta=4 --fixed epochs=20 (repeatable; "
                         "section.field keys such as model.beta or train.epochs work too)")

@@ -71,6 +71,11 @@ def init_ray(address: str | None, env: dict[str, str]) -> None:
         check_address(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
+        # The raylet this starts would prestart a worker per CPU for the first driver; Tune's trials run in workers
+        # of the sweep's own job, so those sit idle, cost a second of a core each to start, and are killed idle a
+        # second later, where one now and then writes abseil's "[mutex.cc : 452] RAW: Lock blocking" on its way out
+        # (forwarded to the driver's stderr as "(pid=N) ..."). RAY_<name> sets Ray's config; a value given wins.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # One machine: keep Ray on loopback, so it neither depends on nor exposes the external interface.
         ray.init(include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING)
@@ -103,16 +108,23 @@ def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:
               f"--gpus-per-trial if none will.")
 
 
-def warn_if_asha_is_serial(spec: SweepSpec) -> None:
-    """Say so when fewer trials run at once than ASHA's reduction factor: an asynchronous rung then compares a trial
-    with the few that happened to report before it, so its cuts depend on arrival order."""
-    if not ray.is_initialized():
-        return
+def trials_at_once(spec: SweepSpec) -> int:
+    """How many of the sweep's trials run at once on the Ray this driver is connected to: --max-concurrent, the
+    trials, and what the cluster's CPUs and GPUs fit, whichever is least."""
     available, resources, n = ray.cluster_resources(), spec.resources, spec.num_samples
     limits = [n, spec.max_concurrent or n, int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else n]
     if resources["gpu"]:
         limits.append(int(available.get("GPU", 0) // resources["gpu"]))
-    at_once = max(1, min(limits))
+    return max(1, min(limits))
+
+
+def warn_if_asha_is_serial(spec: SweepSpec) -> None:
+    """Say so when fewer trials run at once than ASHA's reduction factor: an asynchronous rung then compares a trial
+    with the few that happened to report before it, so its cuts depend on arrival order (not with --reproducible,
+    whose cuts read earlier batches only)."""
+    if not ray.is_initialized() or spec.reproducible:
+        return
+    at_once = trials_at_once(spec)
     if at_once < spec.asha.reduction_factor:
         print(f"gensweep: warning: {at_once} trial(s) at a time, fewer than ASHA's reduction factor "
               f"{spec.asha.reduction_factor}: its early cuts then depend on which trials reported first. Run more at "

@@ -134,6 +134,26 @@ def stop_without_ray() -> None:
         os._exit(143)
 
 
+def wait_for_trial_workers(ray_pids: list[int], timeout_s: float = 5.0) -> None:
+    """Before ray.shutdown: wait (a second, usually) until the worker processes of the local Ray (default_worker.py
+    under its raylet; not its agents) have exited. Tune asks its trial actors to exit as the sweep ends, and ray.shutdown SIGTERMs a
+    worker still on its way out; a SIGTERM landing in a Python weakref callback there prints "Exception ignored ...
+    SystemExit" on the driver's stderr."""
+    deadline = time.monotonic() + timeout_s
+    while ray_pids and time.monotonic() < deadline:
+        if not any(_is_worker(pid) for root in ray_pids for pid in _descendants(root)):
+            return
+        time.sleep(0.05)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"default_worker.py" in f.read()
+    except OSError:
+        return False
+
+
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for pid, (_, parent, _) in _processes().items():
@@ -266,6 +286,11 @@ def run_locked(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
 
 def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: dict[str, torch.Tensor], plan,
                wandb_mode: str, warm: WarmStart | None = None) -> int:
+    if spec.reproducible and not spec.max_concurrent and not args.resume:
+        spec = spec.replace(max_concurrent=cluster.trials_at_once(spec))
+    if spec.reproducible and not args.resume:
+        print(f"gensweep: --reproducible: batches of {spec.max_concurrent} trials, each suggested and cut by ASHA "
+              f"from the batches before it (rerun elsewhere with --max-concurrent {spec.max_concurrent})")
     cluster.allow_pending_trials(spec, on_cluster=bool(args.address))
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
@@ -303,6 +328,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         # every logger in this process: on --resume, Tune runs the one restored with the sweep, not ours
         WandbLogger.close_all(timeout_s=10)
         StudyWriter.close_all()
+        wait_for_trial_workers(list(local_ray))
         local_ray.clear()  # Ray's processes end now, and not because of a signal
         ray.shutdown()  # now: the trials' last log lines reach the screen before the board, not after it
 

@@ -51,6 +51,9 @@ class SweepSpec:
     num_samples: int
     max_concurrent: int = 0  # 0: as many as resources allow
     seed: int = 0
+    # --reproducible: batches of max_concurrent trials (sweeps/batched_asha.py); the driver sets max_concurrent to
+    # the trials that fit when it is 0, before the sweep is saved
+    reproducible: bool = False
     checkpoint_every_s: float = 300.0  # between milestones; a fault loses at most this much training
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # --fixed, as given (for the record)
     # --warm-start: {"sweep": name, "told": trials told to TPE, "rerun": [searched values rerun first]}
@@ -96,6 +99,7 @@ class SweepSpec:
         require(isinstance(self.max_concurrent, int) and self.max_concurrent >= 0,
                  f"--max-concurrent must not be negative, got {self.max_concurrent!r}")
         require(isinstance(self.seed, int) and self.seed >= 0, f"--seed must not be negative, got {self.seed!r}")
+        require(isinstance(self.reproducible, bool), f"reproducible must be true or false, got {self.reproducible!r}")
         require(_number(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
                 f"--checkpoint-every-s must be a number >= 0, got {self.checkpoint_every_s!r}")
 
@@ -215,7 +219,8 @@ class SweepSpec:
                    domains={k: param_space[k] for k in ps.searched_keys(param_space)}, objectives=objectives,
                    mode=space.mode, asha=ASHASettings(epochs, min(p.grace_period, epochs), p.reduction_factor),
                    fid=fid, resources={"cpu": _given(args.cpus_per_trial, 1.0), "gpu": gpus}, num_samples=num_samples,
-                   max_concurrent=args.max_concurrent, seed=args.seed, checkpoint_every_s=args.checkpoint_every_s,
+                   max_concurrent=args.max_concurrent, seed=args.seed, reproducible=args.reproducible,
+                   checkpoint_every_s=args.checkpoint_every_s,
                    fixed=fixed, argv=tuple(args.argv))
 
 

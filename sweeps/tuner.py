@@ -17,6 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genmodels.metrics.fid import FIDScorer
 from sweeps import storage as sweep_storage
+from sweeps.batched_asha import BatchedASHA, stored_results
 from sweeps.rows import short
 from sweeps.spec import SweepSpec
 from trainables import checkpoints
@@ -94,23 +95,16 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        for result in self._stored_results(trial):
+        for result in stored_results(trial):
             super().on_trial_result(tune_controller, trial, result)
 
-    @staticmethod
-    def _stored_results(trial) -> list[dict]:
-        if trial.storage is None:
-            return []
-        try:
-            folder = trial.path  # on trial.storage.storage_filesystem: a local path, or a bucket path for a URI
-        except RuntimeError:  # Tune names a new trial's folder when it first starts it
-            return []
-        return checkpoints.stored_results(trial.storage.storage_filesystem, folder) or []
 
-
-def asha_scheduler(spec: SweepSpec) -> ResumableASHA:
+def asha_scheduler(spec: SweepSpec) -> ResumableASHA | BatchedASHA:
     # ASHA counts epochs as the trial reports them: Tune's training_iteration restarts from its own (possibly older)
     # checkpoint after a resume, and decisions must stay on the epoch milestones the FID ladder uses.
+    if spec.reproducible:
+        return BatchedASHA("epoch", spec.metric, spec.mode, spec.asha.max_t, spec.milestones,
+                           spec.asha.reduction_factor, batch_size=spec.max_concurrent or 1)
     return ResumableASHA(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.asha.max_t,
                          grace_period=spec.asha.grace_period, reduction_factor=spec.asha.reduction_factor)
 
@@ -166,7 +160,10 @@ def search_algorithm(spec: SweepSpec, warm: WarmStart | None = None):
     search_alg = MilestoneOptunaSearch(metric=list(spec.objectives) if multi else spec.metric,
                                        mode=[spec.mode] * len(spec.objectives) if multi else spec.mode,
                                        sampler=TPESampler(seed=spec.seed), **warm_args)
-    return ConcurrencyLimiter(search_alg, max_concurrent=spec.max_concurrent) if spec.max_concurrent else search_alg
+    if not spec.max_concurrent:
+        return search_alg
+    # --reproducible: the next batch is suggested when the whole previous one has ended (sweeps/batched_asha.py)
+    return ConcurrencyLimiter(search_alg, max_concurrent=spec.max_concurrent, batch=spec.reproducible)
 
 
 def make_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan | None, callbacks: list,

@@ -1,5 +1,6 @@
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,10 @@ def smoke_sweep(tmp_path_factory):
                  "--name", "smoke", "--num-samples", "6"], env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (storage / "driver.stderr").write_text(r.stderr)
+    # the logs of the Ray session this sweep started (the newest), for the tests of what Ray did
+    sessions = sorted(Path(tempfile.gettempdir(), "ray").glob("session_2*"), key=lambda p: p.stat().st_mtime)
+    if sessions:
+        (storage / "ray_logs").symlink_to(sessions[-1] / "logs")
     return storage, r.stdout
 
 

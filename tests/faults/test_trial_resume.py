@@ -82,6 +82,25 @@ def test_a_trial_resumed_mid_way_reports_every_epoch_it_trained_once(trial, caps
     assert len(said) == 1 and "checkpoint_000000" in said[0] and said[0].endswith("(epoch 2)"), said
 
 
+def test_a_milestone_checkpoint_skipped_for_room_says_so_and_the_epoch_is_trained_again(trial, monkeypatch):
+    """A full storage at the epoch-2 milestone: the trial keeps its epoch-1 checkpoint and reports epoch 2 with
+    `checkpointed` 0 (in the report, in result.json and in what the next checkpoint carries); the driver stops. The
+    resumed trial continues from epoch 1, trains epoch 2 again and, with room now, checkpoints it: that second
+    report of epoch 2 says 1, truly, and result.json holds the first (0) and the second (1) in order."""
+    import trainables.trainable as tr
+
+    plan = tr.TrialPlan("test_bpd", milestones=(1, 2), checkpoint_every_s=1e9)
+    room = iter([True, False])  # epoch 1 fits, epoch 2 does not
+    monkeypatch.setattr(tr, "has_room", lambda folder, size: next(room, True))
+    first = trial(3, recorded=lambda n: True, stop_after=2, plan=plan)
+    assert [(r["epoch"], r["checkpointed"]) for r in first] == [(1, 1), (2, 0)]
+    assert sorted(p.name for p in trial.trial_folder.glob("checkpoint_*")) == ["checkpoint_000000"]
+    again = trial(3, recorded=lambda n: True, plan=plan)
+    assert [(r["epoch"], r["checkpointed"], r["resumed_from_epoch"]) for r in again] == [(2, 1, 1), (3, 1, 1)]
+    rows = [json.loads(line) for line in (trial.trial_folder / "result.json").read_text().splitlines()]
+    assert [(r["epoch"], r["checkpointed"]) for r in rows] == [(1, 1), (2, 0), (2, 1), (3, 1)]
+
+
 def test_nothing_is_replayed_when_result_json_has_every_report(trial):
     trial(2, recorded=lambda n: True)
     assert trial(2, recorded=lambda n: True) == []
