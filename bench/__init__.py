@@ -3,7 +3,8 @@ root. See bench/__main__.py for the subcommands and docs/PERFORMANCE.md for what
 import importlib
 
 # a subcommand with a module of its own; the rest are bench/suite.py's
-SUBCOMMANDS = {"all": "bench.run_all", "trial": "bench.trial", "overhead": "bench.overhead", "scale": "bench.scale"}
+SUBCOMMANDS = {"all": "bench.run_all", "trial": "bench.trial", "overhead": "bench.overhead", "scale": "bench.scale",
+               "forecast": "bench.forecast"}
 
 
 def module(name: str):

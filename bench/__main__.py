@@ -7,6 +7,8 @@
                                                      (bench/overhead.py)
     scale                                            the driver's cost per trial from 8 trials to thousands
                                                      (bench/scale.py)
+    forecast                                         the dry run's forecast and the time left against a real
+                                                     sweep (bench/forecast.py)
 
 `python -m bench NAME --help` lists a subcommand's flags. The GPU check that runs them on a GPU machine is
 .ci/gpu_check/ (`bash .ci/gpu-check 1|2`)."""

@@ -177,6 +177,11 @@ def run_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
     p.add_argument("--no-artifacts", action="store_true", help="do not log final checkpoints as W&B artifacts")
     if resuming:  # a resumed sweep keeps its own history
         return
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every flag, print the sweep's plan (trials, trials at once, ASHA's milestones and "
+                        "expected survivors, the FID ladder, checkpoints) and a forecast of its device-hours and wall "
+                        "time measured by a short run here (about a minute); start nothing, write nothing")
+    p.add_argument("--no-measure", action="store_true", help="with --dry-run: the plan only, no measurement (seconds)")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (under --storage-path)")
     p.add_argument("--warm-start", metavar="NAME",
                    help="start TPE from what sweep NAME (same space and metric, under --storage-path) learned: at the "

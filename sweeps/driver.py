@@ -20,8 +20,9 @@ import torch
 
 from genmodels.data import load_splits
 from genmodels.experiment import prepare
+from genmodels.metrics.fid import FIDScorer
 from genmodels.registry import trial_config
-from sweeps import cluster, full_storage, warm_start
+from sweeps import cluster, dry_run, full_storage, progress, warm_start
 from sweeps import param_space as ps
 from sweeps import storage as sweep_storage
 from sweeps.full_storage import StorageWatch
@@ -136,9 +137,9 @@ def stop_without_ray() -> None:
 
 def wait_for_trial_workers(ray_pids: list[int], timeout_s: float = 5.0) -> None:
     """Before ray.shutdown: wait (a second, usually) until the worker processes of the local Ray (default_worker.py
-    under its raylet; not its agents) have exited. Tune asks its trial actors to exit as the sweep ends, and ray.shutdown SIGTERMs a
-    worker still on its way out; a SIGTERM landing in a Python weakref callback there prints "Exception ignored ...
-    SystemExit" on the driver's stderr."""
+    under its raylet; not its agents) have exited. Tune asks its trial actors to exit as the sweep ends, and
+    ray.shutdown SIGTERMs a worker still on its way out; a SIGTERM landing in a Python weakref callback there
+    prints "Exception ignored ... SystemExit" on the driver's stderr."""
     deadline = time.monotonic() + timeout_s
     while ray_pids and time.monotonic() < deadline:
         if not any(_is_worker(pid) for root in ray_pids for pid in _descendants(root)):
@@ -211,7 +212,10 @@ def sweep_spec(args: argparse.Namespace, storage: str) -> SweepSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    """parse -> spec -> prepare -> data -> FID plan -> (locked) Ray, Tuner, leaderboard."""
+    """parse -> spec -> prepare -> data -> FID plan -> (locked) Ray, Tuner, leaderboard; or with --dry-run, after
+    the same checks, the plan (sweeps/dry_run.py)."""
+    if getattr(args, "no_measure", False) and not args.dry_run:
+        raise UsageError("--no-measure goes with --dry-run (a plan without the measurement); add --dry-run")
     storage = sweep_storage.resolve(args.storage_path or str(sweep_storage.default_storage()))
     try:
         sweep_storage.check_writable(storage)
@@ -242,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     warm = warm_start.plan(source, spec) if source else None  # from the final values: the budgets compared
     if warm:
         spec = spec.replace(warm_start=warm.record())
+    if getattr(args, "dry_run", False):
+        FIDScorer(spec.fid.network, spec.fid.weights_path)  # a missing feature network is refused as by a run
+        return dry_run.show(spec, args, data, point.data.dataset)
     if gpus == "auto":
         spec = spec.replace(resources={**spec.resources, "gpu": auto_gpus_per_trial(spec.model_name,
                                                                                     spec.param_space, data)})
@@ -305,6 +312,8 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         tuner = make_tuner(spec, data, plan, [*wandb_callbacks(args, wandb_mode, spec), *watch,
                                               StudyWriter(storage, spec.name)], storage, warm)
     cluster.warn_if_asha_is_serial(spec)
+    progress.tally.begin(spec, cluster.trials_at_once(spec), sweep_storage.join(storage, spec.name)
+                         if args.resume and not sweep_storage.is_uri(storage) else None)
     if not args.resume:
         spec.save(storage)
     # in the form the sweep was started with: an installed gensweep has no sweeps/run.py to call

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sweeps.cli import exit_with, script
+from sweeps.plan import left_line
 from sweeps.rows import (
     EXTRA_KEYS,
     extra_columns,
@@ -123,6 +124,8 @@ def print_board(rows: list[dict[str, Any]], spec: SweepSpec, source: str) -> Non
                 warm_start=spec.warm_start)
     if spec.preset == "smoke":
         print(f"note: {SMOKE_NOTE}")
+    if source == "local" and (left := left_line(rows, spec)):
+        print(left)
 
 
 def command(args) -> int:

@@ -100,6 +100,15 @@ def representative(param_space: dict[str, Any]) -> dict[str, Any]:
     return point
 
 
+def describe_domain(domain: Domain) -> str:
+    """A domain as the dry run prints it: {a, b, c} or [low, high] (log-uniform where it samples so)."""
+    if isinstance(domain, Categorical):
+        return "{" + ", ".join(map(str, domain.categories)) + "}"
+    low, high = domain_values(domain) or ["?", "?"]
+    log = "LogUniform" in type(domain.get_sampler()).__name__
+    return f"{'log-uniform ' if log else ''}[{low:g}, {high:g}]"
+
+
 def searched_keys(param_space: dict[str, Any]) -> list[str]:
     return [k for k, v in param_space.items() if is_domain(v)]
 

@@ -39,7 +39,7 @@ def trial_row(t: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     return {"trial": t["trial"], "params": params, "warm_start": is_rerun_point(params, spec.warm_start),
             **ranking_fields(history, spec.metric),
             "objectives": {m: ranking_fields(history, m) for m in spec.objectives},
-            "epochs": last.get("epoch", 0), "status": t["status"],
+            "epochs": last.get("epoch", 0), "status": t["status"], "seconds": last.get("time_total_s"),
             "error": last.get("error"), "extra": extra_columns(last)}
 
 

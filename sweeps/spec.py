@@ -195,8 +195,9 @@ class SweepSpec:
                  "--objectives takes two or more different metrics, and replaces --metric (the first objective is "
                  "the one ASHA stops on)")
         objectives = objectives or (_metric(space, args.metric),)
-        if "model.final_eval_k" in param_space and not model_class(space.model).ranks_on_full_evaluation(
-                objectives) and not any(k.split(".")[-1] == "final_eval_k" for k in fixed):
+        model = model_class(space.model)  # its default final_eval_k counts too (vae's full preset names none)
+        if hasattr(model.Config, "final_eval_k") and not model.ranks_on_full_evaluation(objectives) and not any(
+                k.split(".")[-1] == "final_eval_k" for k in fixed):
             # The end-of-trial bound at final_eval_k (1000) costs about a third of a ResNet-VAE or DFC trial that
             # runs to its end: run where the bound ranks the trials, or where --fixed final_eval_k asks for it
             # (docs/sweeps.md, "What a sweep does").

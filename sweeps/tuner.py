@@ -16,6 +16,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from genmodels.metrics.fid import FIDScorer
+from sweeps import progress
 from sweeps import storage as sweep_storage
 from sweeps.batched_asha import BatchedASHA, stored_results
 from sweeps.rows import short
@@ -122,6 +123,8 @@ def sweep_reporter(results: str, mode: str, **kwargs: Any) -> tune.CLIReporter:
                 text = re.sub(r"(?m)^Bracket: .*$", lambda line: re.sub(
                     r"(Iter [\d.]+: )(-?)(\d)", lambda m: m[1] + ("" if m[2] else "-") + m[3], line[0]), text)
             print(text, end="", flush=True)
+            if (line := progress.tally.line()) and not done:
+                print(line, flush=True)
 
     return SweepReporter(**kwargs)
 
@@ -191,7 +194,8 @@ def make_tuner(spec: SweepSpec, data: dict[str, torch.Tensor], fid_plan: FIDPlan
                                     # seeds itself and builds its own model, optimizer and CUDA graphs).
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, progress_reporter=reporter, verbose=1,
-                                  callbacks=[*callbacks, checkpoints.TrialEndRecorder(folder)],
+                                  callbacks=[*callbacks, checkpoints.TrialEndRecorder(folder),
+                                             progress.ProgressTally()],
                                   failure_config=tune.FailureConfig(max_failures=3),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   # The image grids trials write on any node reach storage every 5 minutes and when

@@ -185,6 +185,7 @@ def report(exp: Experiment, metrics: dict[str, Any], plan: TrialPlan, grids_dir:
     budget = 1.0 if exp.done or not plan.fid else sampling_budget(plan.fid, 0)
     images = {**(exp.write_grids(grids_dir, budget=budget) if grids_dir else {}), **final_images}
     metrics["checkpointed"] = int(checkpoint)
+    metrics["reported_at"] = time.time()  # seconds since the epoch (Tune's timestamp is whole seconds)
     carried = exp.extra.setdefault(CARRIED_REPORTS, [])
     if carried and carried[-1].get("checkpointed"):
         carried.clear()  # the previous checkpoint holds those

@@ -48,7 +48,8 @@ def run_main(argv, capsys):
     (["--space", "ncsn-v2", "--fixed", "num_levels=0"], "space 'ncsn-v2' does not use num_levels (sigma_schedule"),
     (["--space", "ncsn", "--fixed", "num_levels=10", "--fixed", "gamma=0.5"], "does not use gamma (num_levels is"),
 ])
-def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, message, tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, message, dry_run, tmp_path, capsys):
     storage = tmp_path / "runs"
     if "GARBAGE" in args:
         (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
@@ -58,7 +59,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, messa
                                synthetic_images(16), synthetic_images(8, seed=1))
         trainer.save(tmp_path / "state.pt")
         args = [a.replace("VAE", str(tmp_path / "state.pt")) for a in args]
-    code, lines = run_main([*args, "--storage-path", str(storage)], capsys)
+    code, lines = run_main([*args, *dry_run, "--storage-path", str(storage)], capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not storage.exists() or not any(storage.iterdir())  # nothing written
 

@@ -1,4 +1,6 @@
 """End to end through Ray Tune: the smoke sweep, the leaderboard, and the CLI's one-line errors."""
+import re
+
 import pytest
 from conftest import run_cli
 
@@ -30,6 +32,8 @@ def test_a_clean_sweep_prints_nothing_on_stderr(smoke_sweep):
     assert "driver_artifacts" not in out and "Results: " in out
     brackets = [line for line in out.splitlines() if line.startswith("Bracket:")]
     assert brackets and not any(": -" in line for line in brackets), brackets[-1:]
+    # each table but the last ends with the time left (sweeps/progress.py)
+    assert re.search(r"(?m)^gensweep: [\d.]+ s elapsed, \d of 6 trials ended; ", out), out[:3000]
     # No idle worker outside the sweep's job (job ffffffff): Ray prestarted one per CPU and killed them idle a second
     # later, and one of those now and then wrote "[mutex.cc : 452] RAW: Lock blocking" on its way out.
     logs = storage / "ray_logs"
@@ -77,7 +81,8 @@ def test_leaderboard_prints_again_after_the_sweep(smoke_sweep):
     (["--dataset", "cifar10"], "--data-dir"),
     (["--resume", "never-ran"], "no sweep named 'never-ran'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_bad_input_is_one_line_and_exit_2(args, message, dry_run, tmp_path, monkeypatch, capsys):
     import sweeps.run as run
 
     monkeypatch.setenv("GENSWEEP_OFFLINE", "1")
@@ -88,7 +93,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, 
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     code = run.main(["--preset", "smoke", "--no-wandb", "--data-dir", str(tmp_path), "--storage-path",
-                     str(tmp_path), *args])
+                     str(tmp_path), *args, *dry_run])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
 

@@ -1,0 +1,105 @@
+"""`python -m bench forecast -- RUN_FLAGS`: the dry run's forecast against the real sweep, and the progress
+output's time left against the real remaining time:
+
+    python -m bench forecast --json a.json -- --space vae --preset smoke
+    python -m bench forecast --json b.json -- --space ncsn --preset smoke
+
+It runs `sweeps/run.py RUN_FLAGS --dry-run` (timed), then the sweep itself (timed, under its own --storage-path),
+and replays the time left the progress line would have said when a quarter and half of the trials had ended,
+from the trials' own report times (result.json's timestamps), against the sweep's actual end. Prints one table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import format_table, write_json
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench forecast", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--keep", help="run the sweep under this --storage-path and keep it (default: a temporary one)")
+    p.add_argument("run", nargs=argparse.REMAINDER, help="-- then the flags of sweeps/run.py")
+    return p
+
+
+def seconds(text: str) -> float:
+    """'1 h 05 min' | '4 min 10 s' | '12 s' | '3.5 s' -> seconds."""
+    if m := re.fullmatch(r"(\d+) h (\d+) min", text):
+        return int(m[1]) * 3600 + int(m[2]) * 60
+    if m := re.fullmatch(r"(\d+) min (\d+) s", text):
+        return int(m[1]) * 60 + int(m[2])
+    return float(text.removesuffix(" s"))
+
+
+def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]:
+    """What the progress line said was left when a quarter and half of the trials had ended: the trials' reports
+    passed through the driver's tally (sweeps/progress.py) in the order they were made (`reported_at`), against
+    the real time left then (`end`: the sweep's last report)."""
+    from sweeps.progress import Tally
+
+    reports = []
+    for path in folder.glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        reports += [(r["reported_at"], path.parent.name, r, i == len(rows) - 1) for i, r in enumerate(rows)]
+    reports.sort(key=lambda r: r[0])
+    out = []
+    for share in (0.25, 0.5):
+        tally = Tally()
+        tally.begin(spec, slots)
+        for stamp, trial, result, last in reports:
+            tally.record(trial, result)
+            if last:
+                tally.ended.add(trial)
+            if len(tally.ended) >= share * spec.num_samples:
+                said = tally.left()
+                out.append({"at": f"{len(tally.ended)}/{spec.num_samples} ended", "said_s": said,
+                            "actual_s": end - stamp, "error_%": 100 * (said - (end - stamp)) / max(end - stamp, 1e-9)})
+                break
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    run = [a for a in args.run if a != "--"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
+        storage = ["--storage-path", tmp, "--name", "forecast"]
+        start = time.perf_counter()
+        dry = subprocess.run([sys.executable, "sweeps/run.py", *run, *storage, "--dry-run"], capture_output=True,
+                             text=True, check=True).stdout
+        dry_s = time.perf_counter() - start
+        said = re.search(r"wall time about (.+?) \((.+?)-(.+?)\) on (\d+) slot", dry)
+        start = time.perf_counter()
+        real = subprocess.run([sys.executable, "sweeps/run.py", *run, *storage], capture_output=True, text=True)
+        wall_s = time.perf_counter() - start
+        if real.returncode:
+            sys.exit(f"the sweep failed (exit {real.returncode}): {real.stderr[-2000:]}")
+        from sweeps.spec import SweepSpec
+
+        spec = SweepSpec.load(tmp, "forecast")
+        folder = Path(tmp, "forecast")
+        end = max(json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
+                  for line in p.read_text().splitlines() if line.strip())
+        etas = replayed_time_left(folder, spec, int(said[4]), end)
+        epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
+    forecast = seconds(said[1])
+    rows = [{"what": "wall time", "forecast_s": forecast, "range": f"{said[2]}-{said[3]}", "actual_s": wall_s,
+             "error_%": 100 * (forecast - wall_s) / wall_s},
+            {"what": "trial-epochs", "forecast_s": float(re.search(r"([\d.]+) trial-epochs", dry)[1]), "range": "",
+             "actual_s": float(epochs), "error_%": None},
+            {"what": "dry run itself", "forecast_s": None, "range": "", "actual_s": dry_s, "error_%": None},
+            *({"what": f"time left at {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
+               "error_%": e["error_%"]} for e in etas)]
+    print(f"forecast: sweeps/run.py {' '.join(run)}")
+    print(format_table(rows))
+    report = {"benchmark": "forecast", "run": run, "rows": rows, "dry_run": dry}
+    write_json(args.json, report)
+    return report

@@ -1,0 +1,110 @@
+"""The time left, in the progress output: what the trials have reported so far (epochs, seconds), turned into the
+expected time to the sweep's end by the plan's model of ASHA (sweeps/plan.py), re-estimated at every table.
+
+The callback keeps its counts in this module, not in itself: Tune pickles a sweep's callbacks into its saved state,
+and the progress table (which reads them) is made anew by each driver."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from ray import tune
+
+from genmodels.io import json_lines
+from sweeps.plan import Pace, Rungs, duration, time_left
+from trainables import checkpoints
+from trainables.driver_clock import clocked
+
+
+class Tally:
+    """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays
+    the process's one-time costs (imports, first kernels, the FID network's load), and Tune reuses the process for
+    the next trials: the pace is read from the later trials wherever they have reported."""
+
+    def __init__(self) -> None:
+        self.rungs: Rungs | None = None
+        self.trials = self.slots = 0
+        self.started = time.monotonic()
+        self.seconds: dict[str, list[float]] = {}  # trial -> each epoch's seconds (Tune's time_this_iter_s)
+        self.epochs: dict[str, int] = {}  # trial -> its latest epoch
+        self.ended: set[str] = set()
+        self.cold: set[str] = set()  # trials that were the first in their process
+        self.pids: set[int] = set()
+
+    def begin(self, spec, slots: int, folder: str | None = None) -> None:
+        """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
+        self.__init__()
+        self.rungs, self.trials, self.slots = Rungs.of(spec), spec.num_samples, max(1, slots)
+        for path in sorted(Path(folder).glob(f"*/{checkpoints.RESULT_FILE}")) if folder else []:
+            for result in json_lines(path.read_text(errors="replace")):
+                self.record(path.parent.name, result)
+            if checkpoints.has_ended(str(path.parent)):
+                self.ended.add(path.parent.name)
+
+    def record(self, trial: str, result: dict) -> None:
+        if "epoch" not in result or "time_this_iter_s" not in result:
+            return
+        if trial not in self.seconds and result.get("pid") not in self.pids:
+            self.cold.add(trial)
+            self.pids.add(result.get("pid"))
+        self.seconds.setdefault(trial, []).append(result["time_this_iter_s"])
+        self.epochs[trial] = result["epoch"]
+
+    def pace(self) -> Pace | None:
+        """The mean first epoch, later epoch and last epoch of a completed trial, from the warm trials where they
+        have one, else from all."""
+        def completed(t: str) -> bool:
+            return t in self.ended and self.epochs[t] >= self.rungs.max_t > 1
+
+        def samples(pick) -> list[float]:
+            warm = [s for t in self.seconds if t not in self.cold for s in pick(t)]
+            return warm or [s for t in self.seconds for s in pick(t)]
+
+        first = samples(lambda t: self.seconds[t][:1])
+        if not first:
+            return None
+        middle = samples(lambda t: self.seconds[t][1:-1] if completed(t) else self.seconds[t][1:])
+        last = samples(lambda t: self.seconds[t][-1:] if completed(t) else [])
+        mid = statistics.mean(middle) if middle else statistics.mean(first)
+        return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid)
+
+    def left(self) -> float | None:
+        """Expected wall seconds to the sweep's end (None before the first report)."""
+        pace = self.pace()
+        if pace is None:
+            return None
+        running = [e for t, e in self.epochs.items() if t not in self.ended]
+        return time_left(self.rungs, self.trials, self.slots, pace, running, len(self.epochs))
+
+    def line(self) -> str | None:
+        if self.rungs is None:
+            return None
+        elapsed = duration(time.monotonic() - self.started)
+        head = f"gensweep: {elapsed} elapsed, {len(self.ended)} of {self.trials} trials ended"
+        left = self.left()
+        if left is None:
+            return f"{head}; time left: once the first trials report"
+        return (f"{head}; about {duration(left)} left ({self.pace().middle:.2g} s an epoch so far, on {self.slots} "
+                f"slots)")
+
+
+tally = Tally()
+
+
+@clocked
+class ProgressTally(tune.Callback):
+    """Driver side: each trial's epochs and seconds as it reports, and which trials have ended."""
+
+    @staticmethod
+    def _key(trial) -> str:
+        return checkpoints.trial_dirname(trial.config.get("model_name", ""), trial.trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        tally.record(self._key(trial), result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        tally.ended.add(self._key(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        tally.ended.add(self._key(trial))

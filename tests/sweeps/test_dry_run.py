@@ -1,0 +1,87 @@
+"""`--dry-run`: the plan (and a forecast measured here) after every check a real run makes, with no Ray started
+and nothing written; the progress output's time left."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import ray
+from conftest import saved_spec_of
+
+
+def dry_run(argv, tmp_path, capsys):
+    import sweeps.run as run
+
+    storage = tmp_path / "runs"
+    started = time.perf_counter()
+    code = run.main(["--preset", "smoke", "--no-wandb", "--storage-path", str(storage), "--dry-run", *argv])
+    took = time.perf_counter() - started
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert not ray.is_initialized() and not any(storage.iterdir())  # nothing started, nothing written
+    return out.out, took
+
+
+def test_the_plan_alone_says_what_the_sweep_will_run(tmp_path, capsys):
+    out, took = dry_run(["--space", "vae", "--num-samples", "12", "--max-concurrent", "1", "--no-measure"],
+                        tmp_path, capsys)
+    assert "trials: 12, 1 at once" in out and "limited by the --max-concurrent" in out
+    assert "milestones at epochs 1, 2, 4, reduction factor 2" in out and "expected trials at epoch 1: 12, 2: 6.5" in out
+    assert "searched: beta log-uniform [0.05, 16], latent {32, 64, 128, 256}" in out
+    assert "forecast" not in out
+    assert out.strip().splitlines()[-1] == ("gensweep: to run it: python sweeps/run.py --preset smoke --no-wandb "
+                                            f"--storage-path {tmp_path / 'runs'} --space vae --num-samples 12 "
+                                            "--max-concurrent 1")
+    with capsys.disabled():
+        print(f"\ndry run without measurement: {took:.1f} s in-process")
+
+
+@pytest.mark.slow
+def test_the_forecast_is_measured_on_the_sweeps_own_network(tmp_path, capsys):
+    out, took = dry_run(["--space", "ncsn", "--num-samples", "4"], tmp_path, capsys)
+    assert "FID (standin): epoch 1: 128 samples at 25% of a sampler's steps" in out
+    assert "reconstruction FID" not in out  # NCSN does not reconstruct
+    forecast = out[out.index("forecast (measured on this machine's CPU"):]
+    assert "wall time about" in forecast and "CPU-hours" in forecast and "assumptions:" in forecast
+    with capsys.disabled():
+        print(f"\ndry run with measurement (ncsn smoke): {took:.1f} s in-process")
+
+
+def test_no_measure_goes_with_dry_run(tmp_path, capsys):
+    import sweeps.run as run
+
+    code = run.main(["--preset", "smoke", "--storage-path", str(tmp_path), "--no-measure"])
+    assert code == 2 and "--no-measure goes with --dry-run" in capsys.readouterr().err
+
+
+def test_a_forecast_this_machine_cannot_measure_says_why():
+    from sweeps.dry_run import no_forecast_reason
+
+    spec = saved_spec_of().replace(resources={"cpu": 1.0, "gpu": 1.0})
+    if not __import__("torch").cuda.is_available():
+        assert no_forecast_reason(spec, None) == "the trials ask for GPUs and this machine has none"
+    assert no_forecast_reason(saved_spec_of(), None) is None
+
+
+def test_the_progress_line_says_the_time_left():
+    """A trial's first epoch (its start included), its later ones and the last of one that completes are timed
+    apart: the time left is the running trial's rest and the 7 trials not started, on 2 slots."""
+    from sweeps.plan import Pace, Rungs, time_left
+    from sweeps.progress import ProgressTally, tally
+
+    spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
+    tally.begin(spec, slots=2)
+    assert tally.line().endswith("time left: once the first trials report")
+    callback = ProgressTally()
+    done, running = (SimpleNamespace(config={"model_name": "ncsn"}, trial_id=i) for i in "ab")
+    for epoch, seconds in ((1, 3.0), (2, 1.0), (3, 1.0), (4, 5.0)):
+        callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds})
+    callback.on_trial_complete(0, [], done)
+    callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 3.0})
+    pace = tally.pace()
+    assert pace == Pace(first=3.0, middle=1.0, last=5.0)
+    rungs = Rungs.of(spec)
+    assert tally.left() == time_left(rungs, 8, 2, pace, [1], 2) > pace.trial(rungs, 1) * 3
+    line = tally.line()
+    assert "1 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line

@@ -1,0 +1,76 @@
+"""The plan's arithmetic (sweeps/plan.py): ASHA's expected survivors against Ray's ASHA itself, whole trials on
+slots, the time left, and what the leaderboard of an unfinished sweep says is left."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import saved_spec_of
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from sweeps.budgets import ASHASettings
+from sweeps.plan import Pace, Rungs, TrialCost, left_line, makespan, sweep_seconds, time_left, trial_lengths
+
+
+@pytest.mark.parametrize("trials, rf", [(8, 2), (12, 2), (30, 3), (100, 3)])
+def test_expected_survivors_match_rays_asha_on_random_values(trials, rf):
+    """Ray's ASHA on trials with random values arriving one after another: the mean number that reach each cut
+    over many sweeps is what Rungs.arrivals expects (small sweeps keep more than 1/rf)."""
+    cuts = tuple(m for m in ASHASettings(8, 1, rf).milestones if m < 8)  # ASHA's own rungs: 1, 2, 4 or 1, 3
+    rungs, rng, runs = Rungs(8, cuts, rf), random.Random(0), 300
+    reached = [0.0] * (len(cuts) + 1)
+    for _ in range(runs):
+        asha = ASHAScheduler(time_attr="epoch", metric="v", mode="max", max_t=8, grace_period=1, reduction_factor=rf)
+        trial_ids = [type("T", (), {"trial_id": str(i)})() for i in range(trials)]
+        for t in trial_ids:
+            asha.on_trial_add(None, t)
+        alive = list(trial_ids)
+        for k, epoch in enumerate(cuts):
+            reached[k] += len(alive)
+            alive = [t for t in alive if asha.on_trial_result(None, t, {"epoch": epoch, "v": rng.random()})
+                     == TrialScheduler.CONTINUE]
+        reached[-1] += len(alive)
+    expected = rungs.arrivals(trials)
+    for k in range(len(reached)):
+        assert reached[k] / runs == pytest.approx(expected[k], rel=0.06), (k, reached, expected)
+
+
+def test_trial_lengths_add_up_to_the_expected_counts():
+    rungs = Rungs(4, (1, 2), 2)
+    lengths = trial_lengths(rungs, 8)
+    assert len(lengths) == 8 and sorted(lengths) == [1, 1, 1, 2, 2, 4, 4, 4]  # ends 3.5, 1.75, 2.75: whole
+    assert sum(lengths) == pytest.approx(rungs.trial_epochs(8), abs=2)
+
+
+def test_makespan_takes_the_next_trial_as_a_slot_frees():
+    assert makespan([4, 1, 1, 1, 1], 2) == 4
+    assert makespan([1, 1, 1], 2) == 2
+    assert makespan([3], 2, busy=[5, 1]) == 5  # the free slot takes it at 1, ends at 4; the busy one at 5
+
+
+def test_a_sweeps_seconds_are_its_trials_on_its_slots():
+    cost = TrialCost(startup=1, epoch=2, milestone=(10, 20), end=5)
+    rungs = Rungs(4, (1, 2), 2)
+    assert cost.seconds(rungs, 1) == 1 + 2 + 10 and cost.seconds(rungs, 4) == 1 + 8 + 30 + 5
+    device, wall = sweep_seconds(cost, rungs, 8, 2)
+    assert device == sum(cost.seconds(rungs, e) for e in trial_lengths(rungs, 8)) and device / 2 <= wall < device
+
+
+def test_time_left_counts_the_running_and_the_unstarted():
+    rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
+    assert pace.trial(rungs, 1) == 3 and pace.trial(rungs, 2) == 4 and pace.trial(rungs, 4) == 3 + 2 + 5
+    assert time_left(rungs, 8, 2, pace, [], 8) == 0
+    assert time_left(rungs, 8, 2, pace, [2], 8) == pace.rest(rungs, 8, 2) == 1 + 5  # past both cuts: completes
+    assert time_left(rungs, 8, 2, pace, [], 4) == makespan([pace.trial(rungs, e) for e in trial_lengths(rungs, 8)[4:]],
+                                                           2)
+
+
+def test_the_board_of_an_unfinished_sweep_says_what_is_left():
+    spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
+    rows = [{"status": "completed", "epochs": 4, "seconds": 8.0}, {"status": "stopped (ASHA)", "epochs": 1,
+                                                                   "seconds": 2.0},
+            {"status": "unfinished", "epochs": 2, "seconds": 4.0}]
+    line = left_line(rows, spec)
+    assert line.startswith("gensweep: unfinished: 2 of 8 trials ended, 1 under way or interrupted, 5 not started")
+    assert "2 s a trial-epoch" in line
+    assert left_line([{"status": "completed", "epochs": 4, "seconds": 1.0}] * 8, spec) is None
