@@ -110,8 +110,10 @@ def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:
 
 def trials_at_once(spec: SweepSpec) -> int:
     """How many of the sweep's trials run at once on the Ray this driver is connected to: --max-concurrent, the
-    trials, and what the cluster's CPUs and GPUs fit, whichever is least."""
-    available, resources, n = ray.cluster_resources(), spec.resources, spec.num_samples
+    trials, and what the cluster's CPUs and GPUs fit, whichever is least (without Ray: the first two)."""
+    resources, n = spec.resources, spec.num_samples
+    available = ray.cluster_resources() if ray.is_initialized() else {"CPU": n * resources["cpu"],
+                                                                      "GPU": n * (resources["gpu"] or 0)}
     limits = [n, spec.max_concurrent or n, int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else n]
     if resources["gpu"]:
         limits.append(int(available.get("GPU", 0) // resources["gpu"]))

@@ -156,7 +156,7 @@ def test_a_reused_actors_trial_is_the_same_as_a_fresh_one(monkeypatch, tmp_path)
 
     other = {**TINY, "model.latent": 8, "train.lr": 3e-3, "train.seed": 5}
     first, _, again = reports_of_trials(monkeypatch, tmp_path, [TINY, other, TINY], tr.TrialPlan("test_bpd"))
-    drop = ("node_id",)
+    drop = ("node_id", "reported_at")  # where it ran, and when
     assert [{k: v for k, v in r.items() if k not in drop} for r in first] == \
         [{k: v for k, v in r.items() if k not in drop} for r in again]
 
