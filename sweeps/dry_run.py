@@ -3,6 +3,7 @@ nothing started (no Ray) and nothing written to the results folder. The driver c
 for a real run, so a dry run refuses what the run would refuse."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -30,7 +31,7 @@ def slots(spec, address: str | None) -> tuple[int, str]:
     if address:
         import ray
 
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         try:
             available = ray.cluster_resources()
         finally:

@@ -26,6 +26,7 @@ from genmodels.registry import trial_config
 from sweeps.plan import Rungs, TrialCost
 
 TIMED_STEPS = 3  # training steps per timing, after one that warms up
+SLOW_STEP_S = 2.0  # a step slower than this is timed once
 PROBE_IMAGES = 256  # test images evaluated, reconstructed and scored in the timings
 PROBE_SAMPLES = 64  # samples drawn per sampling timing
 
@@ -69,7 +70,10 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
     startup = time.perf_counter()
     exp = Experiment(cfg, train, test[:m], device)
     startup_s = timed(lambda: exp.train_epoch(1), device) + time.perf_counter() - startup
-    step_s = statistics.median(timed(lambda: exp.train_epoch(TIMED_STEPS), device) / TIMED_STEPS for _ in range(2))
+    step_s = timed(lambda: exp.train_epoch(1), device)
+    if step_s < SLOW_STEP_S:  # a step of seconds (a full-size network on a CPU) is timed once: the dry run stays short
+        step_s = statistics.median(timed(lambda: exp.train_epoch(TIMED_STEPS), device) / TIMED_STEPS
+                                   for _ in range(2))
     cheap_s = timed(lambda: exp.evaluate(full=False, subset=False), device) / m
     ranking_full = exp.ranks_on_full_evaluation(spec.objectives)
     ranking_s = timed(lambda: exp.evaluate(full=True), device) / m if ranking_full else cheap_s
