@@ -35,7 +35,7 @@ from sweeps.study import save_study
 from sweeps.study_writer import StudyWriter
 from sweeps.sweep_results import sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
-from trainables import driver_clock
+from trainables import checkpoints, driver_clock
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
 
@@ -301,6 +301,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
     cluster.allow_pending_trials(spec, on_cluster=bool(args.address))
     if args.address and spec.resources["gpu"]:
         cluster.warn_if_no_node_has_the_gpus(spec.resources["gpu"])
+    checkpoints.resumed_driver = bool(args.resume)
     if args.resume:
         # the study whole from the stored trials that ended (the killed driver may not have written its last
         # ones); the writer restored with the sweep appends the trials that end from now on

@@ -238,6 +238,10 @@ def _cell(text: str) -> Any:
     return {"True": True, "False": False}.get(text, text)
 
 
+# Set by a driver that resumes a sweep (sweeps/driver.py): its trials' records start from their files in storage.
+resumed_driver = False
+
+
 @clocked
 class TrialEndRecorder(tune.Callback):
     """Driver side: records in each trial's folder that it ended (completed, stopped by ASHA, diverged), at once,
@@ -258,8 +262,18 @@ class TrialEndRecorder(tune.Callback):
         Tune starts its file anew."""
         if trial.storage is None or trial.checkpoint is None:
             return
+        fs, path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        started = self.__dict__.setdefault("started", set())  # (absent from a recorder pickled by an older gensweep)
         try:
-            repair_results(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
+            if resumed_driver and trial.trial_id not in started and \
+                    fs.get_file_info(f"{path}/{RESULT_FILE}").type == pyarrow.fs.FileType.NotFound:
+                # A resumed driver starts the trial's record from this file, and a full disk or a kill left none:
+                # the record is empty, so an empty file says so, and the trial reports again what its checkpoints
+                # carry (trainable.replay) instead of leaving those epochs out for good.
+                with fs.open_output_stream(f"{path}/{RESULT_FILE}"):
+                    pass
+            started.add(trial.trial_id)
+            repair_results(fs, path)
         except Exception as e:  # noqa: BLE001 - a bucket that refuses it: Tune appends as before, the sweep goes on
             print(f"gensweep: result.json of trial {trial.trial_id} cannot be repaired ({type(e).__name__}: {e})",
                   file=sys.stderr, flush=True)

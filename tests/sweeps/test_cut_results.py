@@ -238,6 +238,24 @@ def test_the_driver_repairs_result_json_before_tunes_json_logger_appends_to_it(t
         assert path.read_text().endswith(ROW[2][:50]) and "result.json" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("resumed", [True, False])
+def test_a_resumed_driver_gives_a_trial_without_result_json_an_empty_one(tmp_path, monkeypatch, resumed):
+    """A full disk or a kill left a checkpointed trial without result.json in storage. A resumed driver starts the
+    trial's record from that file, so the record is empty: an empty file says so, and the trial then reports again
+    everything its checkpoints carry (recorded_epochs: an empty set, not None). A driver that did not resume (a
+    retry within the sweep, whose record is in the driver) leaves it alone, as does a second start."""
+    monkeypatch.setattr(checkpoints, "resumed_driver", resumed)
+    trial = tune_trial_in(tmp_path, monkeypatch)
+    folder = tmp_path / "runs" / "s" / "vae_t1"
+    folder.mkdir(parents=True)
+    recorder = checkpoints.TrialEndRecorder(str(tmp_path / "runs" / "s"))
+    recorder.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    assert checkpoints.recorded_epochs(str(folder)) == (set() if resumed else None)
+    (folder / "result.json").unlink(missing_ok=True)
+    recorder.on_trial_start(iteration=0, trials=[trial], trial=trial)  # started again in this driver
+    assert checkpoints.recorded_epochs(str(folder)) is None
+
+
 def test_a_resumed_trial_replays_what_any_checkpoint_carries_up_to_the_restored_one(tmp_path):
     """The line dropped may be an older checkpoint's report (a checkpoint every epoch, num_to_keep=2)."""
     folder = tmp_path / "vae_t1"
