@@ -108,16 +108,25 @@ def warn_if_no_node_has_the_gpus(gpus_per_trial: float) -> None:
               f"--gpus-per-trial if none will.")
 
 
+def limits_at_once(spec: SweepSpec, cpus: float, gpus: float) -> dict[str, int]:
+    """What bounds the trials running at once, by name: the trials, --max-concurrent (when given), and how many
+    trials `cpus` CPUs and `gpus` GPUs fit (a trial's GPUs counted as 1 while --gpus-per-trial auto is unmeasured)."""
+    gpu = 1.0 if spec.resources["gpu"] == "auto" else float(spec.resources["gpu"])
+    limits = {"trials": spec.num_samples, "CPUs": int(cpus // spec.resources["cpu"])}
+    if spec.max_concurrent:
+        limits["--max-concurrent"] = spec.max_concurrent
+    if gpu:
+        limits["GPUs"] = int(gpus // gpu)
+    return limits
+
+
 def trials_at_once(spec: SweepSpec) -> int:
-    """How many of the sweep's trials run at once on the Ray this driver is connected to: --max-concurrent, the
-    trials, and what the cluster's CPUs and GPUs fit, whichever is least (without Ray: the first two)."""
-    resources, n = spec.resources, spec.num_samples
-    available = ray.cluster_resources() if ray.is_initialized() else {"CPU": n * resources["cpu"],
-                                                                      "GPU": n * (resources["gpu"] or 0)}
-    limits = [n, spec.max_concurrent or n, int(available.get("CPU", 0) // resources["cpu"]) if resources["cpu"] else n]
-    if resources["gpu"]:
-        limits.append(int(available.get("GPU", 0) // resources["gpu"]))
-    return max(1, min(limits))
+    """How many of the sweep's trials run at once on the Ray this driver is connected to (without Ray: the trials
+    and --max-concurrent alone)."""
+    if not ray.is_initialized():
+        return max(1, min(spec.num_samples, spec.max_concurrent or spec.num_samples))
+    available = ray.cluster_resources()
+    return max(1, min(limits_at_once(spec, available.get("CPU", 0), available.get("GPU", 0)).values()))
 
 
 def warn_if_asha_is_serial(spec: SweepSpec) -> None:

@@ -33,7 +33,7 @@ from sweeps.spaces import SMOKE_NOTE
 from sweeps.spec import SweepSpec, UsageError
 from sweeps.study import save_study
 from sweeps.study_writer import StudyWriter
-from sweeps.sweep_results import sweep_trials
+from sweeps.sweep_results import UNFINISHED, sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
 from trainables import checkpoints, driver_clock
 from trainables.wandb_auth import is_logged_in
@@ -428,7 +428,6 @@ def exit_status(rows: list[dict[str, Any]], stopped_by: int, resume: str) -> int
 
 
 DRIVER_FILE = "driver.json"
-UNFINISHED = ("running", "pending", "paused", "no result", "unfinished")
 
 
 def configure_wandb(args: argparse.Namespace) -> str:

@@ -13,6 +13,7 @@ import torch
 from genmodels.models.base import GenerativeModel
 from genmodels.registry import model_class
 from sweeps import param_space as ps
+from sweeps.cluster import limits_at_once
 from sweeps.plan import Rungs, TrialCost, duration, sweep_seconds
 
 # Not measured (a dry run starts no Ray): what a local sweep spends starting and stopping Ray, and Tune's work
@@ -26,8 +27,6 @@ TUNE_PER_REPORT_S = 0.35
 def slots(spec, address: str | None) -> tuple[int, str]:
     """How many trials run at once, and what decides it: --max-concurrent, the trials, and what this machine (or
     the cluster at `address`) has for a trial's CPUs and GPUs."""
-    gpu = spec.resources["gpu"]
-    gpu = 1.0 if gpu == "auto" else float(gpu)
     if address:
         import ray
 
@@ -40,15 +39,12 @@ def slots(spec, address: str | None) -> tuple[int, str]:
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         gpus, where = torch.cuda.device_count(), "this machine"
-    limits = {"trials": spec.num_samples, "CPUs": int(cpus // spec.resources["cpu"])}
-    if spec.max_concurrent:
-        limits["--max-concurrent"] = spec.max_concurrent
-    if gpu:
-        limits["GPUs"] = int(gpus // gpu)
-    at_once = max(1, min(limits.values()))
+    limits = limits_at_once(spec, cpus, gpus)
     why = min(limits, key=limits.get)
-    return at_once, (f"{where} has {cpus:g} CPUs and {gpus:g} GPUs; a trial takes {spec.resources['cpu']:g} CPU and "
-                     f"{gpu:g} GPU; limited by the {why}")
+    gpu = spec.resources["gpu"]
+    return max(1, limits[why]), (f"{where} has {cpus:g} CPUs and {gpus:g} GPUs; a trial takes "
+                                 f"{spec.resources['cpu']:g} CPU and {gpu if gpu == 'auto' else f'{gpu:g}'} GPU; "
+                                 f"limited by the {why}")
 
 
 def corners(spec) -> dict[str, dict[str, Any]]:

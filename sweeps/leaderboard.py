@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sweeps.cli import exit_with, script
-from sweeps.plan import left_line
+from sweeps.plan import Rungs, duration
 from sweeps.rows import (
     EXTRA_KEYS,
     extra_columns,
@@ -25,7 +25,7 @@ from sweeps.rows import (
 )
 from sweeps.spaces import SMOKE_NOTE
 from sweeps.spec import SweepSpec, UsageError
-from sweeps.sweep_results import resolve_sweep, sweep_trials, trial_status
+from sweeps.sweep_results import UNFINISHED, resolve_sweep, sweep_trials, trial_status
 from trainables.wandb_auth import is_logged_in
 
 
@@ -126,6 +126,25 @@ def print_board(rows: list[dict[str, Any]], spec: SweepSpec, source: str) -> Non
         print(f"note: {SMOKE_NOTE}")
     if source == "local" and (left := left_line(rows, spec)):
         print(left)
+
+
+def left_line(rows: list[dict], spec) -> str | None:
+    """For the leaderboard of an unfinished sweep: how much of its plan is left (None when every trial ended)."""
+    rungs, n = Rungs.of(spec), spec.num_samples
+    ended = [r for r in rows if r["status"] not in UNFINISHED]
+    running = [r for r in rows if r["status"] in UNFINISHED]
+    if len(ended) >= n:
+        return None
+    trained = sum(r["epochs"] or 0 for r in rows)
+    left = sum(rungs.remaining_epochs(r["epochs"] or 0, n) for r in running)
+    left += rungs.trial_epochs(n) / n * (n - len(rows))
+    seconds = sum(r.get("seconds") or 0.0 for r in rows)
+    line = (f"gensweep: unfinished: {len(ended)} of {n} trials ended, {len(running)} under way or interrupted, "
+            f"{n - len(rows)} not started; about {left:.3g} trial-epochs of the plan's {trained + left:.3g} are left")
+    if trained and seconds:
+        line += (f", {duration(left * seconds / trained)} of device time at the {seconds / trained:.3g} s a "
+                 f"trial-epoch took so far (divide by the trials running at once)")
+    return line
 
 
 def command(args) -> int:

@@ -137,7 +137,6 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
-ENDED = ("completed", "stopped (ASHA)", "diverged", "error", "ended early", "no result")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,22 +167,3 @@ def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running_epochs:
     pending = max(0, trials - started)
     lengths = trial_lengths(rungs, trials)[trials - pending:]
     return makespan([pace.trial(rungs, e) for e in lengths], slots, busy)
-
-
-def left_line(rows: list[dict], spec) -> str | None:
-    """For the leaderboard of an unfinished sweep: how much of its plan is left (None when every trial ended)."""
-    rungs, n = Rungs.of(spec), spec.num_samples
-    ended = [r for r in rows if r["status"] in ENDED]
-    running = [r for r in rows if r["status"] not in ENDED]
-    if len(ended) >= n:
-        return None
-    trained = sum(r["epochs"] or 0 for r in rows)
-    left = sum(rungs.remaining_epochs(r["epochs"] or 0, n) for r in running)
-    left += rungs.trial_epochs(n) / n * (n - len(rows))
-    seconds = sum(r.get("seconds") or 0.0 for r in rows)
-    line = (f"gensweep: unfinished: {len(ended)} of {n} trials ended, {len(running)} under way or interrupted, "
-            f"{n - len(rows)} not started; about {left:.3g} trial-epochs of the plan's {trained + left:.3g} are left")
-    if trained and seconds:
-        line += (f", {duration(left * seconds / trained)} of device time at the {seconds / trained:.3g} s a "
-                 f"trial-epoch took so far (divide by the trials running at once)")
-    return line

@@ -31,6 +31,8 @@ NOT_ENDED = "unfinished"
 # A terminated trial that ended before its last epoch, at an epoch that is none of ASHA's milestones: ASHA did not
 # stop it (it decides only there), and it did not complete either.
 ENDED_EARLY = "ended early"
+# The statuses of a trial that has not ended (the driver's exit code, the leaderboard's "what is left").
+UNFINISHED = ("running", "pending", "paused", "no result", NOT_ENDED)
 
 
 def trial_status(last: dict[str, Any], max_epochs: int, ray_status: str, milestones: tuple[int, ...]) -> str:

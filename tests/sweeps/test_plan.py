@@ -9,7 +9,8 @@ from conftest import saved_spec_of
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from sweeps.budgets import ASHASettings
-from sweeps.plan import Pace, Rungs, TrialCost, left_line, makespan, sweep_seconds, time_left, trial_lengths
+from sweeps.leaderboard import left_line
+from sweeps.plan import Pace, Rungs, TrialCost, makespan, sweep_seconds, time_left, trial_lengths
 
 
 @pytest.mark.parametrize("trials, rf", [(8, 2), (12, 2), (30, 3), (100, 3)])
