@@ -41,17 +41,19 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def process_start_s() -> float:
-    """Seconds for a new trial process to import what a trial imports (once per slot: Tune reuses the process)."""
+def process_start_s(spec, device: torch.device) -> float:
+    """Seconds for a new trial process to import what a trial imports and pay its one-time costs, as its first
+    trial does (trainables.trainable.prepare_process; once per slot: Tune reuses the process)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, ray.tune, trainables.trainable"], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-c", "import sys; from trainables.trainable import prepare_process; "
+                    "prepare_process(sys.argv[1], sys.argv[2], sys.argv[3] or None)",
+                    str(device), spec.fid.network, spec.fid.weights_path or ""], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
 def first_step_s(point: dict[str, Any], data: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Building a trial and its first step, the first time in this process: with the one-time costs (lazy
-    imports, kernel selection) that each trial process pays on its first trial."""
+    """Building a trial and its first step, the first time in this process: with the one-time costs that each
+    trial process's first trial pays beyond prepare_process's (the model's first kernels)."""
     cfg = prepare(trial_config(point), data["train"])
     start = time.perf_counter()
     exp = Experiment(cfg, data["train"], data["test"][:2], device)

@@ -19,8 +19,9 @@ from trainables.driver_clock import clocked
 
 class Tally:
     """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays
-    the process's one-time costs (imports, first kernels, the FID network's load), and Tune reuses the process for
-    the next trials: the pace is read from the later trials wherever they have reported."""
+    the process's one-time costs (imports, the device's context, the FID network), which Tune's next trials in
+    that process do not: the trial reports them (`process_setup_s`, trainables.trainable.prepare_process) and the
+    pace leaves them out."""
 
     def __init__(self) -> None:
         self.rungs: Rungs | None = None
@@ -29,8 +30,6 @@ class Tally:
         self.seconds: dict[str, list[float]] = {}  # trial -> each epoch's seconds (Tune's time_this_iter_s)
         self.epochs: dict[str, int] = {}  # trial -> its latest epoch
         self.ended: set[str] = set()
-        self.cold: set[str] = set()  # trials that were the first in their process
-        self.pids: set[int] = set()
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
@@ -45,27 +44,20 @@ class Tally:
     def record(self, trial: str, result: dict) -> None:
         if "epoch" not in result or "time_this_iter_s" not in result:
             return
-        if trial not in self.seconds and result.get("pid") not in self.pids:
-            self.cold.add(trial)
-            self.pids.add(result.get("pid"))
-        self.seconds.setdefault(trial, []).append(result["time_this_iter_s"])
+        setup = result.get("process_setup_s", 0.0) if result.get("iterations_since_restore") == 1 else 0.0
+        self.seconds.setdefault(trial, []).append(result["time_this_iter_s"] - setup)
         self.epochs[trial] = result["epoch"]
 
     def pace(self) -> Pace | None:
-        """The mean first epoch, later epoch and last epoch of a completed trial, from the warm trials where they
-        have one, else from all."""
+        """The mean first epoch, later epoch and last epoch of a completed trial."""
         def completed(t: str) -> bool:
             return t in self.ended and self.epochs[t] >= self.rungs.max_t > 1
 
-        def samples(pick) -> list[float]:
-            warm = [s for t in self.seconds if t not in self.cold for s in pick(t)]
-            return warm or [s for t in self.seconds for s in pick(t)]
-
-        first = samples(lambda t: self.seconds[t][:1])
+        first = [s[0] for s in self.seconds.values()]
         if not first:
             return None
-        middle = samples(lambda t: self.seconds[t][1:-1] if completed(t) else self.seconds[t][1:])
-        last = samples(lambda t: self.seconds[t][-1:] if completed(t) else [])
+        middle = [x for t, s in self.seconds.items() for x in (s[1:-1] if completed(t) else s[1:])]
+        last = [s[-1] for t, s in self.seconds.items() if completed(t)]
         mid = statistics.mean(middle) if middle else statistics.mean(first)
         return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid)
 

@@ -36,10 +36,12 @@ class FIDPlan:
 _scorers: dict[tuple, FIDScorer] = {}
 
 
-def _scorer(plan: FIDPlan, device) -> FIDScorer:
-    key = (plan.network, plan.weights_path, str(device))
-    if key not in _scorers:  # one feature network per trial process
-        _scorers[key] = FIDScorer(plan.network, plan.weights_path, device=device)
+def process_scorer(network: str, weights_path: str | None, device) -> FIDScorer:
+    """This process's scorer for a feature network: one per trial process, loaded at its first trial's start
+    (trainables.trainable.prepare_process)."""
+    key = (network, weights_path, str(device))
+    if key not in _scorers:
+        _scorers[key] = FIDScorer(network, weights_path, device=device)
     return _scorers[key]
 
 
@@ -53,7 +55,7 @@ def fid_metrics(plan: FIDPlan, exp: Experiment, final: bool) -> dict[str, Any]:
     rung = plan.rung(exp.epoch)
     if not final and (rung is None or plan.rank_by is None):  # ranked by something else: FID once, at the end
         return {}
-    scorer = _scorer(plan, exp.device)
+    scorer = process_scorer(plan.network, plan.weights_path, exp.device)
     model = exp.eval_model
     out: dict[str, Any] = {"fid_network": scorer.name}
     seed = exp.cfg.train.seed + 1  # the same noise for every trial and rung: differences come from the models

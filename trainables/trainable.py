@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from genmodels.cuda_graph import GraphCaptureFailed
-from genmodels.engine import CHECKPOINT_FILE, Diverged
+from genmodels.engine import CHECKPOINT_FILE, Diverged, default_device
 from genmodels.experiment import Experiment
 from genmodels.metrics.fid import fid_metric_name
 from genmodels.registry import trial_config
@@ -34,7 +34,7 @@ from trainables.checkpoints import (
     recorded_epochs,
     trial_dirname,
 )
-from trainables.evaluation import FIDPlan, fid_metrics, sampling_budget
+from trainables.evaluation import FIDPlan, fid_metrics, process_scorer, sampling_budget
 
 # In exp.extra (saved in each checkpoint, under CARRIED_REPORTS): the reports made since the previous checkpoint, this
 # one's own last. Tune persists a checkpoint before the driver records its report, so a driver stopped in between
@@ -53,6 +53,27 @@ class TrialPlan(NamedTuple):
     objectives: tuple[str, ...] = ()  # every metric the searcher reads (several for --objectives); () = (metric,)
 
 
+_process_prepared = False
+
+
+def prepare_process(device: torch.device | str, fid_network: str | None = None,
+                    fid_weights: str | None = None) -> float:
+    """Pay a trial process's one-time costs at its first trial's start, and return their seconds (0 for a later
+    trial): torch's lazy imports at the first optimizer (torch._dynamo, seconds on a CPU), the device's context, the
+    FID network and torchmetrics' import. Else they land in whichever epoch, milestone or end first needs them. The
+    first trial reports them (`process_setup_s`), and the progress line's pace leaves them out (sweeps/progress.py);
+    the dry run times a new process's start with them (sweeps/forecast.py)."""
+    global _process_prepared
+    if _process_prepared:
+        return 0.0
+    start = time.perf_counter()
+    torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)])
+    if fid_network:
+        process_scorer(fid_network, fid_weights, device).import_metrics()
+    _process_prepared = True
+    return time.perf_counter() - start
+
+
 def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan, folder: str = "") -> None:
     """Train one trial: report every epoch, with a checkpoint at milestones, at the end and every
     `plan.checkpoint_every_s` in between; resume from the newest checkpoint if there is one (in the trial's folder
@@ -60,7 +81,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
 
     The report is the last thing an epoch does: Tune may stop the trial (ASHA, or the final epoch) right after it.
     Every report says which epoch this run of the trial started from (0 = fresh; after a node failure or
-    `run.py --resume`, the epoch of the checkpoint it restored) and on which Ray node it runs.
+    `run.py --resume`, the epoch of the checkpoint it restored), on which Ray node it runs, and the seconds its
+    first epoch spent on its process's one-time costs (`process_setup_s`; 0 in a process that ran a trial before).
     """
     # A reused actor's previous trial may still be held in reference cycles (torch's first imports make some, with
     # the first Experiment on their frames' stack): freed now, before this trial allocates its own.
@@ -81,6 +103,8 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
             if trial_folder:
                 record_graph_capture_failed(trial_folder, str(e))
             raise
+    setup_s = prepare_process(default_device(), plan.fid.network if plan.fid else None,
+                              plan.fid.weights_path if plan.fid else None)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     if graphs_failed:
@@ -98,6 +122,7 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         replay([r for r in carried if r.get("epoch", 0) <= exp.epoch],
                recorded_epochs(trial_folder) if trial_folder else None)
     exp.extra["resumed_from_epoch"] = exp.epoch
+    exp.extra["process_setup_s"] = setup_s  # after the restore: this run's, not the saved run's
     # Tune runs each trial in its own working directory, on whichever node it lands, and uploads that folder to the
     # trial's folder in storage (SyncConfig(sync_artifacts=True)); get_trial_dir() is the driver's staging folder,
     # which only exists on the driver's node.
@@ -164,6 +189,7 @@ def evaluate_extra(exp: Experiment, plan: TrialPlan, final: bool,
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     metrics: dict[str, Any] = {"epoch": exp.epoch, "step": exp.step, "diverged": 0, "node_id": node_id,
                                "resumed_from_epoch": exp.extra.get("resumed_from_epoch", 0),
+                               "process_setup_s": exp.extra.get("process_setup_s", 0.0),
                                "graphs_off_after_failed_capture": exp.extra.get("graphs_off_after_failed_capture", 0)}
     if plan.fid:
         metrics.update(fid_metrics(plan.fid, exp, final))

@@ -269,8 +269,16 @@ class FIDScorer:
         for batch in self._batches(images):
             yield self.net(batch).float()
 
+    @staticmethod
+    def import_metrics() -> None:
+        """Import torchmetrics' FID and KID now (a second or two, once per process) rather than at the first score:
+        a trial process calls it at its first trial's start. Not at module import: torchmetrics costs a sweep
+        driver 1 s, and a driver with cached reference statistics never needs it."""
+        import torchmetrics.image.fid  # noqa: F401
+        import torchmetrics.image.kid  # noqa: F401
+
     def _fid_metric(self, num_features: int) -> FrechetInceptionDistance:
-        from torchmetrics.image.fid import FrechetInceptionDistance  # here: torchmetrics costs a sweep driver 1 s
+        from torchmetrics.image.fid import FrechetInceptionDistance  # imported once: see import_metrics
 
         return FrechetInceptionDistance(feature=_Passthrough(num_features), reset_real_features=False).to(self.device)
 

@@ -65,8 +65,9 @@ def test_a_forecast_this_machine_cannot_measure_says_why():
 
 
 def test_the_progress_line_says_the_time_left():
-    """A trial's first epoch (its start included), its later ones and the last of one that completes are timed
-    apart: the time left is the running trial's rest and the 7 trials not started, on 2 slots."""
+    """A trial's first epoch (its start included, its process's one-time costs not), its later ones and the last
+    of one that completes are timed apart: the time left is the running trial's rest and the 7 trials not started,
+    on 2 slots."""
     from sweeps.plan import Pace, Rungs, time_left
     from sweeps.progress import ProgressTally, tally
 
@@ -75,10 +76,12 @@ def test_the_progress_line_says_the_time_left():
     assert tally.line().endswith("time left: once the first trials report")
     callback = ProgressTally()
     done, running = (SimpleNamespace(config={"model_name": "ncsn"}, trial_id=i) for i in "ab")
-    for epoch, seconds in ((1, 3.0), (2, 1.0), (3, 1.0), (4, 5.0)):
-        callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds})
+    for epoch, seconds in ((1, 5.5), (2, 1.0), (3, 1.0), (4, 5.0)):  # the first trial of its process: 2.5 s of setup
+        callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds, "process_setup_s": 2.5,
+                                               "iterations_since_restore": epoch})
     callback.on_trial_complete(0, [], done)
-    callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 3.0})
+    callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 3.0, "process_setup_s": 0.0,
+                                              "iterations_since_restore": 1})
     pace = tally.pace()
     assert pace == Pace(first=3.0, middle=1.0, last=5.0)
     rungs = Rungs.of(spec)

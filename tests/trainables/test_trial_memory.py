@@ -89,3 +89,21 @@ def test_a_trial_that_ended_leaves_no_cuda_memory_allocated(trials, graphs):
     if graphs:
         assert all(r.get("graph_captured") for r in reports), reports
     assert after_one - before <= 1 << 20 and after_two - after_one <= 1 << 20, (before, after_one, after_two)
+
+
+def test_a_process_pays_its_one_time_costs_at_its_first_trial(trials, monkeypatch):
+    """The first trial in a process loads what every later one there reuses (torch's lazy imports, the FID network
+    and torchmetrics) before its first epoch, and reports the seconds that took in each of its reports; the next
+    trial reports 0. The progress line's pace leaves those seconds out (tests/sweeps/test_dry_run.py)."""
+    import trainables.evaluation as ev
+    import trainables.trainable as tr
+
+    monkeypatch.setattr(tr, "_process_prepared", False)
+    monkeypatch.setattr(ev, "_scorers", {})
+    assert tr.prepare_process("cpu", "standin", None) > 0 and ("standin", None, "cpu") in ev._scorers
+    assert tr.prepare_process("cpu", "standin", None) == 0.0
+    monkeypatch.setattr(tr, "_process_prepared", False)
+    config, metric = CONFIGS["vae"]
+    first, second = trials(config, metric, "t1"), trials(config, metric, "t2")
+    assert len({r["process_setup_s"] for r in first}) == 1 and first[0]["process_setup_s"] > 0
+    assert {r["process_setup_s"] for r in second} == {0.0}
