@@ -396,3 +396,22 @@ def test_killed_driver_resumes_the_sweep_with_resume(tmp_path, capsys):
     assert all(tr.state.name == "COMPLETE" for tr in searcher["_ot_study"].trials), report
     rows = leaderboard_rows(log, name)
     assert len(rows) == num_samples and all("completed" in r or "stopped (ASHA)" in r for r in rows), log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_dry_run_with_address_plans_on_the_clusters_resources(tmp_path):
+    """`--address` with `--dry-run`: the trials at once come from the cluster's CPUs (head and worker together,
+    not this machine's), nothing is written to storage, and the driver only connected: the dry run ends, and the
+    cluster still runs with both nodes."""
+    storage = tmp_path / "runs"
+    with LocalCluster() as cluster:
+        cluster.start_head(num_cpus=3)
+        cluster.add_worker(num_cpus=2)
+        log = tmp_path / "dry-run.log"
+        driver = cluster.popen(sweep_command(cluster, str(storage), "--preset", "smoke", "--num-samples", "8",
+                                             "--dry-run", "--no-measure"), log)
+        assert driver.wait(timeout=180) == 0, log.read_text()[-3000:]
+        out = log.read_text()
+        assert f"trials: 8, 5 at once (the cluster at {cluster.address} has 5 CPUs and 0 GPUs" in out, out[-3000:]
+        assert not storage.exists() or not any(storage.iterdir())
+        assert all(node.proc.poll() is None for node in cluster.nodes)
