@@ -94,7 +94,7 @@ def plan_lines(spec, data: dict[str, torch.Tensor], dataset: str, at_once: int, 
 
 def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: torch.device,
                    driver_s: float) -> list[str]:
-    from sweeps.forecast import first_step_s, measure, process_start_s
+    from sweeps.forecast import measure, process_start_s
     from trainables.trainable import prepare_process
 
     started = time.perf_counter()
@@ -104,12 +104,10 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
     try:
         points = corners(spec)
         prepare_process(device, spec.fid.network, spec.fid.weights_path)  # as a trial process does, timed apart
-        first_s = first_step_s(points["cheapest"], data, device)
         costs = {name: measure(point, spec, data, device) for name, point in points.items()}
     finally:
         torch.set_num_threads(threads)
-    # a trial process's first trial pays the one-time costs on top of a trial's own start
-    process_s = process_start_s(spec, device) + max(0.0, first_s - costs["cheapest"].startup)
+    process_s = process_start_s(spec, device)
     rungs, n = Rungs.of(spec), spec.num_samples
     cheap, dear = costs["cheapest"], costs["dearest"]
     mean = TrialCost((cheap.startup + dear.startup) / 2, (cheap.epoch + dear.epoch) / 2,

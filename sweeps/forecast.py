@@ -27,8 +27,12 @@ from sweeps.plan import Rungs, TrialCost
 
 TIMED_STEPS = 3  # training steps per timing, after one that warms up
 SLOW_STEP_S = 2.0  # a step slower than this is timed once
+SLOW_DRAW_S = 5.0  # a Langevin draw slower than this is costed from one score-network pass
 PROBE_IMAGES = 256  # test images evaluated, reconstructed and scored in the timings
 PROBE_SAMPLES = 64  # samples drawn per sampling timing
+PROBE_BATCH = 8  # images per step, evaluation and draw where a trial's own batch is too slow to time (a CPU)
+KID_PROBE_SUBSETS = 2  # KID's subsets timed; its cost grows with their number (a trial computes 100)
+GRID_IMAGES = 64  # a sample grid's images (Engine.write_grids), and half as many reconstructed
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -51,60 +55,45 @@ def process_start_s(spec, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def first_step_s(point: dict[str, Any], data: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Building a trial and its first step, the first time in this process: with the one-time costs that each
-    trial process's first trial pays beyond prepare_process's (the model's first kernels)."""
-    cfg = prepare(trial_config(point), data["train"])
-    start = time.perf_counter()
-    exp = Experiment(cfg, data["train"], data["test"][:2], device)
-    return timed(lambda: exp.train_epoch(1), device) + time.perf_counter() - start
-
-
 def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: torch.device) -> TrialCost:
     """The TrialCost of one point of the sweep's space (flat config), measured here."""
     train, test = data["train"], data["test"]
     cfg = prepare(trial_config(point), train)
     n_eval = min(cfg.train.eval_images or len(test), len(test))
     per_epoch_images = cfg.train.eval_subset if 0 < cfg.train.eval_subset < n_eval else n_eval
-    m = min(n_eval, PROBE_IMAGES)
-    steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(train) // cfg.train.batch_size)
+    batch = cfg.train.batch_size
+    steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(train) // batch)
 
-    startup = time.perf_counter()
-    exp = Experiment(cfg, train, test[:m], device)
-    startup_s = timed(lambda: exp.train_epoch(1), device) + time.perf_counter() - startup
-    step_s = timed(lambda: exp.train_epoch(1), device)
-    if step_s < SLOW_STEP_S:  # a step of seconds (a full-size network on a CPU) is timed once: the dry run stays short
-        step_s = statistics.median(timed(lambda: exp.train_epoch(TIMED_STEPS), device) / TIMED_STEPS
-                                   for _ in range(2))
+    exp, m, k, startup_s, step_s = _on_a_cpu_at_a_few_images(point, cfg, data, device)
+    if exp is None:
+        m, k = min(n_eval, PROBE_IMAGES), PROBE_SAMPLES
+        startup = time.perf_counter()
+        exp = Experiment(cfg, train, test[:m], device)
+        startup_s = timed(lambda: exp.train_epoch(1), device) + time.perf_counter() - startup
+        step_s = timed(lambda: exp.train_epoch(1), device)
+        if step_s < SLOW_STEP_S:  # a step of seconds (a full-size network on a GPU) is timed once: the dry run stays short
+            step_s = statistics.median(timed(lambda: exp.train_epoch(TIMED_STEPS), device) / TIMED_STEPS
+                                       for _ in range(2))
     cheap_s = timed(lambda: exp.evaluate(full=False, subset=False), device) / m
     ranking_full = exp.ranks_on_full_evaluation(spec.objectives)
     ranking_s = timed(lambda: exp.evaluate(full=True), device) / m if ranking_full else cheap_s
     epoch_s = step_s * steps_per_epoch + cheap_s * per_epoch_images
     rungs = Rungs.of(spec)
     model = exp.eval_model
-    steps_per_level = int(getattr(cfg.model, "langevin_steps", 0) or 0)
+    fid = _FIDCosts(spec, exp, device, m, k, len(test))
 
-    def sampling(budget: float) -> tuple[float, float]:
-        """The budget to time at, and the factor that scales the timing to `budget`."""
-        if not steps_per_level:
-            return budget, 1.0
-        return 1 / steps_per_level, max(1, round(steps_per_level * budget))
+    def grids_s(budget: float) -> float:  # the samples drawn and the test images reconstructed (Engine.write_grids)
+        return ((GRID_IMAGES * fid.per_sample(budget) if model.can_sample else 0.0)
+                + (GRID_IMAGES // 2 * fid.per_reconstruction() if model.can_reconstruct else 0.0))
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_s = timed(lambda: exp.save(Path(tmp) / "state.pt"), device)
-        grid_budget = spec.fid.step_fractions[0]
-        at, factor = sampling(grid_budget)
-        grids_s = timed(lambda: exp.write_grids(Path(tmp) / "g", budget=at), device) * factor
-        at, factor = sampling(1.0)
-        final_grids_s = timed(lambda: exp.write_grids(Path(tmp) / "f", budget=at), device) * factor
         metrics_s = timed(lambda: exp.finish(None), device)  # the final metrics: by test images
         final_eval_s = metrics_s * n_eval / m + max(0.0, timed(lambda: exp.finish(Path(tmp) / "e"), device) - metrics_s)
-
-    fid = _FIDCosts(spec, exp, device, m, sampling)
     ranked_by = next((o for o in spec.objectives if o in ("fid", "rfid")), None)
     milestone = []
     for rung, _ in enumerate(rungs.cuts):
-        seconds = ranking_s * n_eval + grids_s + checkpoint_s
+        seconds = ranking_s * n_eval + grids_s(spec.fid.step_fractions[0]) + checkpoint_s
         if ranked_by == "fid" and model.can_sample:
             ladder = spec.fid.ladder
             seconds += fid.sample_fid(ladder[min(rung, len(ladder) - 1)],
@@ -112,7 +101,7 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
         if ranked_by == "rfid" and model.can_reconstruct:
             seconds += fid.reconstruction_fid(len(test))
         milestone.append(seconds)
-    end = ranking_s * n_eval + final_eval_s + final_grids_s + checkpoint_s
+    end = ranking_s * n_eval + final_eval_s + grids_s(1.0) + checkpoint_s
     if model.can_sample:
         end += fid.sample_fid(spec.fid.final, 1.0, kid=True)
     if model.can_reconstruct and (spec.fid.rfid or ranked_by == "rfid"):
@@ -120,43 +109,92 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
     return TrialCost(startup_s, epoch_s, tuple(milestone), end)
 
 
-class _FIDCosts:
-    """FID's cost at a sample count: drawing the samples and their features (per sample, timed on a few), and
-    scoring them (timed once per count, on features of the network's width)."""
+def _on_a_cpu_at_a_few_images(point: dict[str, Any], cfg, data: dict[str, torch.Tensor], device: torch.device):
+    """On a CPU, a step at PROBE_BATCH images first. Where the trial's own batch would take SLOW_STEP_S or more (a
+    full-size network: tens of seconds a step), everything is timed at PROBE_BATCH images and scaled, since a CPU's
+    cost grows with the images it computes: (the Experiment, test images, samples, startup, step seconds). Else, or on
+    a GPU (where small batches cost more than their share), (None, ...): the trial's own batch is timed."""
+    batch = cfg.train.batch_size
+    if device.type != "cpu" or batch <= PROBE_BATCH:
+        return None, 0, 0, 0.0, 0.0
+    train, test = data["train"], data["test"]
+    start = time.perf_counter()
+    exp = Experiment(prepare(trial_config({**point, "train.batch_size": PROBE_BATCH}), train), train,
+                     test[:PROBE_BATCH], device)
+    build_s = time.perf_counter() - start
+    step_s = timed(lambda: exp.train_epoch(1), device) * batch / PROBE_BATCH
+    if step_s < 10 * SLOW_STEP_S:  # the first step's first kernels show; a step of seconds is warm enough as it is
+        step_s = timed(lambda: exp.train_epoch(1), device) * batch / PROBE_BATCH
+    if step_s < SLOW_STEP_S:
+        return None, 0, 0, 0.0, 0.0
+    return exp, PROBE_BATCH, PROBE_BATCH, build_s + step_s, step_s
 
-    def __init__(self, spec, exp: Experiment, device: torch.device, m: int, sampling):
+
+_scores: dict[tuple, float] = {}  # FID (and KID) scoring seconds by network, reference, device and sample count
+
+
+class _FIDCosts:
+    """Sampling and FID at a sample count: drawing the samples (per sample, timed on k and cached per budget),
+    their features (per image, timed on k), and scoring them (timed once per count, on random features of the
+    network's width; KID on a few subsets and scaled)."""
+
+    def __init__(self, spec, exp: Experiment, device: torch.device, m: int, k: int, test_images: int):
         self.scorer = FIDScorer(spec.fid.network, spec.fid.weights_path, device=device)
-        self.exp, self.device, self.m, self.sampling = exp, device, m, sampling
-        images = exp.test_images(m)
-        features = torch.cat(list(self.scorer.features(images)))
-        self.width = features.shape[1]
-        self.ref = self.scorer.reference_from_features([features], total=m)
-        self.scores: dict[tuple[int, bool], float] = {}
+        self.exp, self.model, self.device, self.m, self.k = exp, exp.eval_model, device, m, k
+        self.features_s = timed(lambda: list(self.scorer.features(torch.rand(k, 3, 32, 32, device=device))),
+                                device) / k
+        # random reference features, as many as a sweep's reference keeps for KID (whose cost grows with them squared)
+        self.width, kept = self.scorer.num_features, min(test_images, self.scorer.kid_max_features)
+        self.ref = self.scorer.reference_from_features([torch.randn(kept, self.width, device=device)], total=kept)
+        self.cache: dict[Any, float] = {}
+
+    def _cached(self, key, fn: Callable[[], float]) -> float:
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+    def per_sample(self, budget: float) -> float:
+        """Seconds to draw one sample at `budget`. A Langevin sampler makes model.score_passes(budget) passes of its
+        score network per chain, each alike: the draw is timed at one step per level, or, where even that takes
+        SLOW_DRAW_S or more (hundreds of levels of a full-size network on a CPU), one pass is."""
+        model, k = self.model, self.k
+        passes = getattr(model, "score_passes", None)
+        if passes is None:
+            return self._cached(budget, lambda: timed(lambda: model.sample(k, budget=budget), self.device) / k)
+
+        def per_pass() -> float:
+            x = torch.rand(k, model.channels, 32, 32, device=self.device)
+            levels = torch.zeros(k, dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                one = timed(lambda: model.score(x, levels), self.device) / k
+            cheapest = 1 / model.schedule.T  # one step per level
+            if one * k * passes(cheapest) >= SLOW_DRAW_S:
+                return one
+            return timed(lambda: model.sample(k, budget=cheapest), self.device) / k / passes(cheapest)
+
+        return self._cached("pass", per_pass) * passes(budget)
+
+    def per_reconstruction(self) -> float:
+        images = self.exp.test_images(self.m)
+        return self._cached("reconstruct", lambda: timed(lambda: self.model.reconstruct(images.to(self.model.device)),
+                                                          self.device) / self.m)
 
     def score(self, n: int, kid: bool) -> float:
-        if (n, kid) not in self.scores:
-            self.scorer.kid_subsets = 100 if kid else 0
+        """Seconds to score n samples' features: the same for every point of the space (kept for the next)."""
+        def seconds(subsets: int) -> float:
+            self.scorer.kid_subsets = subsets
             features = torch.randn(n, self.width, device=self.device)
-            self.scores[n, kid] = timed(lambda: self.scorer.score_features([features], self.ref), self.device)
-        return self.scores[n, kid]
+            return timed(lambda: self.scorer.score_features([features], self.ref), self.device)
+
+        key = (self.scorer.name, self.width, len(self.ref.kid_features), str(self.device), n)
+        if key not in _scores:
+            _scores[key] = seconds(0)
+        if kid and key + ("kid",) not in _scores:
+            _scores[key + ("kid",)] = max(0.0, seconds(KID_PROBE_SUBSETS) - _scores[key]) * 100 / KID_PROBE_SUBSETS
+        return _scores[key] + (_scores[key + ("kid",)] if kid else 0.0)
 
     def sample_fid(self, n: int, budget: float, kid: bool = False) -> float:
-        model, at, factor = self.exp.eval_model, *self.sampling(budget)
-        k = min(n, PROBE_SAMPLES)
-
-        @torch.no_grad()
-        def draw() -> None:
-            for _ in self.scorer.features(model.sample(k, budget=at)):
-                pass
-
-        return timed(draw, self.device) * factor * n / k + self.score(n, kid)
+        return n * (self.per_sample(budget) + self.features_s) + self.score(n, kid)
 
     def reconstruction_fid(self, n: int) -> float:
-        model, images = self.exp.eval_model, self.exp.test_images(self.m)
-
-        @torch.no_grad()
-        def reconstruct() -> None:
-            for _ in self.scorer.features(model.reconstruct(images.to(model.device))):
-                pass
-
-        return timed(reconstruct, self.device) * n / self.m + self.score(n, False)
+        return n * (self.per_reconstruction() + self.features_s) + self.score(n, False)

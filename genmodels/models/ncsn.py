@@ -197,7 +197,7 @@ class NCSN(GenerativeModel):
         any, as it is (an autocast(enabled=False) here would switch a caller's bf16 off).
         """
         if T is None and budget < 1:
-            T = max(1, round(self.schedule.T * budget))
+            T = self.steps_per_level(budget)
         device = self.schedule.sigmas.device
         if batch_size is None:  # sample_fid has just planned (one probe per FID run); a bare call plans once
             batch_size = self._plan[1] if self._plan and self._plan[0] == device else self.sampling_batch()
@@ -210,6 +210,16 @@ class NCSN(GenerativeModel):
                                         graphed=graphed)
                       for m in _chunk_sizes(n, batch_size)]
         return torch.cat(chunks).clamp(0, 1)
+
+    def steps_per_level(self, budget: float = 1.0) -> int:
+        """Langevin steps per level at `budget`: the schedule's T, or that share of it (at least one)."""
+        return self.schedule.T if budget >= 1 else max(1, round(self.schedule.T * budget))
+
+    def score_passes(self, budget: float = 1.0) -> int:
+        """Score-network passes a chain of `sample(n, budget)` takes: the steps at each of the L levels, and the
+        denoising step. At full scale that is hundreds to thousands: the dry run's forecast counts them instead of
+        running them all (sweeps/forecast.py)."""
+        return self.schedule.L * self.steps_per_level(budget) + int(self.cfg.denoise)
 
     def sampling_batch(self) -> int:
         """Chains per batch, planned now: `chains_that_fit` on a GPU (a probe of its memory), CPU_CHAINS on a

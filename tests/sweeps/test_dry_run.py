@@ -88,3 +88,38 @@ def test_the_progress_line_says_the_time_left():
     assert tally.left() == time_left(rungs, 8, 2, pace, [1], 2) > pace.trial(rungs, 1) * 3
     line = tally.line()
     assert "1 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line
+
+
+def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):
+    """A full-size network on a CPU takes tens of seconds a step, and a Langevin draw hundreds of passes of it: the
+    forecast then times one step, the evaluations and the draws at PROBE_BATCH images, and one score-network pass,
+    and scales them. Forced here (the thresholds at 0) on a small NCSN, the scaled figures stay near the direct
+    ones, and every Experiment of that measurement trains at PROBE_BATCH."""
+    import torch
+
+    import sweeps.forecast as forecast
+    from genmodels.data import synthetic_images
+
+    point = {"model_name": "ncsn", "model.arch": "unet", "model.width": 8, "model.unet_blocks": 1,
+             "model.sigma_1": 20.0, "model.num_levels": 10, "model.langevin_steps": 4, "train.batch_size": 64,
+             "train.steps_per_epoch": 4, "train.epochs": 2}
+    spec = saved_spec_of()
+    data = {"train": synthetic_images(256), "test": synthetic_images(128, seed=1)}
+    cpu = torch.device("cpu")
+    direct = forecast.measure(point, spec, data, cpu)
+    batches = []
+
+    class Recorded(forecast.Experiment):
+        def __init__(self, cfg, *args, **kwargs):
+            batches.append(cfg.train.batch_size)
+            super().__init__(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(forecast, "Experiment", Recorded)
+    monkeypatch.setattr(forecast, "SLOW_STEP_S", 0.0)
+    monkeypatch.setattr(forecast, "SLOW_DRAW_S", 0.0)
+    probed = forecast.measure(point, spec, data, cpu)
+    assert batches == [forecast.PROBE_BATCH]
+    for name in ("epoch", "end"):
+        ratio = getattr(probed, name) / getattr(direct, name)
+        assert 1 / 4 < ratio < 4, (name, probed, direct)
+    assert 1 / 4 < probed.milestone[0] / direct.milestone[0] < 4, (probed, direct)
