@@ -14,14 +14,7 @@ from genmodels.models.base import GenerativeModel
 from genmodels.registry import model_class
 from sweeps import param_space as ps
 from sweeps.cluster import limits_at_once
-from sweeps.plan import Rungs, TrialCost, duration, sweep_seconds
-
-# Not measured (a dry run starts no Ray): what a local sweep spends starting and stopping Ray, and Tune's work
-# around each trial and report (starting the trial in a reused process, handing over its report, persisting its
-# checkpoint), as measured on a 2-core machine, 2026-12-07 (docs/PERFORMANCE.md, "Forecasts").
-RAY_START_S = 5.0
-TUNE_PER_TRIAL_S = 0.3
-TUNE_PER_REPORT_S = 0.35
+from sweeps.plan import RAY_START_S, TUNE_PER_REPORT_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, sweep_seconds
 
 
 def slots(spec, address: str | None) -> tuple[int, str]:
@@ -104,7 +97,8 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
     try:
         points = corners(spec)
         prepare_process(device, spec.fid.network, spec.fid.weights_path)  # as a trial process does, timed apart
-        costs = {name: measure(point, spec, data, device) for name, point in points.items()}
+        notes: set[str] = set()
+        costs = {name: measure(point, spec, data, device, notes) for name, point in points.items()}
     finally:
         torch.set_num_threads(threads)
     process_s = process_start_s(spec, device)
@@ -143,6 +137,7 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
         f"{duration(RAY_START_S)}, Tune's work {TUNE_PER_TRIAL_S:g} s a trial and {TUNE_PER_REPORT_S:g} s a report "
         f"(not measured: no Ray is started)",
         "  - the FID reference of the test split is cached (the first sweep on a dataset computes it once)",
+        *(f"  - {note}" for note in sorted(notes)),
     ]
     return lines
 

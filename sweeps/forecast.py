@@ -55,8 +55,11 @@ def process_start_s(spec, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: torch.device) -> TrialCost:
-    """The TrialCost of one point of the sweep's space (flat config), measured here."""
+def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: torch.device,
+            notes: set[str] | None = None) -> TrialCost:
+    """The TrialCost of one point of the sweep's space (flat config), measured here; what was scaled rather than
+    timed is added to `notes`, a line each."""
+    notes = set() if notes is None else notes
     train, test = data["train"], data["test"]
     cfg = prepare(trial_config(point), train)
     n_eval = min(cfg.train.eval_images or len(test), len(test))
@@ -65,6 +68,10 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(train) // batch)
 
     exp, m, k, startup_s, step_s = _on_a_cpu_at_a_few_images(point, cfg, data, device)
+    if exp is not None:
+        notes.add(f"a step takes {SLOW_STEP_S:g} s or more at the trial's batch of {batch} on this CPU: steps, "
+                  f"evaluations and draws were timed at {PROBE_BATCH} images and scaled by the images (a CPU's "
+                  f"cost grows with them)")
     if exp is None:
         m, k = min(n_eval, PROBE_IMAGES), PROBE_SAMPLES
         startup = time.perf_counter()
@@ -80,7 +87,7 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
     epoch_s = step_s * steps_per_epoch + cheap_s * per_epoch_images
     rungs = Rungs.of(spec)
     model = exp.eval_model
-    fid = _FIDCosts(spec, exp, device, m, k, len(test))
+    fid = _FIDCosts(spec, exp, device, m, k, len(test), notes)
 
     def grids_s(budget: float) -> float:  # the samples drawn and the test images reconstructed (Engine.write_grids)
         return ((GRID_IMAGES * fid.per_sample(budget) if model.can_sample else 0.0)
@@ -138,9 +145,10 @@ class _FIDCosts:
     their features (per image, timed on k), and scoring them (timed once per count, on random features of the
     network's width; KID on a few subsets and scaled)."""
 
-    def __init__(self, spec, exp: Experiment, device: torch.device, m: int, k: int, test_images: int):
+    def __init__(self, spec, exp: Experiment, device: torch.device, m: int, k: int, test_images: int,
+                 notes: set[str]):
         self.scorer = FIDScorer(spec.fid.network, spec.fid.weights_path, device=device)
-        self.exp, self.model, self.device, self.m, self.k = exp, exp.eval_model, device, m, k
+        self.exp, self.model, self.device, self.m, self.k, self.notes = exp, exp.eval_model, device, m, k, notes
         self.features_s = timed(lambda: list(self.scorer.features(torch.rand(k, 3, 32, 32, device=device))),
                                 device) / k
         # random reference features, as many as a sweep's reference keeps for KID (whose cost grows with them squared)
@@ -169,6 +177,8 @@ class _FIDCosts:
                 one = timed(lambda: model.score(x, levels), self.device) / k
             cheapest = 1 / model.schedule.T  # one step per level
             if one * k * passes(cheapest) >= SLOW_DRAW_S:
+                self.notes.add("a Langevin draw is costed as its score-network passes (levels x steps per level, "
+                               "and the denoising step) times one timed pass")
                 return one
             return timed(lambda: model.sample(k, budget=cheapest), self.device) / k / passes(cheapest)
 

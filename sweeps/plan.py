@@ -14,6 +14,14 @@ import dataclasses
 import heapq
 import math
 
+# Not measured by a dry run (it starts no Ray): what a local sweep spends starting and stopping Ray, and Tune's work
+# around each trial and report (starting the trial in a reused process, handing over its report, persisting its
+# checkpoint), as measured on a 2-core machine, 2026-12-07 (docs/PERFORMANCE.md, "Forecasts"). The time left reads
+# Tune's work between trials from the sweep itself once it has some.
+RAY_START_S = 5.0
+TUNE_PER_TRIAL_S = 0.3
+TUNE_PER_REPORT_S = 0.35
+
 
 @dataclasses.dataclass(frozen=True)
 class Rungs:
@@ -142,15 +150,17 @@ def duration(seconds: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Pace:
     """What a sweep's trial-epochs have cost so far, from their reports: a trial's first epoch (its start
-    included), the epochs after it, and the last epoch of a trial that completes (the end-of-trial work)."""
+    included), the epochs after it, the last epoch of a trial that completes (the end-of-trial work), and Tune's
+    work between one trial's last report and the next one's start in that process."""
     first: float
     middle: float
     last: float
+    between: float = 0.0
 
     def trial(self, rungs: Rungs, epochs: int) -> float:
-        """Seconds of a whole trial of `epochs` epochs."""
-        return self.first + max(0, epochs - 1) * self.middle + (self.last - self.middle
-                                                                 if epochs >= rungs.max_t and epochs > 1 else 0.0)
+        """Seconds of a whole trial of `epochs` epochs, from the end of the one before it in its process."""
+        return self.between + self.first + max(0, epochs - 1) * self.middle + (
+            self.last - self.middle if epochs >= rungs.max_t and epochs > 1 else 0.0)
 
     def rest(self, rungs: Rungs, trials: int, epoch: int) -> float:
         """Expected seconds left of a trial that has trained `epoch` epochs and goes on."""

@@ -12,16 +12,18 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import Pace, Rungs, duration, time_left
+from sweeps.plan import TUNE_PER_TRIAL_S, Pace, Rungs, duration, time_left
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
 
 class Tally:
-    """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays
-    the process's one-time costs (imports, the device's context, the FID network), which Tune's next trials in
-    that process do not: the trial reports them (`process_setup_s`, trainables.trainable.prepare_process) and the
-    pace leaves them out."""
+    """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays the
+    process's one-time costs (imports, the device's context, the FID network): the trial reports them
+    (`process_setup_s`, trainables.trainable.prepare_process) and the pace leaves them out. Tune runs the next
+    trials in the same processes, where a trial's first epoch also holds Tune's start of it, and Tune's work between
+    trials shows as the gap between one trial's last report and the next one's start: both are read from those
+    later trials once any have reported (until then, the gap is the dry run's TUNE_PER_TRIAL_S)."""
 
     def __init__(self) -> None:
         self.rungs: Rungs | None = None
@@ -30,6 +32,9 @@ class Tally:
         self.seconds: dict[str, list[float]] = {}  # trial -> each epoch's seconds (Tune's time_this_iter_s)
         self.epochs: dict[str, int] = {}  # trial -> its latest epoch
         self.ended: set[str] = set()
+        self.cold: set[str] = set()  # the first trial of each process
+        self.latest: dict[int, float] = {}  # process -> when its latest report was made
+        self.gaps: list[float] = []  # seconds between a trial's last report and the next one's start in a process
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
@@ -44,22 +49,34 @@ class Tally:
     def record(self, trial: str, result: dict) -> None:
         if "epoch" not in result or "time_this_iter_s" not in result:
             return
+        pid, at = result.get("pid"), result.get("reported_at")
+        if trial not in self.seconds:
+            if pid not in self.latest:
+                self.cold.add(trial)
+            elif at is not None and result.get("iterations_since_restore") == 1:
+                self.gaps.append(max(0.0, at - result["time_this_iter_s"] - self.latest[pid]))
+        if at is not None:
+            self.latest[pid] = at
+        else:
+            self.latest.setdefault(pid, 0.0)
         setup = result.get("process_setup_s", 0.0) if result.get("iterations_since_restore") == 1 else 0.0
         self.seconds.setdefault(trial, []).append(result["time_this_iter_s"] - setup)
         self.epochs[trial] = result["epoch"]
 
     def pace(self) -> Pace | None:
-        """The mean first epoch, later epoch and last epoch of a completed trial."""
+        """The mean first epoch (of the later trials in their processes where any have reported), later epoch, last
+        epoch of a completed trial, and gap between trials."""
         def completed(t: str) -> bool:
             return t in self.ended and self.epochs[t] >= self.rungs.max_t > 1
 
-        first = [s[0] for s in self.seconds.values()]
+        first = [s[0] for t, s in self.seconds.items() if t not in self.cold] or [s[0] for s in self.seconds.values()]
         if not first:
             return None
         middle = [x for t, s in self.seconds.items() for x in (s[1:-1] if completed(t) else s[1:])]
         last = [s[-1] for t, s in self.seconds.items() if completed(t)]
         mid = statistics.mean(middle) if middle else statistics.mean(first)
-        return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid)
+        return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid,
+                    statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S)
 
     def left(self) -> float | None:
         """Expected wall seconds to the sweep's end (None before the first report)."""

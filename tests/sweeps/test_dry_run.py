@@ -65,29 +65,36 @@ def test_a_forecast_this_machine_cannot_measure_says_why():
 
 
 def test_the_progress_line_says_the_time_left():
-    """A trial's first epoch (its start included, its process's one-time costs not), its later ones and the last
-    of one that completes are timed apart: the time left is the running trial's rest and the 7 trials not started,
-    on 2 slots."""
-    from sweeps.plan import Pace, Rungs, time_left
+    """A trial's first epoch (its start included, its process's one-time costs not), its later ones, the last of one
+    that completes and the gap before the next trial in its process are timed apart, the first epoch from the later
+    trials of a process once one has reported: the time left is the running trial's rest and the 6 trials not
+    started, on 2 slots."""
+    from sweeps.plan import TUNE_PER_TRIAL_S, Pace, Rungs, time_left
     from sweeps.progress import ProgressTally, tally
 
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
     tally.begin(spec, slots=2)
     assert tally.line().endswith("time left: once the first trials report")
     callback = ProgressTally()
-    done, running = (SimpleNamespace(config={"model_name": "ncsn"}, trial_id=i) for i in "ab")
-    for epoch, seconds in ((1, 5.5), (2, 1.0), (3, 1.0), (4, 5.0)):  # the first trial of its process: 2.5 s of setup
+    done, other, running = (SimpleNamespace(config={"model_name": "ncsn"}, trial_id=i) for i in "abc")
+    # the first trial of process 1 (2.5 s of its first epoch were the process's setup), then of process 2
+    for epoch, seconds, at in ((1, 5.5, 10.0), (2, 1.0, 11.0), (3, 1.0, 12.0), (4, 5.0, 17.0)):
         callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds, "process_setup_s": 2.5,
-                                               "iterations_since_restore": epoch})
+                                               "iterations_since_restore": epoch, "pid": 1, "reported_at": at})
     callback.on_trial_complete(0, [], done)
-    callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 3.0, "process_setup_s": 0.0,
-                                              "iterations_since_restore": 1})
+    callback.on_trial_result(0, [], other, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 2.0,
+                                            "iterations_since_restore": 1, "pid": 2, "reported_at": 12.5})
+    callback.on_trial_complete(0, [], other)
+    assert tally.pace() == Pace(first=2.5, middle=1.0, last=5.0, between=TUNE_PER_TRIAL_S)  # no later trial yet
+    # the next trial in process 1 starts 0.5 s after the first one's last report, and its first epoch takes 4 s
+    callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 0.0,
+                                              "iterations_since_restore": 1, "pid": 1, "reported_at": 21.5})
     pace = tally.pace()
-    assert pace == Pace(first=3.0, middle=1.0, last=5.0)
+    assert pace == Pace(first=4.0, middle=1.0, last=5.0, between=0.5)
     rungs = Rungs.of(spec)
-    assert tally.left() == time_left(rungs, 8, 2, pace, [1], 2) > pace.trial(rungs, 1) * 3
+    assert tally.left() == time_left(rungs, 8, 2, pace, [1], 3) > pace.trial(rungs, 1) * 3
     line = tally.line()
-    assert "1 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line
+    assert "2 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line
 
 
 def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):
