@@ -72,13 +72,13 @@ def measure(point: dict[str, Any], spec, data: dict[str, torch.Tensor], device: 
         notes.add(f"a step takes {SLOW_STEP_S:g} s or more at the trial's batch of {batch} on this CPU: steps, "
                   f"evaluations and draws were timed at {PROBE_BATCH} images and scaled by the images (a CPU's "
                   f"cost grows with them)")
-    if exp is None:
+    else:
         m, k = min(n_eval, PROBE_IMAGES), PROBE_SAMPLES
         startup = time.perf_counter()
         exp = Experiment(cfg, train, test[:m], device)
         startup_s = timed(lambda: exp.train_epoch(1), device) + time.perf_counter() - startup
         step_s = timed(lambda: exp.train_epoch(1), device)
-        if step_s < SLOW_STEP_S:  # a step of seconds (a full-size network on a GPU) is timed once: the dry run stays short
+        if step_s < SLOW_STEP_S:  # a step of seconds (a full-size network on a GPU) is timed once: the dry run is short
             step_s = statistics.median(timed(lambda: exp.train_epoch(TIMED_STEPS), device) / TIMED_STEPS
                                        for _ in range(2))
     cheap_s = timed(lambda: exp.evaluate(full=False, subset=False), device) / m
