@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 
 from genmodels.experiment import Experiment, prepare
-from genmodels.metrics.fid import FIDScorer
 from genmodels.registry import trial_config
 from sweeps.plan import Rungs, TrialCost
+from trainables.evaluation import process_scorer
 
 TIMED_STEPS = 3  # training steps per timing, after one that warms up
 SLOW_STEP_S = 2.0  # a step slower than this is timed once
@@ -140,6 +140,12 @@ def _on_a_cpu_at_a_few_images(point: dict[str, Any], cfg, data: dict[str, torch.
 _scores: dict[tuple, float] = {}  # FID (and KID) scoring seconds by network, reference, device and sample count
 
 
+def _once(store: dict, key, fn: Callable[[], float]) -> float:
+    if key not in store:
+        store[key] = fn()
+    return store[key]
+
+
 class _FIDCosts:
     """Sampling and FID at a sample count: drawing the samples (per sample, timed on k and cached per budget),
     their features (per image, timed on k), and scoring them (timed once per count, on random features of the
@@ -147,19 +153,14 @@ class _FIDCosts:
 
     def __init__(self, spec, exp: Experiment, device: torch.device, m: int, k: int, test_images: int,
                  notes: set[str]):
-        self.scorer = FIDScorer(spec.fid.network, spec.fid.weights_path, device=device)
+        self.scorer = process_scorer(spec.fid.network, spec.fid.weights_path, device)  # the one a trial uses
         self.exp, self.model, self.device, self.m, self.k, self.notes = exp, exp.eval_model, device, m, k, notes
         self.features_s = timed(lambda: list(self.scorer.features(torch.rand(k, 3, 32, 32, device=device))),
                                 device) / k
         # random reference features, as many as a sweep's reference keeps for KID (whose cost grows with them squared)
         self.width, kept = self.scorer.num_features, min(test_images, self.scorer.kid_max_features)
         self.ref = self.scorer.reference_from_features([torch.randn(kept, self.width, device=device)], total=kept)
-        self.cache: dict[Any, float] = {}
-
-    def _cached(self, key, fn: Callable[[], float]) -> float:
-        if key not in self.cache:
-            self.cache[key] = fn()
-        return self.cache[key]
+        self.cache: dict[Any, float] = {}  # this point's sampling and reconstruction seconds
 
     def per_sample(self, budget: float) -> float:
         """Seconds to draw one sample at `budget`. A Langevin sampler makes model.score_passes(budget) passes of its
@@ -168,7 +169,7 @@ class _FIDCosts:
         model, k = self.model, self.k
         passes = getattr(model, "score_passes", None)
         if passes is None:
-            return self._cached(budget, lambda: timed(lambda: model.sample(k, budget=budget), self.device) / k)
+            return _once(self.cache, budget, lambda: timed(lambda: model.sample(k, budget=budget), self.device) / k)
 
         def per_pass() -> float:
             x = torch.rand(k, model.channels, 32, 32, device=self.device)
@@ -182,12 +183,12 @@ class _FIDCosts:
                 return one
             return timed(lambda: model.sample(k, budget=cheapest), self.device) / k / passes(cheapest)
 
-        return self._cached("pass", per_pass) * passes(budget)
+        return _once(self.cache, "pass", per_pass) * passes(budget)
 
     def per_reconstruction(self) -> float:
-        images = self.exp.test_images(self.m)
-        return self._cached("reconstruct", lambda: timed(lambda: self.model.reconstruct(images.to(self.model.device)),
-                                                          self.device) / self.m)
+        images = self.exp.test_images(self.m).to(self.model.device)
+        return _once(self.cache, "reconstruct",
+                     lambda: timed(lambda: self.model.reconstruct(images), self.device) / self.m)
 
     def score(self, n: int, kid: bool) -> float:
         """Seconds to score n samples' features: the same for every point of the space (kept for the next)."""
@@ -197,11 +198,11 @@ class _FIDCosts:
             return timed(lambda: self.scorer.score_features([features], self.ref), self.device)
 
         key = (self.scorer.name, self.width, len(self.ref.kid_features), str(self.device), n)
-        if key not in _scores:
-            _scores[key] = seconds(0)
-        if kid and key + ("kid",) not in _scores:
-            _scores[key + ("kid",)] = max(0.0, seconds(KID_PROBE_SUBSETS) - _scores[key]) * 100 / KID_PROBE_SUBSETS
-        return _scores[key] + (_scores[key + ("kid",)] if kid else 0.0)
+        fid_s = _once(_scores, key, lambda: seconds(0))
+        if not kid:
+            return fid_s
+        return fid_s + _once(_scores, key + ("kid",),
+                             lambda: max(0.0, seconds(KID_PROBE_SUBSETS) - fid_s) * 100 / KID_PROBE_SUBSETS)
 
     def sample_fid(self, n: int, budget: float, kid: bool = False) -> float:
         return n * (self.per_sample(budget) + self.features_s) + self.score(n, kid)

@@ -33,7 +33,7 @@ class Tally:
         self.epochs: dict[str, int] = {}  # trial -> its latest epoch
         self.ended: set[str] = set()
         self.cold: set[str] = set()  # the first trial of each process
-        self.latest: dict[int, float] = {}  # process -> when its latest report was made
+        self.latest: dict[int, float | None] = {}  # process -> when its latest report was made
         self.gaps: list[float] = []  # seconds between a trial's last report and the next one's start in a process
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
@@ -49,18 +49,15 @@ class Tally:
     def record(self, trial: str, result: dict) -> None:
         if "epoch" not in result or "time_this_iter_s" not in result:
             return
-        pid, at = result.get("pid"), result.get("reported_at")
+        pid, at, seconds = result.get("pid"), result.get("reported_at"), result["time_this_iter_s"]
+        run_start = result.get("iterations_since_restore") == 1  # a run's first report: its process's setup in it
         if trial not in self.seconds:
             if pid not in self.latest:
                 self.cold.add(trial)
-            elif at is not None and result.get("iterations_since_restore") == 1:
-                self.gaps.append(max(0.0, at - result["time_this_iter_s"] - self.latest[pid]))
-        if at is not None:
-            self.latest[pid] = at
-        else:
-            self.latest.setdefault(pid, 0.0)
-        setup = result.get("process_setup_s", 0.0) if result.get("iterations_since_restore") == 1 else 0.0
-        self.seconds.setdefault(trial, []).append(result["time_this_iter_s"] - setup)
+            elif run_start and at is not None and self.latest[pid] is not None:
+                self.gaps.append(max(0.0, at - seconds - self.latest[pid]))
+        self.latest[pid] = at
+        self.seconds.setdefault(trial, []).append(seconds - (result.get("process_setup_s", 0.0) if run_start else 0.0))
         self.epochs[trial] = result["epoch"]
 
     def pace(self) -> Pace | None:
