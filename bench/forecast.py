@@ -55,11 +55,11 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
         tally = Tally()
         tally.begin(spec, slots)
         for stamp, trial, result, last in reports:
-            tally.record(trial, result)
+            tally.record(trial, result, now=stamp)
             if last:
                 tally.ended.add(trial)
             if len(tally.ended) >= share * spec.num_samples:
-                said = tally.left()
+                said = tally.left(now=stamp)
                 out.append({"at": f"{len(tally.ended)}/{spec.num_samples} ended", "said_s": said,
                             "actual_s": end - stamp, "error_%": 100 * (said - (end - stamp)) / max(end - stamp, 1e-9)})
                 break

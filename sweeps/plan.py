@@ -3,16 +3,22 @@ evaluation plan, and the sweep's wall time on its slots. The dry run (`--dry-run
 starts, the progress output re-estimates the time left from what the trials report, and the leaderboard of an
 interrupted sweep says what is left. Plain Python: no Ray, no torch.
 
-The model of ASHA: at each milestone before the last epoch, 1 / reduction_factor of the trials that reach it go on
-(ASHA stops those below the (1 - 1/reduction_factor) quantile of the values recorded there). Expected counts are
-fractional; the wall time is the makespan of whole trials, each slot taking the next trial as it frees, with the
-trials' lengths drawn to match those counts.
+The model of ASHA (`_asha_odds`): at a milestone a trial goes on when its value beats the (1 - 1/reduction_factor)
+quantile of those recorded there before it, so a small sweep keeps more than 1/reduction_factor (the first arrival
+has nothing to lose to). Trials start in random order of value and keep their rank from one milestone to the next
+(ASHA's premise; the smoke sweeps' values do): a late arrival at a later milestone has beaten more trials to get
+there, and goes on more often than an early one. Expected counts are fractional; the forecast's wall time is the
+makespan of whole trials, each slot taking the next trial as it frees, with the trials' lengths drawn to match
+those counts; the time left takes each trial not started yet at its expected cost as the i-th trial to start.
 """
 from __future__ import annotations
 
 import dataclasses
 import heapq
 import math
+import random
+from bisect import insort
+from functools import lru_cache
 
 # Not measured by a dry run (it starts no Ray): what a local sweep spends starting and stopping Ray, and Tune's work
 # around each trial and report (starting the trial in a reused process, handing over its report, persisting its
@@ -35,45 +41,79 @@ class Rungs:
         return cls(spec.asha.max_t, tuple(m for m in spec.milestones if m < spec.asha.max_t),
                    spec.asha.reduction_factor)
 
-    def survivors(self, arrivals: float) -> float:
-        """Expected trials that go on from a cut that `arrivals` trials reach. ASHA compares each arrival with the
-        values recorded there before it: the first goes on, and the i-th (values in random order) beats the
-        (1 - 1/rf) quantile of the i - 1 before it with probability 1 - (q (i - 2) + 1) / i, which is 1/2 for the
-        second and tends to 1/rf, so a small sweep keeps more than 1/rf."""
-        q = 1 - 1 / self.reduction_factor
-
-        def kept(n: int) -> float:
-            return min(n, 1) + sum(1 - (q * (i - 2) + 1) / i for i in range(2, n + 1))
-
-        whole = math.floor(arrivals)
-        return kept(whole) + (arrivals - whole) * (kept(whole + 1) - kept(whole))
-
-    def arrivals(self, trials: float) -> list[float]:
+    def arrivals(self, trials: int) -> tuple[float, ...]:
         """Expected trials reaching each cut, then the expected number that complete (one more entry)."""
-        out = [float(trials)]
-        for _ in self.cuts:
-            out.append(self.survivors(out[-1]))
-        return out
+        return _arrivals(self.cuts, self.reduction_factor, trials)
 
-    def reaching(self, epoch: int, trials: float) -> float:
+    def trial_ends(self, trials: int, i: int) -> list[tuple[int, float]]:
+        """(epoch, probability) that the i-th trial to start (from 0) ends there: stopped at a cut, or complete."""
+        odds = _asha_odds(self.cuts, self.reduction_factor, trials)[i]
+        return [*((m, odds[k] - odds[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, odds[-1])]
+
+    def trial_outlook(self, trials: int) -> tuple[tuple[float, float], ...]:
+        """For each trial in the order they start: its expected epochs, and the probability it completes."""
+        return _outlook(self, trials)
+
+    def reaching(self, epoch: int, trials: int) -> float:
         """Expected trials that train epoch `epoch` (1-based)."""
         return self.arrivals(trials)[sum(m < epoch for m in self.cuts)]
 
-    def ends(self, trials: float) -> list[tuple[int, float]]:
+    def ends(self, trials: int) -> list[tuple[int, float]]:
         """(epoch, expected trials that end there): at each cut, those stopped; at max_t, those that complete."""
         counts = self.arrivals(trials)
         return [*((m, counts[k] - counts[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, counts[-1])]
 
-    def trial_epochs(self, trials: float) -> float:
+    def trial_epochs(self, trials: int) -> float:
         return sum(e * n for e, n in self.ends(trials))
 
-    def remaining_epochs(self, epoch: int, trials: float) -> float:
+    def remaining_epochs(self, epoch: int, trials: int) -> float:
         """Expected epochs still to train for a trial that has trained `epoch` epochs and goes on, in a sweep of
         `trials` (having gone on past a cut, it is among that cut's survivors)."""
         if epoch >= self.max_t:
             return 0.0
         here = self.reaching(epoch + 1, trials)
         return sum(self.reaching(e, trials) for e in range(epoch + 1, self.max_t + 1)) / here if here else 0.0
+
+
+ASHA_DRAWS = 200_000  # arrivals simulated per expectation (a sweep of n trials: about this / n sweeps, 20 or more)
+
+
+@lru_cache(maxsize=32)
+def _asha_odds(cuts: tuple[int, ...], rf: int, trials: int) -> tuple[tuple[float, ...], ...]:
+    """For the i-th trial to start, the probability that it reaches each cut, then that it completes: Ray's ASHA
+    (its cutoff: numpy's linear-interpolated percentile of the values recorded at the cut) run on `trials` values
+    in random order that keep their order at every cut, the survivors of one cut arriving at the next in the order
+    they went on. Seeded: the same sweep gets the same plan."""
+    rng, sweeps = random.Random(0), max(20, ASHA_DRAWS // max(1, trials * max(1, len(cuts))))
+    q, reached = 1 - 1 / rf, [[0] * (len(cuts) + 1) for _ in range(trials)]
+    for _ in range(sweeps):
+        alive = [(rng.random(), i) for i in range(trials)]
+        for k in range(len(cuts)):
+            recorded: list[float] = []
+            going_on = []
+            for value, i in alive:
+                reached[i][k] += 1
+                at = q * (len(recorded) - 1)
+                low = math.floor(at)
+                if not recorded or value >= recorded[low] + (at - low) * (recorded[min(low + 1, len(recorded) - 1)]
+                                                                          - recorded[low]):
+                    going_on.append((value, i))
+                insort(recorded, value)
+            alive = going_on
+        for _, i in alive:
+            reached[i][-1] += 1
+    return tuple(tuple(n / sweeps for n in row) for row in reached)
+
+
+@lru_cache(maxsize=32)
+def _arrivals(cuts: tuple[int, ...], rf: int, trials: int) -> tuple[float, ...]:
+    return tuple(map(sum, zip(*_asha_odds(cuts, rf, trials))))
+
+
+@lru_cache(maxsize=32)
+def _outlook(rungs: Rungs, trials: int) -> tuple[tuple[float, float], ...]:
+    return tuple((sum(e * p for e, p in ends), ends[-1][1])
+                 for ends in (rungs.trial_ends(trials, i) for i in range(trials)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +202,13 @@ class Pace:
         return self.between + self.first + max(0, epochs - 1) * self.middle + (
             self.last - self.middle if epochs >= rungs.max_t and epochs > 1 else 0.0)
 
+    def expected_trials(self, rungs: Rungs, trials: int, start: int = 0) -> list[float]:
+        """Expected seconds of each trial from the start-th to start on, over where ASHA may end it (self.trial is
+        linear in the epochs, and in whether the trial completes)."""
+        extra = self.last - self.middle if rungs.max_t > 1 else 0.0
+        return [self.between + self.first + (epochs - 1) * self.middle + completes * extra
+                for epochs, completes in rungs.trial_outlook(trials)[start:]]
+
     def rest(self, rungs: Rungs, trials: int, epoch: int) -> float:
         """Expected seconds left of a trial that has trained `epoch` epochs and goes on."""
         if epoch >= rungs.max_t:
@@ -170,10 +217,10 @@ class Pace:
         return rungs.remaining_epochs(epoch, trials) * self.middle + completes * (self.last - self.middle)
 
 
-def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running_epochs: list[int], started: int) -> float:
-    """Wall seconds left: the running trials' expected rest, then the trials not started yet (the plan's last
-    ones), at the pace the sweep's reports show."""
-    busy = [pace.rest(rungs, trials, e) for e in running_epochs]
-    pending = max(0, trials - started)
-    lengths = trial_lengths(rungs, trials)[trials - pending:]
-    return makespan([pace.trial(rungs, e) for e in lengths], slots, busy)
+def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running: list[tuple[int, float]],
+              started: int) -> float:
+    """Wall seconds left: the running trials' expected rest (`running`: each one's epochs so far and the seconds
+    since it reported the latest, already spent on the next), then each trial not started yet at its expected
+    cost as the i-th to start, at the pace the sweep's reports show."""
+    busy = [max(0.0, pace.rest(rungs, trials, epoch) - since) for epoch, since in running]
+    return makespan(pace.expected_trials(rungs, trials, min(started, trials)), slots, busy)

@@ -35,6 +35,7 @@ class Tally:
         self.cold: set[str] = set()  # the first trial of each process
         self.latest: dict[int, float | None] = {}  # process -> when its latest report was made
         self.gaps: list[float] = []  # seconds between a trial's last report and the next one's start in a process
+        self.heard: dict[str, float] = {}  # trial -> when this driver got its latest report (time.time())
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
@@ -45,10 +46,13 @@ class Tally:
                 self.record(path.parent.name, result)
             if checkpoints.has_ended(str(path.parent)):
                 self.ended.add(path.parent.name)
+        self.heard.clear()  # a stored trial restarts with this driver: nothing of its next epoch is spent yet
 
-    def record(self, trial: str, result: dict) -> None:
+    def record(self, trial: str, result: dict, now: float | None = None) -> None:
+        """A trial's report, got at `now` (default: this moment)."""
         if "epoch" not in result or "time_this_iter_s" not in result:
             return
+        self.heard[trial] = time.time() if now is None else now
         pid, at, seconds = result.get("pid"), result.get("reported_at"), result["time_this_iter_s"]
         run_start = result.get("iterations_since_restore") == 1  # a run's first report: its process's setup in it
         if trial not in self.seconds:
@@ -75,12 +79,14 @@ class Tally:
         return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid,
                     statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S)
 
-    def left(self) -> float | None:
-        """Expected wall seconds to the sweep's end (None before the first report)."""
+    def left(self, now: float | None = None) -> float | None:
+        """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report)."""
         pace = self.pace()
         if pace is None:
             return None
-        running = [e for t, e in self.epochs.items() if t not in self.ended]
+        now = time.time() if now is None else now
+        running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0)
+                   for t, e in self.epochs.items() if t not in self.ended]
         return time_left(self.rungs, self.trials, self.slots, pace, running, len(self.epochs))
 
     def line(self) -> str | None:

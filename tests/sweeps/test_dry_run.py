@@ -64,12 +64,13 @@ def test_a_forecast_this_machine_cannot_measure_says_why():
     assert no_forecast_reason(saved_spec_of(), None) is None
 
 
-def test_the_progress_line_says_the_time_left():
+def test_the_progress_line_says_the_time_left(monkeypatch):
     """A trial's first epoch (its start included, its process's one-time costs not), its later ones, the last of one
     that completes and the gap before the next trial in its process are timed apart, the first epoch from the later
     trials of a process once one has reported: the time left is the running trial's rest and the 6 trials not
     started, on 2 slots."""
     from sweeps.plan import TUNE_PER_TRIAL_S, Pace, Rungs, time_left
+    from sweeps import progress
     from sweeps.progress import ProgressTally, tally
 
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
@@ -92,9 +93,15 @@ def test_the_progress_line_says_the_time_left():
     pace = tally.pace()
     assert pace == Pace(first=4.0, middle=1.0, last=5.0, between=0.5)
     rungs = Rungs.of(spec)
-    assert tally.left() == time_left(rungs, 8, 2, pace, [1], 3) > pace.trial(rungs, 1) * 3
+    assert tally.left() <= time_left(rungs, 8, 2, pace, [(1, 0.0)], 3)
+    heard = tally.heard[ProgressTally._key(running)]  # the running trial's next epoch is under way since then
+    assert tally.left(now=heard + 0.5) == time_left(rungs, 8, 2, pace, [(1, 0.5)], 3) > pace.trial(rungs, 1) * 3
     line = tally.line()
     assert "2 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line
+    running_seen = []
+    monkeypatch.setattr(progress, "time_left", lambda *args: running_seen.append(args[4]) or 0.0)
+    tally.left(now=heard + 0.5)
+    assert running_seen == [[(1, 0.5)]]  # the running trial: one epoch trained, half a second into its next
 
 
 def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):

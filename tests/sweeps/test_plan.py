@@ -14,9 +14,10 @@ from sweeps.plan import Pace, Rungs, TrialCost, makespan, sweep_seconds, time_le
 
 
 @pytest.mark.parametrize("trials, rf", [(8, 2), (12, 2), (30, 3), (100, 3)])
-def test_expected_survivors_match_rays_asha_on_random_values(trials, rf):
-    """Ray's ASHA on trials with random values arriving one after another: the mean number that reach each cut
-    over many sweeps is what Rungs.arrivals expects (small sweeps keep more than 1/rf)."""
+def test_expected_survivors_match_rays_asha_on_values_that_keep_their_order(trials, rf):
+    """Ray's ASHA on trials arriving one after another in random order of value, each keeping its value at every
+    cut: the mean number that reach each cut over many sweeps is what Rungs.arrivals expects (more than 1/rf go on:
+    the first arrival at a cut has nothing to lose to, and a late arrival at a later cut has beaten more trials)."""
     cuts = tuple(m for m in ASHASettings(8, 1, rf).milestones if m < 8)  # ASHA's own rungs: 1, 2, 4 or 1, 3
     rungs, rng, runs = Rungs(8, cuts, rf), random.Random(0), 300
     reached = [0.0] * (len(cuts) + 1)
@@ -25,10 +26,10 @@ def test_expected_survivors_match_rays_asha_on_random_values(trials, rf):
         trial_ids = [type("T", (), {"trial_id": str(i)})() for i in range(trials)]
         for t in trial_ids:
             asha.on_trial_add(None, t)
-        alive = list(trial_ids)
+        alive, value = list(trial_ids), {t: rng.random() for t in trial_ids}
         for k, epoch in enumerate(cuts):
             reached[k] += len(alive)
-            alive = [t for t in alive if asha.on_trial_result(None, t, {"epoch": epoch, "v": rng.random()})
+            alive = [t for t in alive if asha.on_trial_result(None, t, {"epoch": epoch, "v": value[t]})
                      == TrialScheduler.CONTINUE]
         reached[-1] += len(alive)
     expected = rungs.arrivals(trials)
@@ -39,7 +40,7 @@ def test_expected_survivors_match_rays_asha_on_random_values(trials, rf):
 def test_trial_lengths_add_up_to_the_expected_counts():
     rungs = Rungs(4, (1, 2), 2)
     lengths = trial_lengths(rungs, 8)
-    assert len(lengths) == 8 and sorted(lengths) == [1, 1, 1, 2, 2, 4, 4, 4]  # ends 3.5, 1.75, 2.75: whole
+    assert len(lengths) == 8 and sorted(lengths) == [1, 1, 1, 2, 4, 4, 4, 4]  # ends 3.5, 0.9, 3.6: whole
     assert sum(lengths) == pytest.approx(rungs.trial_epochs(8), abs=2)
 
 
@@ -61,9 +62,23 @@ def test_time_left_counts_the_running_and_the_unstarted():
     rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
     assert pace.trial(rungs, 1) == 3 and pace.trial(rungs, 2) == 4 and pace.trial(rungs, 4) == 3 + 2 + 5
     assert time_left(rungs, 8, 2, pace, [], 8) == 0
-    assert time_left(rungs, 8, 2, pace, [2], 8) == pace.rest(rungs, 8, 2) == 1 + 5  # past both cuts: completes
-    assert time_left(rungs, 8, 2, pace, [], 4) == makespan([pace.trial(rungs, e) for e in trial_lengths(rungs, 8)[4:]],
-                                                           2)
+    assert time_left(rungs, 8, 2, pace, [(2, 0.0)], 8) == pace.rest(rungs, 8, 2) == 1 + 5  # past both cuts: completes
+    # the seconds since the running trial's latest report are spent on its rest already
+    assert time_left(rungs, 8, 2, pace, [(2, 1.5)], 8) == 6 - 1.5 and time_left(rungs, 8, 2, pace, [(2, 9)], 8) == 0
+    assert time_left(rungs, 8, 2, pace, [], 4) == makespan(pace.expected_trials(rungs, 8, 4), 2)
+
+
+def test_each_trial_to_start_has_its_odds_and_the_first_completes():
+    """The i-th trial's chances add up to one and, over the trials, to the expected counts; the first trial has
+    nothing to lose to at any cut, and a later one goes on less often."""
+    rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
+    ends = [rungs.trial_ends(8, i) for i in range(8)]
+    assert all(sum(p for _, p in e) == pytest.approx(1) for e in ends)
+    assert sum(p for e in ends for epoch, p in e if epoch == 4) == pytest.approx(rungs.arrivals(8)[-1])
+    expected = pace.expected_trials(rungs, 8)
+    assert expected == pytest.approx([sum(p * pace.trial(rungs, epoch) for epoch, p in e) for e in ends])
+    assert ends[0] == [(1, 0.0), (2, 0.0), (4, 1.0)] and expected[0] == pace.trial(rungs, 4)
+    assert pace.trial(rungs, 1) < expected[7] < expected[1]
 
 
 def test_the_board_of_an_unfinished_sweep_says_what_is_left():
