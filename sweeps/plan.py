@@ -9,7 +9,7 @@ has nothing to lose to). Trials start in random order of value and keep their ra
 (ASHA's premise; the smoke sweeps' values do): a late arrival at a later milestone has beaten more trials to get
 there, and goes on more often than an early one. Expected counts are fractional; the forecast's wall time is the
 makespan of whole trials, each slot taking the next trial as it frees, with the trials' lengths drawn to match
-those counts; the time left takes each trial not started yet at its expected cost as the i-th trial to start.
+those counts. The time left takes each trial at its own odds, given the values ASHA has recorded so far.
 """
 from __future__ import annotations
 
@@ -41,22 +41,36 @@ class Rungs:
         return cls(spec.asha.max_t, tuple(m for m in spec.milestones if m < spec.asha.max_t),
                    spec.asha.reduction_factor)
 
+    def odds(self, pending: int, recorded: tuple[tuple[float, ...], ...] = (),
+             running: tuple[tuple[float | None, int], ...] = ()) -> tuple[tuple[float, ...], ...]:
+        """The probability that each trial reaches each cut, then that it completes: the `running` trials first
+        (each one's value, or None before its first cut, and its epochs so far), then the `pending` trials in the
+        order they will start, given the values `recorded` at each cut so far (none: the sweep's start). Values are
+        ranks among the trials' values at the first cut, from 0 (worst) to 1 (best)."""
+        return _asha_odds(self.cuts, self.reduction_factor, recorded,
+                          tuple((value, sum(c <= epochs for c in self.cuts), epochs) for value, epochs in running),
+                          pending)
+
+    def outlook(self, odds: tuple[float, ...]) -> tuple[float, float]:
+        """A trial's expected epochs at its end, and the probability that it completes, from its odds."""
+        ends = [*((m, odds[k] - odds[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, odds[-1])]
+        return sum(e * p for e, p in ends), odds[-1]
+
     def arrivals(self, trials: int) -> tuple[float, ...]:
         """Expected trials reaching each cut, then the expected number that complete (one more entry)."""
-        return _arrivals(self.cuts, self.reduction_factor, trials)
-
-    def trial_ends(self, trials: int, i: int) -> list[tuple[int, float]]:
-        """(epoch, probability) that the i-th trial to start (from 0) ends there: stopped at a cut, or complete."""
-        odds = _asha_odds(self.cuts, self.reduction_factor, trials)[i]
-        return [*((m, odds[k] - odds[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, odds[-1])]
-
-    def trial_outlook(self, trials: int) -> tuple[tuple[float, float], ...]:
-        """For each trial in the order they start: its expected epochs, and the probability it completes."""
-        return _outlook(self, trials)
+        return _arrivals(self, trials)
 
     def reaching(self, epoch: int, trials: int) -> float:
         """Expected trials that train epoch `epoch` (1-based)."""
         return self.arrivals(trials)[sum(m < epoch for m in self.cuts)]
+
+    def remaining_epochs(self, epoch: int, trials: int) -> float:
+        """Expected epochs still to train for a trial that has trained `epoch` epochs and goes on, in a sweep of
+        `trials` whose values are not known (having gone on past a cut, it is among that cut's survivors)."""
+        if epoch >= self.max_t:
+            return 0.0
+        here = self.reaching(epoch + 1, trials)
+        return sum(self.reaching(e, trials) for e in range(epoch + 1, self.max_t + 1)) / here if here else 0.0
 
     def ends(self, trials: int) -> list[tuple[int, float]]:
         """(epoch, expected trials that end there): at each cut, those stopped; at max_t, those that complete."""
@@ -66,54 +80,47 @@ class Rungs:
     def trial_epochs(self, trials: int) -> float:
         return sum(e * n for e, n in self.ends(trials))
 
-    def remaining_epochs(self, epoch: int, trials: int) -> float:
-        """Expected epochs still to train for a trial that has trained `epoch` epochs and goes on, in a sweep of
-        `trials` (having gone on past a cut, it is among that cut's survivors)."""
-        if epoch >= self.max_t:
-            return 0.0
-        here = self.reaching(epoch + 1, trials)
-        return sum(self.reaching(e, trials) for e in range(epoch + 1, self.max_t + 1)) / here if here else 0.0
+
+@lru_cache(maxsize=16)
+def _arrivals(rungs: Rungs, trials: int) -> tuple[float, ...]:
+    return tuple(map(sum, zip(*rungs.odds(trials))))
 
 
-ASHA_DRAWS = 200_000  # arrivals simulated per expectation (a sweep of n trials: about this / n sweeps, 20 or more)
+ASHA_DRAWS = 100_000  # arrivals simulated per expectation (at least 20 simulated sweeps)
 
 
-@lru_cache(maxsize=32)
-def _asha_odds(cuts: tuple[int, ...], rf: int, trials: int) -> tuple[tuple[float, ...], ...]:
-    """For the i-th trial to start, the probability that it reaches each cut, then that it completes: Ray's ASHA
-    (its cutoff: numpy's linear-interpolated percentile of the values recorded at the cut) run on `trials` values
-    in random order that keep their order at every cut, the survivors of one cut arriving at the next in the order
-    they went on. Seeded: the same sweep gets the same plan."""
-    rng, sweeps = random.Random(0), max(20, ASHA_DRAWS // max(1, trials * max(1, len(cuts))))
-    q, reached = 1 - 1 / rf, [[0] * (len(cuts) + 1) for _ in range(trials)]
+@lru_cache(maxsize=16)
+def _asha_odds(cuts: tuple[int, ...], rf: int, recorded: tuple[tuple[float, ...], ...],
+               running: tuple[tuple[float | None, int, int], ...], pending: int) -> tuple[tuple[float, ...], ...]:
+    """Rungs.odds (running: value, cuts passed, epochs). Ray's ASHA (its cutoff: numpy's linear-interpolated
+    percentile of the values recorded at the cut) on simulated sweeps: a trial's value is drawn at random where not
+    known and kept at every cut; the running trials arrive at their next cuts first (the furthest along first), the
+    survivors of one cut at the next in the order they went on. Seeded: the same state gets the same odds."""
+    rows = len(running) + pending
+    rng, sweeps = random.Random(0), max(20, ASHA_DRAWS // max(1, rows * max(1, len(cuts))))
+    q, reached = 1 - 1 / rf, [[0] * (len(cuts) + 1) for _ in range(rows)]
+    order = sorted(range(len(running)), key=lambda i: -running[i][2])
     for _ in range(sweeps):
-        alive = [(rng.random(), i) for i in range(trials)]
+        alive = [(running[i][0] if running[i][0] is not None else rng.random(), i, running[i][1]) for i in order]
+        alive += [(rng.random(), len(running) + i, 0) for i in range(pending)]
         for k in range(len(cuts)):
-            recorded: list[float] = []
+            values = list(recorded[k]) if k < len(recorded) else []
             going_on = []
-            for value, i in alive:
-                reached[i][k] += 1
-                at = q * (len(recorded) - 1)
+            for value, row, passed in alive:
+                reached[row][k] += 1
+                if passed > k:  # went on from this cut already
+                    going_on.append((value, row, passed))
+                    continue
+                at = q * (len(values) - 1)
                 low = math.floor(at)
-                if not recorded or value >= recorded[low] + (at - low) * (recorded[min(low + 1, len(recorded) - 1)]
-                                                                          - recorded[low]):
-                    going_on.append((value, i))
-                insort(recorded, value)
+                if not values or value >= values[low] + (at - low) * (values[min(low + 1, len(values) - 1)]
+                                                                      - values[low]):
+                    going_on.append((value, row, passed))
+                insort(values, value)
             alive = going_on
-        for _, i in alive:
-            reached[i][-1] += 1
+        for _, row, _ in alive:
+            reached[row][-1] += 1
     return tuple(tuple(n / sweeps for n in row) for row in reached)
-
-
-@lru_cache(maxsize=32)
-def _arrivals(cuts: tuple[int, ...], rf: int, trials: int) -> tuple[float, ...]:
-    return tuple(map(sum, zip(*_asha_odds(cuts, rf, trials))))
-
-
-@lru_cache(maxsize=32)
-def _outlook(rungs: Rungs, trials: int) -> tuple[tuple[float, float], ...]:
-    return tuple((sum(e * p for e, p in ends), ends[-1][1])
-                 for ends in (rungs.trial_ends(trials, i) for i in range(trials)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +192,6 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Pace:
     """What a sweep's trial-epochs have cost so far, from their reports: a trial's first epoch (its start
@@ -202,25 +207,23 @@ class Pace:
         return self.between + self.first + max(0, epochs - 1) * self.middle + (
             self.last - self.middle if epochs >= rungs.max_t and epochs > 1 else 0.0)
 
-    def expected_trials(self, rungs: Rungs, trials: int, start: int = 0) -> list[float]:
-        """Expected seconds of each trial from the start-th to start on, over where ASHA may end it (self.trial is
-        linear in the epochs, and in whether the trial completes)."""
+    def expected(self, rungs: Rungs, epochs: float, completes: float, trained: int = 0) -> float:
+        """Expected seconds of a trial that ends after `epochs` epochs on average and completes with probability
+        `completes` (self.trial is linear in both); of what is left of it after `trained` epochs."""
         extra = self.last - self.middle if rungs.max_t > 1 else 0.0
-        return [self.between + self.first + (epochs - 1) * self.middle + completes * extra
-                for epochs, completes in rungs.trial_outlook(trials)[start:]]
-
-    def rest(self, rungs: Rungs, trials: int, epoch: int) -> float:
-        """Expected seconds left of a trial that has trained `epoch` epochs and goes on."""
-        if epoch >= rungs.max_t:
-            return 0.0
-        completes = rungs.arrivals(trials)[-1] / rungs.reaching(epoch + 1, trials)
-        return rungs.remaining_epochs(epoch, trials) * self.middle + completes * (self.last - self.middle)
+        if trained:
+            return (epochs - trained) * self.middle + completes * extra
+        return self.between + self.first + (epochs - 1) * self.middle + completes * extra
 
 
-def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running: list[tuple[int, float]],
-              started: int) -> float:
-    """Wall seconds left: the running trials' expected rest (`running`: each one's epochs so far and the seconds
-    since it reported the latest, already spent on the next), then each trial not started yet at its expected
-    cost as the i-th to start, at the pace the sweep's reports show."""
-    busy = [max(0.0, pace.rest(rungs, trials, epoch) - since) for epoch, since in running]
-    return makespan(pace.expected_trials(rungs, trials, min(started, trials)), slots, busy)
+def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running: list[tuple[int, float, float | None]],
+              started: int, recorded: tuple[tuple[float, ...], ...] = ()) -> float:
+    """Wall seconds left at the pace the sweep's reports show: the running trials' expected rest (`running`: each
+    one's epochs so far, the seconds since it reported the latest, already spent on the next, and its value as
+    Rungs.odds takes it), then the trials not started yet, each at its odds given the values `recorded` at each
+    cut so far."""
+    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
+    outlooks = [rungs.outlook(row) for row in odds]
+    busy = [max(0.0, pace.expected(rungs, *outlook, trained=epochs) - since)
+            for (epochs, since, _), outlook in zip(running, outlooks)]
+    return makespan([pace.expected(rungs, *outlook) for outlook in outlooks[len(running):]], slots, busy)

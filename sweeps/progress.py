@@ -36,11 +36,14 @@ class Tally:
         self.latest: dict[int, float | None] = {}  # process -> when its latest report was made
         self.gaps: list[float] = []  # seconds between a trial's last report and the next one's start in a process
         self.heard: dict[str, float] = {}  # trial -> when this driver got its latest report (time.time())
+        self.metric, self.sign = "", 1.0  # what ASHA ranks by, and +1 where larger is better (-1 where smaller)
+        self.at_cuts: dict[str, dict[int, float]] = {}  # trial -> its value (signed) at each cut it reached
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
         self.__init__()
         self.rungs, self.trials, self.slots = Rungs.of(spec), spec.num_samples, max(1, slots)
+        self.metric, self.sign = spec.metric, 1.0 if spec.mode == "max" else -1.0
         for path in sorted(Path(folder).glob(f"*/{checkpoints.RESULT_FILE}")) if folder else []:
             for result in json_lines(path.read_text(errors="replace")):
                 self.record(path.parent.name, result)
@@ -63,6 +66,9 @@ class Tally:
         self.latest[pid] = at
         self.seconds.setdefault(trial, []).append(seconds - (result.get("process_setup_s", 0.0) if run_start else 0.0))
         self.epochs[trial] = result["epoch"]
+        value = result.get(self.metric)
+        if self.rungs and result["epoch"] in self.rungs.cuts and isinstance(value, (int, float)) and value == value:
+            self.at_cuts.setdefault(trial, {})[result["epoch"]] = self.sign * value
 
     def pace(self) -> Pace | None:
         """The mean first epoch (of the later trials in their processes where any have reported), later epoch, last
@@ -85,9 +91,21 @@ class Tally:
         if pace is None:
             return None
         now = time.time() if now is None else now
-        running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0)
+        rank, recorded = self.standing()
+        running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0, rank.get(t))
                    for t, e in self.epochs.items() if t not in self.ended]
-        return time_left(self.rungs, self.trials, self.slots, pace, running, len(self.epochs))
+        return time_left(self.rungs, self.trials, self.slots, pace, running, len(self.epochs), recorded)
+
+    def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...]]:
+        """What ASHA holds so far, as Rungs.odds takes it: each trial's rank among the values at the first cut
+        (from 0, worst, to 1, best; a trial keeps it at every cut), and the ranks recorded at each cut."""
+        if not self.rungs.cuts:
+            return {}, ()
+        first = {t: v[self.rungs.cuts[0]] for t, v in self.at_cuts.items() if self.rungs.cuts[0] in v}
+        order = sorted(first, key=first.get)
+        rank = {t: (i + 1) / (len(order) + 1) for i, t in enumerate(order)}
+        return rank, tuple(tuple(sorted(rank[t] for t, v in self.at_cuts.items() if cut in v and t in rank))
+                           for cut in self.rungs.cuts)
 
     def line(self) -> str | None:
         if self.rungs is None:

@@ -62,23 +62,37 @@ def test_time_left_counts_the_running_and_the_unstarted():
     rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
     assert pace.trial(rungs, 1) == 3 and pace.trial(rungs, 2) == 4 and pace.trial(rungs, 4) == 3 + 2 + 5
     assert time_left(rungs, 8, 2, pace, [], 8) == 0
-    assert time_left(rungs, 8, 2, pace, [(2, 0.0)], 8) == pace.rest(rungs, 8, 2) == 1 + 5  # past both cuts: completes
+    assert time_left(rungs, 8, 2, pace, [(2, 0.0, 0.5)], 8) == 1 + 5  # past both cuts: its last epoch is the end's
     # the seconds since the running trial's latest report are spent on its rest already
-    assert time_left(rungs, 8, 2, pace, [(2, 1.5)], 8) == 6 - 1.5 and time_left(rungs, 8, 2, pace, [(2, 9)], 8) == 0
-    assert time_left(rungs, 8, 2, pace, [], 4) == makespan(pace.expected_trials(rungs, 8, 4), 2)
+    assert time_left(rungs, 8, 2, pace, [(2, 1.5, 0.5)], 8) == 6 - 1.5
+    assert time_left(rungs, 8, 2, pace, [(2, 9.0, 0.5)], 8) == 0
+    pending = [pace.expected(rungs, *rungs.outlook(odds)) for odds in rungs.odds(4)]
+    assert time_left(rungs, 8, 2, pace, [], 4) == makespan(pending, 2)
 
 
 def test_each_trial_to_start_has_its_odds_and_the_first_completes():
-    """The i-th trial's chances add up to one and, over the trials, to the expected counts; the first trial has
-    nothing to lose to at any cut, and a later one goes on less often."""
+    """The i-th trial's chances of reaching each cut and completing add up, over the trials, to the expected
+    counts; the first trial has nothing to lose to at any cut, and a later one goes on less often. A trial's
+    expected cost is the mean of its whole costs over where it may end."""
     rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
-    ends = [rungs.trial_ends(8, i) for i in range(8)]
-    assert all(sum(p for _, p in e) == pytest.approx(1) for e in ends)
-    assert sum(p for e in ends for epoch, p in e if epoch == 4) == pytest.approx(rungs.arrivals(8)[-1])
-    expected = pace.expected_trials(rungs, 8)
-    assert expected == pytest.approx([sum(p * pace.trial(rungs, epoch) for epoch, p in e) for e in ends])
-    assert ends[0] == [(1, 0.0), (2, 0.0), (4, 1.0)] and expected[0] == pace.trial(rungs, 4)
-    assert pace.trial(rungs, 1) < expected[7] < expected[1]
+    odds = rungs.odds(8)
+    assert odds[0] == (1.0, 1.0, 1.0) and all(1 == a >= b >= c >= 0 for a, b, c in odds) and odds[7][2] < odds[1][2]
+    assert tuple(map(sum, zip(*odds))) == rungs.arrivals(8)
+    a, b, c = odds[5]  # it ends at epoch 1 with probability a - b, at 2 with b - c, completes with c
+    assert rungs.outlook(odds[5]) == pytest.approx((1 * (a - b) + 2 * (b - c) + 4 * c, c))
+    assert pace.expected(rungs, *rungs.outlook(odds[5])) == pytest.approx(
+        (a - b) * pace.trial(rungs, 1) + (b - c) * pace.trial(rungs, 2) + c * pace.trial(rungs, 4))
+
+
+def test_the_odds_follow_the_values_recorded_so_far():
+    """Values are ranks at the first cut (1 best). With the best trial recorded first at both cuts, new trials go
+    on less often than at a sweep's start; a running trial that beats what the next cut holds completes, one that
+    does not stops there."""
+    rungs = Rungs(4, (1, 2), 2)
+    best_first = rungs.odds(4, recorded=((0.9, 0.2), (0.9,)))
+    assert sum(o[-1] for o in best_first) < sum(o[-1] for o in rungs.odds(4)) - 0.5
+    assert rungs.odds(0, ((0.9, 0.2, 0.95), (0.9,)), running=((0.95, 1),)) == ((1.0, 1.0, 1.0),)
+    assert rungs.odds(0, ((0.9, 0.2, 0.5), (0.9,)), running=((0.5, 1),)) == ((1.0, 1.0, 0.0),)
 
 
 def test_the_board_of_an_unfinished_sweep_says_what_is_left():
