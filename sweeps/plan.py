@@ -86,7 +86,7 @@ def _arrivals(rungs: Rungs, trials: int) -> tuple[float, ...]:
     return tuple(map(sum, zip(*rungs.odds(trials))))
 
 
-ASHA_DRAWS = 100_000  # arrivals simulated per expectation (at least 20 simulated sweeps)
+ASHA_DRAWS = 100_000  # arrivals simulated per expectation (2 sweeps or more: a big sweep's trials average out)
 
 
 @lru_cache(maxsize=16)
@@ -97,7 +97,11 @@ def _asha_odds(cuts: tuple[int, ...], rf: int, recorded: tuple[tuple[float, ...]
     known and kept at every cut; the running trials arrive at their next cuts first (the furthest along first), the
     survivors of one cut at the next in the order they went on. Seeded: the same state gets the same odds."""
     rows = len(running) + pending
-    rng, sweeps = random.Random(0), max(20, ASHA_DRAWS // max(1, rows * max(1, len(cuts))))
+    if not rows:
+        return ()
+    # each simulated sweep copies what is recorded (a C copy, ~1/20 of an arrival's cost) and simulates the rows
+    work = rows * max(1, len(cuts)) + sum(map(len, recorded)) // 20
+    rng, sweeps = random.Random(0), max(2, ASHA_DRAWS // max(1, work))
     q, reached = 1 - 1 / rf, [[0] * (len(cuts) + 1) for _ in range(rows)]
     order = sorted(range(len(running)), key=lambda i: -running[i][2])
     for _ in range(sweeps):
