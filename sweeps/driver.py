@@ -20,7 +20,6 @@ import torch
 
 from genmodels.data import load_splits
 from genmodels.experiment import prepare
-from genmodels.metrics.fid import FIDScorer
 from genmodels.registry import trial_config
 from sweeps import cluster, dry_run, full_storage, progress, warm_start
 from sweeps import param_space as ps
@@ -36,6 +35,7 @@ from sweeps.study_writer import StudyWriter
 from sweeps.sweep_results import UNFINISHED, sweep_trials
 from sweeps.tuner import make_fid_plan, make_tuner, restorable, restore_tuner
 from trainables import checkpoints, driver_clock
+from trainables.evaluation import process_scorer
 from trainables.wandb_auth import is_logged_in
 from trainables.wandb_logging import WandbLogger
 
@@ -247,7 +247,9 @@ def run(args: argparse.Namespace) -> int:
     if warm:
         spec = spec.replace(warm_start=warm.record())
     if getattr(args, "dry_run", False):
-        FIDScorer(spec.fid.network, spec.fid.weights_path)  # a missing feature network is refused as by a run
+        # a missing feature network is refused as by a run; loaded as a CPU trial process keeps it, so that the
+        # forecast's measurement there does not load it again
+        process_scorer(spec.fid.network, spec.fid.weights_path, "cpu")
         return dry_run.show(spec, args, data, point.data.dataset)
     if gpus == "auto":
         spec = spec.replace(resources={**spec.resources, "gpu": auto_gpus_per_trial(spec.model_name,

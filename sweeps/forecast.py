@@ -137,7 +137,7 @@ def _on_a_cpu_at_a_few_images(point: dict[str, Any], cfg, data: dict[str, torch.
     return exp, PROBE_BATCH, PROBE_BATCH, build_s + step_s, step_s
 
 
-_scores: dict[tuple, float] = {}  # FID (and KID) scoring seconds by network, reference, device and sample count
+_scores: dict[tuple, float] = {}  # per-image feature and FID (KID) scoring seconds: the same for every point
 
 
 def _once(store: dict, key, fn: Callable[[], float]) -> float:
@@ -148,15 +148,15 @@ def _once(store: dict, key, fn: Callable[[], float]) -> float:
 
 class _FIDCosts:
     """Sampling and FID at a sample count: drawing the samples (per sample, timed on k and cached per budget),
-    their features (per image, timed on k), and scoring them (timed once per count, on random features of the
-    network's width; KID on a few subsets and scaled)."""
+    their features (per image, timed once on k for every point), and scoring them (timed once per count, on random
+    features of the network's width; KID on a few subsets and scaled)."""
 
     def __init__(self, spec, exp: Experiment, device: torch.device, m: int, k: int, test_images: int,
                  notes: set[str]):
         self.scorer = process_scorer(spec.fid.network, spec.fid.weights_path, device)  # the one a trial uses
         self.exp, self.model, self.device, self.m, self.k, self.notes = exp, exp.eval_model, device, m, k, notes
-        self.features_s = timed(lambda: list(self.scorer.features(torch.rand(k, 3, 32, 32, device=device))),
-                                device) / k
+        self.features_s = _once(_scores, (self.scorer.name, str(device), "features"), lambda: timed(
+            lambda: list(self.scorer.features(torch.rand(k, 3, 32, 32, device=device))), device) / k)
         # random reference features, as many as a sweep's reference keeps for KID (whose cost grows with them squared)
         self.width, kept = self.scorer.num_features, min(test_images, self.scorer.kid_max_features)
         self.ref = self.scorer.reference_from_features([torch.randn(kept, self.width, device=device)], total=kept)

@@ -189,6 +189,8 @@ def sweep_seconds(cost: TrialCost, rungs: Rungs, trials: int, slots: int) -> tup
 def duration(seconds: float) -> str:
     """1 h 05 min, 4 min 10 s, 12 s."""
     seconds = max(0.0, seconds)
+    if seconds >= 10:
+        seconds = round(seconds)  # 59.7 s is 1 min 00 s, as 60.2 s is
     if seconds >= 3600:
         return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
     if seconds >= 60:
