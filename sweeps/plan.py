@@ -217,8 +217,8 @@ class Pace:
         """Expected seconds of a trial that ends after `epochs` epochs on average and completes with probability
         `completes` (self.trial is linear in both); of what is left of it after `trained` epochs."""
         extra = self.last - self.middle if rungs.max_t > 1 else 0.0
-        if trained:
-            return (epochs - trained) * self.middle + completes * extra
+        if trained:  # its last epoch still ahead of it, where it goes on to max_t
+            return 0.0 if trained >= rungs.max_t else (epochs - trained) * self.middle + completes * extra
         return self.between + self.first + (epochs - 1) * self.middle + completes * extra
 
 

@@ -66,6 +66,7 @@ def test_time_left_counts_the_running_and_the_unstarted():
     # the seconds since the running trial's latest report are spent on its rest already
     assert time_left(rungs, 8, 2, pace, [(2, 1.5, 0.5)], 8) == 6 - 1.5
     assert time_left(rungs, 8, 2, pace, [(2, 9.0, 0.5)], 8) == 0
+    assert time_left(rungs, 8, 2, pace, [(4, 0.0, 0.5)], 8) == 0  # its last epoch reported, its end not yet seen
     pending = [pace.expected(rungs, *rungs.outlook(odds)) for odds in rungs.odds(4)]
     assert time_left(rungs, 8, 2, pace, [], 4) == makespan(pending, 2)
 
