@@ -53,8 +53,7 @@ class Rungs:
 
     def outlook(self, odds: tuple[float, ...]) -> tuple[float, float]:
         """A trial's expected epochs at its end, and the probability that it completes, from its odds."""
-        ends = [*((m, odds[k] - odds[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, odds[-1])]
-        return sum(e * p for e, p in ends), odds[-1]
+        return sum(e * p for e, p in self._ends(odds)), odds[-1]
 
     def arrivals(self, trials: int) -> tuple[float, ...]:
         """Expected trials reaching each cut, then the expected number that complete (one more entry)."""
@@ -74,8 +73,11 @@ class Rungs:
 
     def ends(self, trials: int) -> list[tuple[int, float]]:
         """(epoch, expected trials that end there): at each cut, those stopped; at max_t, those that complete."""
-        counts = self.arrivals(trials)
-        return [*((m, counts[k] - counts[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, counts[-1])]
+        return self._ends(self.arrivals(trials))
+
+    def _ends(self, reached: tuple[float, ...]) -> list[tuple[int, float]]:
+        """(epoch, share that ends there) from the shares reaching each cut and completing."""
+        return [*((m, reached[k] - reached[k + 1]) for k, m in enumerate(self.cuts)), (self.max_t, reached[-1])]
 
     def trial_epochs(self, trials: int) -> float:
         return sum(e * n for e, n in self.ends(trials))
@@ -210,8 +212,7 @@ class Pace:
 
     def trial(self, rungs: Rungs, epochs: int) -> float:
         """Seconds of a whole trial of `epochs` epochs, from the end of the one before it in its process."""
-        return self.between + self.first + max(0, epochs - 1) * self.middle + (
-            self.last - self.middle if epochs >= rungs.max_t and epochs > 1 else 0.0)
+        return self.expected(rungs, epochs, float(epochs >= rungs.max_t))
 
     def expected(self, rungs: Rungs, epochs: float, completes: float, trained: int = 0) -> float:
         """Expected seconds of a trial that ends after `epochs` epochs on average and completes with probability
