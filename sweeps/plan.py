@@ -142,8 +142,16 @@ class TrialCost:
 
     def seconds(self, rungs: Rungs, epochs: int) -> float:
         """A trial that trains `epochs` epochs (ended there by ASHA, or completed at max_t)."""
-        return (self.startup + epochs * self.epoch + sum(c for m, c in zip(rungs.cuts, self.milestone) if m <= epochs)
-                + (self.end if epochs >= rungs.max_t else 0.0))
+        return self.expected(rungs, (*(float(epochs >= m) for m in rungs.cuts), float(epochs >= rungs.max_t)))
+
+    def expected(self, rungs: Rungs, odds: tuple[float, ...], trained: int = 0) -> float:
+        """Expected seconds of a trial with these odds (Rungs.odds: of reaching each cut, then of completing; the
+        seconds are linear in them), or of what is left of it after `trained` epochs."""
+        if trained >= rungs.max_t:
+            return 0.0
+        epochs, completes = rungs.outlook(odds)
+        return ((0.0 if trained else self.startup) + (epochs - trained) * self.epoch + completes * self.end
+                + sum(p * c for m, p, c in zip(rungs.cuts, odds, self.milestone) if m > trained))
 
     def scaled(self, factor: float) -> TrialCost:
         return TrialCost(self.startup * factor, self.epoch * factor, tuple(c * factor for c in self.milestone),
@@ -200,37 +208,13 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
-@dataclasses.dataclass(frozen=True)
-class Pace:
-    """What a sweep's trial-epochs have cost so far, from their reports: a trial's first epoch (its start
-    included), the epochs after it, the last epoch of a trial that completes (the end-of-trial work), and Tune's
-    work between one trial's last report and the next one's start in that process."""
-    first: float
-    middle: float
-    last: float
-    between: float = 0.0
-
-    def trial(self, rungs: Rungs, epochs: int) -> float:
-        """Seconds of a whole trial of `epochs` epochs, from the end of the one before it in its process."""
-        return self.expected(rungs, epochs, float(epochs >= rungs.max_t))
-
-    def expected(self, rungs: Rungs, epochs: float, completes: float, trained: int = 0) -> float:
-        """Expected seconds of a trial that ends after `epochs` epochs on average and completes with probability
-        `completes` (self.trial is linear in both); of what is left of it after `trained` epochs."""
-        extra = self.last - self.middle if rungs.max_t > 1 else 0.0
-        if trained:  # its last epoch still ahead of it, where it goes on to max_t
-            return 0.0 if trained >= rungs.max_t else (epochs - trained) * self.middle + completes * extra
-        return self.between + self.first + (epochs - 1) * self.middle + completes * extra
-
-
-def time_left(rungs: Rungs, trials: int, slots: int, pace: Pace, running: list[tuple[int, float, float | None]],
+def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: list[tuple[int, float, float | None]],
               started: int, recorded: tuple[tuple[float, ...], ...] = ()) -> float:
-    """Wall seconds left at the pace the sweep's reports show: the running trials' expected rest (`running`: each
-    one's epochs so far, the seconds since it reported the latest, already spent on the next, and its value as
-    Rungs.odds takes it), then the trials not started yet, each at its odds given the values `recorded` at each
-    cut so far."""
+    """Wall seconds left at the trial `cost` the sweep's reports show (Tally.cost): the running trials' expected
+    rest (`running`: each one's epochs so far, the seconds since it reported the latest, already spent on the next,
+    and its value as Rungs.odds takes it), then the trials not started yet, each at its odds given the values
+    `recorded` at each cut so far."""
     odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
-    outlooks = [rungs.outlook(row) for row in odds]
-    busy = [max(0.0, pace.expected(rungs, *outlook, trained=epochs) - since)
-            for (epochs, since, _), outlook in zip(running, outlooks)]
-    return makespan([pace.expected(rungs, *outlook) for outlook in outlooks[len(running):]], slots, busy)
+    busy = [max(0.0, cost.expected(rungs, row, trained=epochs) - since)
+            for (epochs, since, _), row in zip(running, odds)]
+    return makespan([cost.expected(rungs, row) for row in odds[len(running):]], slots, busy)

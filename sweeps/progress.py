@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import TUNE_PER_TRIAL_S, Pace, Rungs, duration, time_left
+from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, time_left
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
@@ -20,7 +20,7 @@ from trainables.driver_clock import clocked
 class Tally:
     """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays the
     process's one-time costs (imports, the device's context, the FID network): the trial reports them
-    (`process_setup_s`, trainables.trainable.prepare_process) and the pace leaves them out. Tune runs the next
+    (`process_setup_s`, trainables.trainable.prepare_process) and Tally.cost leaves them out. Tune runs the next
     trials in the same processes, where a trial's first epoch also holds Tune's start of it, and Tune's work between
     trials shows as the gap between one trial's last report and the next one's start: both are read from those
     later trials once any have reported (until then, the gap is the dry run's TUNE_PER_TRIAL_S)."""
@@ -29,7 +29,7 @@ class Tally:
         self.rungs: Rungs | None = None
         self.trials = self.slots = 0
         self.started = time.monotonic()
-        self.seconds: dict[str, list[float]] = {}  # trial -> each epoch's seconds (Tune's time_this_iter_s)
+        self.seconds: dict[str, list[tuple[int, float]]] = {}  # trial -> (epoch, its seconds) as reported
         self.epochs: dict[str, int] = {}  # trial -> its latest epoch
         self.ended: set[str] = set()
         self.cold: set[str] = set()  # the first trial of each process
@@ -64,37 +64,50 @@ class Tally:
             elif run_start and at is not None and self.latest[pid] is not None:
                 self.gaps.append(max(0.0, at - seconds - self.latest[pid]))
         self.latest[pid] = at
-        self.seconds.setdefault(trial, []).append(seconds - (result.get("process_setup_s", 0.0) if run_start else 0.0))
+        self.seconds.setdefault(trial, []).append(
+            (result["epoch"], seconds - (result.get("process_setup_s", 0.0) if run_start else 0.0)))
         self.epochs[trial] = result["epoch"]
         value = result.get(self.metric)
         if self.rungs and result["epoch"] in self.rungs.cuts and isinstance(value, (int, float)) and value == value:
             self.at_cuts.setdefault(trial, {})[result["epoch"]] = self.sign * value
 
-    def pace(self) -> Pace | None:
-        """The mean first epoch (of the later trials in their processes where any have reported), later epoch, last
-        epoch of a completed trial, and gap between trials."""
+    def cost(self) -> TrialCost | None:
+        """A trial's cost as the sweep's reports show it: its start (the gap after the trial before it in its
+        process, and its first epoch, of the later trials in their processes where any have reported, less an
+        epoch), an epoch (the mean later one at no cut), the extra of the epoch at each cut (its milestone's
+        evaluation; the first epoch's is in the start, and until a cut's epoch has reported, the nearest cut's
+        before it stands for it), and the end's extra (of the last epoch of the trials that completed)."""
         def completed(t: str) -> bool:
             return t in self.ended and self.epochs[t] >= self.rungs.max_t > 1
 
-        first = [s[0] for t, s in self.seconds.items() if t not in self.cold] or [s[0] for s in self.seconds.values()]
+        first = [s[0][1] for t, s in self.seconds.items() if t not in self.cold] or [
+            s[0][1] for s in self.seconds.values()]
         if not first:
             return None
-        middle = [x for t, s in self.seconds.items() for x in (s[1:-1] if completed(t) else s[1:])]
-        last = [s[-1] for t, s in self.seconds.items() if completed(t)]
-        mid = statistics.mean(middle) if middle else statistics.mean(first)
-        return Pace(statistics.mean(first), mid, statistics.mean(last) if last else mid,
-                    statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S)
+        later = [x for t, s in self.seconds.items() for x in (s[1:-1] if completed(t) else s[1:])]
+        plain = [x for e, x in later if e not in self.rungs.cuts]
+        epoch = statistics.mean(plain or [x for _, x in later] or first)
+        milestone, extra = [], 0.0
+        for cut in self.rungs.cuts:
+            here = [x for e, x in later if e == cut]
+            if plain and here and cut > 1:
+                extra = statistics.mean(here) - epoch
+            milestone.append(extra if cut > 1 else 0.0)
+        last = [s[-1][1] for t, s in self.seconds.items() if completed(t)]
+        between = statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S
+        return TrialCost(between + statistics.mean(first) - epoch, epoch, tuple(milestone),
+                         statistics.mean(last) - epoch if last else 0.0)
 
     def left(self, now: float | None = None) -> float | None:
         """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report)."""
-        pace = self.pace()
-        if pace is None:
+        cost = self.cost()
+        if cost is None:
             return None
         now = time.time() if now is None else now
         rank, recorded = self.standing()
         running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0, rank.get(t))
                    for t, e in self.epochs.items() if t not in self.ended]
-        return time_left(self.rungs, self.trials, self.slots, pace, running, len(self.epochs), recorded)
+        return time_left(self.rungs, self.trials, self.slots, cost, running, len(self.epochs), recorded)
 
     def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...]]:
         """What ASHA holds so far, as Rungs.odds takes it: each trial's rank among the values at the first cut
@@ -115,7 +128,7 @@ class Tally:
         left = self.left()
         if left is None:
             return f"{head}; time left: once the first trials report"
-        return (f"{head}; about {duration(left)} left ({self.pace().middle:.2g} s an epoch so far, on {self.slots} "
+        return (f"{head}; about {duration(left)} left ({self.cost().epoch:.2g} s an epoch so far, on {self.slots} "
                 f"slots)")
 
 

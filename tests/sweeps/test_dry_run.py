@@ -65,12 +65,12 @@ def test_a_forecast_this_machine_cannot_measure_says_why():
 
 
 def test_the_progress_line_says_the_time_left(monkeypatch):
-    """A trial's first epoch (its start included, its process's one-time costs not), its later ones, the last of one
-    that completes and the gap before the next trial in its process are timed apart, the first epoch from the later
-    trials of a process once one has reported: the time left is the running trial's rest and the 6 trials not
-    started, on 2 slots."""
+    """A trial's first epoch (its start included, its process's one-time costs not), its later ones at no cut and at
+    each cut, the last of one that completes and the gap before the next trial in its process are timed apart, the
+    first epoch from the later trials of a process once one has reported: the time left is the running trial's rest
+    and the 6 trials not started, on 2 slots."""
     from sweeps import progress
-    from sweeps.plan import TUNE_PER_TRIAL_S, Pace, Rungs, time_left
+    from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, time_left
     from sweeps.progress import ProgressTally, tally
 
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
@@ -79,7 +79,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     callback = ProgressTally()
     done, other, running = (SimpleNamespace(config={"model_name": "ncsn"}, trial_id=i) for i in "abc")
     # the first trial of process 1 (2.5 s of its first epoch were the process's setup), then of process 2
-    for epoch, seconds, at, fid in ((1, 5.5, 10.0, 20.0), (2, 1.0, 11.0, 19.5), (3, 1.0, 12.0, 19.4),
+    for epoch, seconds, at, fid in ((1, 5.5, 10.0, 20.0), (2, 3.0, 11.0, 19.5), (3, 1.0, 12.0, 19.4),
                                     (4, 5.0, 17.0, 19.0)):
         callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds, "process_setup_s": 2.5,
                                                "iterations_since_restore": epoch, "pid": 1, "reported_at": at,
@@ -88,20 +88,21 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     callback.on_trial_result(0, [], other, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 2.0,
                                             "iterations_since_restore": 1, "pid": 2, "reported_at": 12.5, "fid": 21.0})
     callback.on_trial_complete(0, [], other)
-    assert tally.pace() == Pace(first=2.5, middle=1.0, last=5.0, between=TUNE_PER_TRIAL_S)  # no later trial yet
+    # the cut at epoch 2 costs 2 s more than a plain epoch (its evaluation); no later trial in a process yet
+    assert tally.cost() == TrialCost(TUNE_PER_TRIAL_S + 2.5 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=4.0)
     # the next trial in process 1 starts 0.5 s after the first one's last report, and its first epoch takes 4 s
     callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 0.0,
                                               "iterations_since_restore": 1, "pid": 1, "reported_at": 21.5,
                                               "fid": 19.0})
-    pace = tally.pace()
-    assert pace == Pace(first=4.0, middle=1.0, last=5.0, between=0.5)
+    pace = tally.cost()
+    assert pace == TrialCost(startup=0.5 + 4.0 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=4.0)
     rungs = Rungs.of(spec)
     # ASHA holds fid 21 (other), 20 (done) and 19 (running) at epoch 1, and done's at epoch 2: ranked, smaller best
     recorded = ((0.25, 0.5, 0.75), (0.5,))
     assert tally.standing() == ({"ncsn_b": 0.25, "ncsn_a": 0.5, "ncsn_c": 0.75}, recorded)
     assert tally.left() <= time_left(rungs, 8, 2, pace, [(1, 0.0, 0.75)], 3, recorded)
     heard = tally.heard[ProgressTally._key(running)]  # the running trial's next epoch is under way since then
-    assert tally.left(now=heard + 0.5) == time_left(rungs, 8, 2, pace, [(1, 0.5, 0.75)], 3, recorded) > pace.trial(
+    assert tally.left(now=heard + 0.5) == time_left(rungs, 8, 2, pace, [(1, 0.5, 0.75)], 3, recorded) > pace.seconds(
         rungs, 1) * 3
     line = tally.line()
     assert "2 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line

@@ -10,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from sweeps.budgets import ASHASettings
 from sweeps.leaderboard import left_line
-from sweeps.plan import Pace, Rungs, TrialCost, makespan, sweep_seconds, time_left, trial_lengths
+from sweeps.plan import Rungs, TrialCost, makespan, sweep_seconds, time_left, trial_lengths
 
 
 @pytest.mark.parametrize("trials, rf", [(8, 2), (12, 2), (30, 3), (100, 3)])
@@ -59,30 +59,43 @@ def test_a_sweeps_seconds_are_its_trials_on_its_slots():
 
 
 def test_time_left_counts_the_running_and_the_unstarted():
-    rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
-    assert pace.trial(rungs, 1) == 3 and pace.trial(rungs, 2) == 4 and pace.trial(rungs, 4) == 3 + 2 + 5
+    rungs, pace = Rungs(4, (1, 2), 2), TrialCost(startup=2.0, epoch=1.0, milestone=(0.0, 0.0), end=4.0)
+    assert pace.seconds(rungs, 1) == 3 and pace.seconds(rungs, 2) == 4 and pace.seconds(rungs, 4) == 3 + 2 + 5
     assert time_left(rungs, 8, 2, pace, [], 8) == 0
     assert time_left(rungs, 8, 2, pace, [(2, 0.0, 0.5)], 8) == 1 + 5  # past both cuts: its last epoch is the end's
     # the seconds since the running trial's latest report are spent on its rest already
     assert time_left(rungs, 8, 2, pace, [(2, 1.5, 0.5)], 8) == 6 - 1.5
     assert time_left(rungs, 8, 2, pace, [(2, 9.0, 0.5)], 8) == 0
     assert time_left(rungs, 8, 2, pace, [(4, 0.0, 0.5)], 8) == 0  # its last epoch reported, its end not yet seen
-    pending = [pace.expected(rungs, *rungs.outlook(odds)) for odds in rungs.odds(4)]
+    pending = [pace.expected(rungs, odds) for odds in rungs.odds(4)]
     assert time_left(rungs, 8, 2, pace, [], 4) == makespan(pending, 2)
+
+
+def test_a_milestones_evaluation_counts_for_the_trials_that_reach_it():
+    """An FID at the cut at epoch 2 costs 6 epochs: a trial pays it only where it gets there, and once."""
+    rungs, cost = Rungs(4, (1, 2), 2), TrialCost(startup=2.0, epoch=1.0, milestone=(0.0, 6.0), end=4.0)
+    assert cost.expected(rungs, (1.0, 1.0, 1.0), trained=1) == 3 + 6 + 4  # it goes on to the end
+    assert cost.expected(rungs, (1.0, 1.0, 0.0), trained=1) == 1 + 6  # stopped at epoch 2, after its evaluation
+    assert cost.expected(rungs, (1.0, 0.0, 0.0), trained=1) == 0  # stopped at epoch 1: nothing more
+    assert cost.expected(rungs, (1.0, 1.0, 1.0), trained=2) == 2 + 4  # its evaluation at epoch 2 is behind it
+    assert cost.expected(rungs, (1.0, 0.5, 0.25)) == pytest.approx(2 + (0.5 * 1 + 0.25 * 2 + 0.25 * 4) + 0.5 * 6
+                                                                  + 0.25 * 4)
+    running = [(1, 0.0, 0.9)]  # the best so far at epoch 1, when ASHA holds a worse value at epoch 2
+    assert time_left(rungs, 2, 2, cost, running, 2, ((0.1, 0.9), (0.1,))) == 3 + 6 + 4
 
 
 def test_each_trial_to_start_has_its_odds_and_the_first_completes():
     """The i-th trial's chances of reaching each cut and completing add up, over the trials, to the expected
     counts; the first trial has nothing to lose to at any cut, and a later one goes on less often. A trial's
     expected cost is the mean of its whole costs over where it may end."""
-    rungs, pace = Rungs(4, (1, 2), 2), Pace(first=3.0, middle=1.0, last=5.0)
+    rungs, pace = Rungs(4, (1, 2), 2), TrialCost(startup=2.0, epoch=1.0, milestone=(0.0, 3.0), end=4.0)
     odds = rungs.odds(8)
     assert odds[0] == (1.0, 1.0, 1.0) and all(1 == a >= b >= c >= 0 for a, b, c in odds) and odds[7][2] < odds[1][2]
     assert tuple(map(sum, zip(*odds))) == rungs.arrivals(8)
     a, b, c = odds[5]  # it ends at epoch 1 with probability a - b, at 2 with b - c, completes with c
     assert rungs.outlook(odds[5]) == pytest.approx((1 * (a - b) + 2 * (b - c) + 4 * c, c))
-    assert pace.expected(rungs, *rungs.outlook(odds[5])) == pytest.approx(
-        (a - b) * pace.trial(rungs, 1) + (b - c) * pace.trial(rungs, 2) + c * pace.trial(rungs, 4))
+    assert pace.expected(rungs, odds[5]) == pytest.approx(
+        (a - b) * pace.seconds(rungs, 1) + (b - c) * pace.seconds(rungs, 2) + c * pace.seconds(rungs, 4))
 
 
 def test_the_odds_follow_the_values_recorded_so_far():
