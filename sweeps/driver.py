@@ -124,7 +124,8 @@ def stop_without_ray() -> None:
     try:
         if ending:
             spec, storage = ending["spec"], ending["storage"]
-            print_board([trial_row(t, spec) for t in sweep_trials(storage, spec)], spec, "local")
+            trials = sweep_trials(storage, spec)
+            print_board([trial_row(t, spec) for t in trials], spec, "local", trials)
             print(f"gensweep: interrupted; continue with: {ending['resume']}", flush=True)
     finally:
         for pid in _descendants(os.getpid()):
@@ -352,7 +353,7 @@ def run_on_ray(spec: SweepSpec, args: argparse.Namespace, storage: str, data: di
         save_study(storage, spec, trials)
     rows = [trial_row(t, spec) for t in trials]
     print()
-    print_board(rows, spec, "local")
+    print_board(rows, spec, "local", trials)
     if len(spec.objectives) > 1:
         log_front_to_wandb(rows, spec, args, wandb_mode, storage)
     print(f"\nresults: {storage}/{spec.name} (image grids: {storage}/{spec.name}/<trial>/images/)")

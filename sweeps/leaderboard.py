@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sweeps.cli import exit_with, script
-from sweeps.plan import Rungs, duration
+from sweeps.plan import duration
 from sweeps.rows import (
     EXTRA_KEYS,
     extra_columns,
@@ -115,32 +115,41 @@ def print_table(rows: list[dict[str, Any]], metric: str, mode: str, title: str =
         print(warm_start_note(warm_start), file=file)
 
 
-def print_board(rows: list[dict[str, Any]], spec: SweepSpec, source: str) -> None:
+def print_board(rows: list[dict[str, Any]], spec: SweepSpec, source: str, trials: list[dict] | None = None) -> None:
     """What the driver prints at a sweep's end and `gensweep leaderboard` prints any time: the Pareto front of a
-    multi-objective sweep, the ranked table, and what a smoke sweep's ranking is not."""
+    multi-objective sweep, the ranked table, what a smoke sweep's ranking is not, and with the stored `trials` the
+    rows came from, what is left of an unfinished sweep."""
     if len(spec.objectives) > 1 and source == "local":
         print_front(rows, list(spec.objectives), spec.mode)
     print_table(rows, spec.metric, spec.mode, title=f"Leaderboard of {spec.name} ({source} results)",
                 warm_start=spec.warm_start)
     if spec.preset == "smoke":
         print(f"note: {SMOKE_NOTE}")
-    if source == "local" and (left := left_line(rows, spec)):
+    if trials is not None and (left := left_line(trials, spec)):
         print(left)
 
 
-def left_line(rows: list[dict], spec) -> str | None:
-    """For the leaderboard of an unfinished sweep: how much of its plan is left (None when every trial ended)."""
-    rungs, n = Rungs.of(spec), spec.num_samples
-    ended = [r for r in rows if r["status"] not in UNFINISHED]
-    running = [r for r in rows if r["status"] in UNFINISHED]
+def left_line(trials: list[dict], spec) -> str | None:
+    """For the leaderboard of an unfinished sweep (its stored trials, sweep_results.sweep_trials): how much of its
+    plan is left (None when every trial ended), given the values ASHA holds so far (sweeps/progress.py's tally)."""
+    from sweeps.progress import Tally  # Ray's Callback with it: the local results load Ray anyway
+
+    n = spec.num_samples
+    ended = [t for t in trials if t["status"] not in UNFINISHED]
     if len(ended) >= n:
         return None
-    trained = sum(r["epochs"] or 0 for r in rows)
-    left = sum(rungs.remaining_epochs(r["epochs"] or 0, n) for r in running)
-    left += rungs.trial_epochs(n) / n * (n - len(rows))
-    seconds = sum(r.get("seconds") or 0.0 for r in rows)
-    line = (f"gensweep: unfinished: {len(ended)} of {n} trials ended, {len(running)} under way or interrupted, "
-            f"{n - len(rows)} not started; about {left:.3g} trial-epochs of the plan's {trained + left:.3g} are left")
+    tally = Tally()
+    tally.begin(spec, slots=1)
+    for t in trials:
+        for result in t["history"]:
+            tally.record(t["trial"], result)
+    tally.ended.update(t["trial"] for t in ended)
+    left = tally.epochs_left()
+    trained = sum(t["last"].get("epoch") or 0 for t in trials)
+    seconds = sum(t["last"].get("time_total_s") or 0.0 for t in trials)
+    line = (f"gensweep: unfinished: {len(ended)} of {n} trials ended, {len(trials) - len(ended)} under way or "
+            f"interrupted, {n - len(trials)} not started; about {left:.3g} trial-epochs of the plan's "
+            f"{trained + left:.3g} are left")
     if trained and seconds:
         line += (f", {duration(left * seconds / trained)} of device time at the {seconds / trained:.3g} s a "
                  f"trial-epoch took so far (divide by the trials running at once)")
@@ -166,7 +175,7 @@ def command(args) -> int:
     trials = sweep_trials(storage, spec) if source == "local" or args.importance else None
     if source == "local":
         rows = [trial_row(t, spec) for t in trials]
-    print_board(rows, spec, source)
+    print_board(rows, spec, source, trials if source == "local" else None)
     if args.importance:
         from sweeps import importance  # Optuna: only when asked
 

@@ -63,14 +63,6 @@ class Rungs:
         """Expected trials that train epoch `epoch` (1-based)."""
         return self.arrivals(trials)[sum(m < epoch for m in self.cuts)]
 
-    def remaining_epochs(self, epoch: int, trials: int) -> float:
-        """Expected epochs still to train for a trial that has trained `epoch` epochs and goes on, in a sweep of
-        `trials` whose values are not known (having gone on past a cut, it is among that cut's survivors)."""
-        if epoch >= self.max_t:
-            return 0.0
-        here = self.reaching(epoch + 1, trials)
-        return sum(self.reaching(e, trials) for e in range(epoch + 1, self.max_t + 1)) / here if here else 0.0
-
     def ends(self, trials: int) -> list[tuple[int, float]]:
         """(epoch, expected trials that end there): at each cut, those stopped; at max_t, those that complete."""
         return self._ends(self.arrivals(trials))
@@ -218,3 +210,10 @@ def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: l
     busy = [max(0.0, cost.expected(rungs, row, trained=epochs) - since)
             for (epochs, since, _), row in zip(running, odds)]
     return makespan([cost.expected(rungs, row) for row in odds[len(running):]], slots, busy)
+
+
+def epochs_left(rungs: Rungs, trials: int, running: list[tuple[int, float, float | None]], started: int,
+                recorded: tuple[tuple[float, ...], ...] = ()) -> float:
+    """Expected trial-epochs still to train, the trials taken as time_left takes them."""
+    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
+    return max(0.0, sum(rungs.outlook(row)[0] for row in odds) - sum(epochs for epochs, _, _ in running))

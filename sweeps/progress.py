@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, time_left
+from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, time_left
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
@@ -103,11 +103,20 @@ class Tally:
         cost = self.cost()
         if cost is None:
             return None
+        return time_left(self.rungs, self.trials, self.slots, cost, *self._state(now))
+
+    def epochs_left(self) -> float:
+        """Expected trial-epochs still to train."""
+        return epochs_left(self.rungs, self.trials, *self._state(None))
+
+    def _state(self, now: float | None) -> tuple[list[tuple[int, float, float | None]], int, tuple]:
+        """As time_left takes them: the running trials (epochs, seconds since their latest report at `now`, rank),
+        the trials started, the ranks recorded at each cut."""
         now = time.time() if now is None else now
         rank, recorded = self.standing()
         running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0, rank.get(t))
                    for t, e in self.epochs.items() if t not in self.ended]
-        return time_left(self.rungs, self.trials, self.slots, cost, running, len(self.epochs), recorded)
+        return running, len(self.epochs), recorded
 
     def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...]]:
         """What ASHA holds so far, as Rungs.odds takes it: each trial's rank among the values at the first cut

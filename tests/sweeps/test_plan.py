@@ -3,6 +3,7 @@ slots, the time left, and what the leaderboard of an unfinished sweep says is le
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from conftest import saved_spec_of
@@ -110,11 +111,22 @@ def test_the_odds_follow_the_values_recorded_so_far():
 
 
 def test_the_board_of_an_unfinished_sweep_says_what_is_left():
+    """What is left follows the values ASHA holds: a trial interrupted after the first milestone (it went on there)
+    that is the best so far is expected to train on to the end, one that is worse than the trial ASHA holds at the
+    next milestone to stop there."""
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
-    rows = [{"status": "completed", "epochs": 4, "seconds": 8.0}, {"status": "stopped (ASHA)", "epochs": 1,
-                                                                   "seconds": 2.0},
-            {"status": "unfinished", "epochs": 2, "seconds": 4.0}]
-    line = left_line(rows, spec)
-    assert line.startswith("gensweep: unfinished: 2 of 8 trials ended, 1 under way or interrupted, 5 not started")
-    assert "2 s a trial-epoch" in line
-    assert left_line([{"status": "completed", "epochs": 4, "seconds": 1.0}] * 8, spec) is None
+
+    def trial(name, status, fids):
+        history = [{"epoch": e, "time_this_iter_s": 2.0, "time_total_s": 2.0 * e, "fid": f}
+                   for e, f in enumerate(fids, 1)]
+        return {"trial": name, "status": status, "history": history, "last": history[-1]}
+
+    def left(interrupted_fids):
+        done = [trial("a", "completed", [20, 19, 18, 17]), trial("b", "stopped (ASHA)", [30])]
+        line = left_line([*done, trial("c", "unfinished", interrupted_fids)], spec)
+        assert line.startswith("gensweep: unfinished: 2 of 8 trials ended, 1 under way or interrupted, 5 not started")
+        assert "2 s a trial-epoch" in line
+        return float(re.search(r"about ([\d.]+) trial-epochs", line)[1])
+
+    assert left([10]) > left([25]) + 1.5  # the best one has three epochs to go, the other one one
+    assert left_line([trial("a", "completed", [20, 19, 18, 17])] * 8, spec) is None
