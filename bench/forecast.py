@@ -7,12 +7,18 @@ output's time left against the real remaining time:
 It runs `sweeps/run.py RUN_FLAGS --dry-run` (timed), then the sweep itself (timed, under its own --storage-path),
 and replays the time left the progress line would have said when a quarter and half of the trials had ended,
 from the trials' own report times (result.json's timestamps), against the sweep's actual end. Prints one table.
+
+    python -m bench forecast --replay A B C ...
+
+replays the time left of sweeps kept earlier (each --keep folder) through this checkout's estimator, with no
+sweep run: a change to the time left is measured on the same sweeps as the code before it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench forecast", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--keep", help="run the sweep under this --storage-path and keep it (default: a temporary one)")
+    p.add_argument("--replay", nargs="+", metavar="KEPT", help="instead of a run: the time left of sweeps kept "
+                   "earlier with --keep, replayed through this checkout")
+    p.add_argument("--slots", type=int, help="with --replay: the trials the kept sweeps ran at once (default: what "
+                   "each one's dry run said, kept as dry-run.txt)")
     p.add_argument("run", nargs=argparse.REMAINDER, help="-- then the flags of sweeps/run.py")
     return p
 
@@ -60,14 +70,45 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
                 tally.ended.add(trial)
             if len(tally.ended) >= share * spec.num_samples:
                 said = tally.left(now=stamp)
-                out.append({"at": f"{len(tally.ended)}/{spec.num_samples} ended", "said_s": said,
+                out.append({"share": share, "at": f"{len(tally.ended)}/{spec.num_samples} ended", "said_s": said,
                             "actual_s": end - stamp, "error_%": 100 * (said - (end - stamp)) / max(end - stamp, 1e-9)})
                 break
     return out
 
 
+FORECAST_LINE = re.compile(r"wall time about (.+?) \((.+?)-(.+?)\) on (\d+) slot")
+
+
+def replay(kept: list[str], slots: int | None) -> list[dict]:
+    """The time left of each kept sweep at a quarter and half of its trials, as this checkout says it."""
+    from sweeps.spec import SweepSpec
+
+    rows = []
+    for path in kept:
+        spec = SweepSpec.load(path, "forecast")
+        folder = Path(path, "forecast")
+        reported = [json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
+                    for line in p.read_text().splitlines() if line.strip()]
+        dry = Path(path, "dry-run.txt")
+        if slots is None and not dry.is_file():
+            sys.exit(f"{path} has no dry-run.txt (kept before it was): pass --slots N")
+        at_once = slots or int(FORECAST_LINE.search(dry.read_text())[4])
+        rows += [{"sweep": path, **e} for e in replayed_time_left(folder, spec, at_once, max(reported))]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    if args.replay:
+        rows = replay(args.replay, args.slots)
+        print(format_table(rows))
+        for share, name in ((0.25, "a quarter"), (0.5, "half")):
+            errors = [r["error_%"] for r in rows if r["share"] == share]
+            print(f"at {name}: within +-30% in {sum(abs(e) <= 30 for e in errors)} of {len(errors)}, median "
+                  f"|error| {statistics.median(map(abs, errors)):.0f}%, mean {statistics.mean(errors):+.0f}%")
+        report = {"benchmark": "forecast-replay", "rows": rows}
+        write_json(args.json, report)
+        return report
     run = [a for a in args.run if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.keep or tmp
@@ -76,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
         dry = subprocess.run([sys.executable, "sweeps/run.py", *run, *storage, "--dry-run"], capture_output=True,
                              text=True, check=True).stdout
         dry_s = time.perf_counter() - start
-        said = re.search(r"wall time about (.+?) \((.+?)-(.+?)\) on (\d+) slot", dry)
+        said = FORECAST_LINE.search(dry)
         start = time.perf_counter()
         real = subprocess.run([sys.executable, "sweeps/run.py", *run, *storage], capture_output=True, text=True)
         wall_s = time.perf_counter() - start
         if real.returncode:
             sys.exit(f"the sweep failed (exit {real.returncode}): {real.stderr[-2000:]}")
+        Path(tmp, "dry-run.txt").write_text(dry)  # for --replay
         from sweeps.spec import SweepSpec
 
         spec = SweepSpec.load(tmp, "forecast")
