@@ -76,7 +76,8 @@ class Tally:
         process, and its first epoch, of the later trials in their processes where any have reported, less an
         epoch), an epoch (the mean later one at no cut), the extra of the epoch at each cut (its milestone's
         evaluation; the first epoch's is in the start, and until a cut's epoch has reported, the nearest cut's
-        before it stands for it), and the end's extra (of the last epoch of the trials that completed)."""
+        before it stands for it), and the end's extra (of the last epoch of the trials that completed; until one
+        has, the latest milestone's)."""
         def completed(t: str) -> bool:
             return t in self.ended and self.epochs[t] >= self.rungs.max_t > 1
 
@@ -95,8 +96,9 @@ class Tally:
             milestone.append(extra if cut > 1 else 0.0)
         last = [s[-1][1] for t, s in self.seconds.items() if completed(t)]
         between = statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S
+        # until a trial completes, its end's evaluation is taken as the latest milestone's: at least as much
         return TrialCost(between + statistics.mean(first) - epoch, epoch, tuple(milestone),
-                         statistics.mean(last) - epoch if last else 0.0)
+                         statistics.mean(last) - epoch if last else extra)
 
     def left(self, now: float | None = None) -> float | None:
         """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report)."""

@@ -84,6 +84,8 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
         callback.on_trial_result(0, [], done, {"epoch": epoch, "time_this_iter_s": seconds, "process_setup_s": 2.5,
                                                "iterations_since_restore": epoch, "pid": 1, "reported_at": at,
                                                "fid": fid})
+        if epoch == 3:  # no trial has completed yet: its end is taken as the latest milestone's extra, 2 s
+            assert tally.cost() == TrialCost(TUNE_PER_TRIAL_S + 3.0 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=2.0)
     callback.on_trial_complete(0, [], done)
     callback.on_trial_result(0, [], other, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 2.0,
                                             "iterations_since_restore": 1, "pid": 2, "reported_at": 12.5, "fid": 21.0})
