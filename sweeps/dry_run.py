@@ -131,7 +131,7 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
         f"  - ASHA lets a trial go on past a milestone when it beats the (1 - 1/{spec.asha.reduction_factor}) "
         f"quantile of the trials before it there; trials start in random order of value and keep their rank from one "
         "milestone to the next (ASHA's premise; the sweep's own values decide: once TPE's random start is over, its "
-        "proposals beat more of the trials before them, so more go on, and the time left reads that as it comes)",
+        "proposals beat more of the trials before them, and more may go on)",
         "  - a trial costs the mean of the cheapest and dearest points (TPE draws from the whole space)",
         f"  - each slot starts one trial process ({duration(process_s)} with its first trial's one-time costs, "
         f"measured) and reuses it for the next trials",

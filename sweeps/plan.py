@@ -42,16 +42,14 @@ class Rungs:
                    spec.asha.reduction_factor)
 
     def odds(self, pending: int, recorded: tuple[tuple[float, ...], ...] = (),
-             running: tuple[tuple[float | None, int], ...] = (), like: tuple[float, ...] = ()
-             ) -> tuple[tuple[float, ...], ...]:
+             running: tuple[tuple[float | None, int], ...] = ()) -> tuple[tuple[float, ...], ...]:
         """The probability that each trial reaches each cut, then that it completes: the `running` trials first
         (each one's value, or None before its first cut, and its epochs so far), then the `pending` trials in the
         order they will start, given the values `recorded` at each cut so far (none: the sweep's start). Values are
-        ranks among the trials' values at the first cut, from 0 (worst) to 1 (best). A pending trial's value is
-        drawn like one of `like`, picked at random (none: uniformly)."""
+        ranks among the trials' values at the first cut, from 0 (worst) to 1 (best)."""
         return _asha_odds(self.cuts, self.reduction_factor, recorded,
                           tuple((value, sum(c <= epochs for c in self.cuts), epochs) for value, epochs in running),
-                          pending, like)
+                          pending)
 
     def outlook(self, odds: tuple[float, ...]) -> tuple[float, float]:
         """A trial's expected epochs at its end, and the probability that it completes, from its odds."""
@@ -87,13 +85,11 @@ ASHA_DRAWS = 100_000  # arrivals simulated per expectation (2 sweeps or more: a 
 
 @lru_cache(maxsize=16)
 def _asha_odds(cuts: tuple[int, ...], rf: int, recorded: tuple[tuple[float, ...], ...],
-               running: tuple[tuple[float | None, int, int], ...], pending: int, like: tuple[float, ...] = ()
-               ) -> tuple[tuple[float, ...], ...]:
+               running: tuple[tuple[float | None, int, int], ...], pending: int) -> tuple[tuple[float, ...], ...]:
     """Rungs.odds (running: value, cuts passed, epochs). Ray's ASHA (its cutoff: numpy's linear-interpolated
     percentile of the values recorded at the cut) on simulated sweeps: a trial's value is drawn at random where not
-    known (uniformly, or within the gap between ranks around one of `like`) and kept at every cut; the running
-    trials arrive at their next cuts first (the furthest along first), the survivors of one cut at the next in the
-    order they went on. Seeded: the same state gets the same odds."""
+    known and kept at every cut; the running trials arrive at their next cuts first (the furthest along first), the
+    survivors of one cut at the next in the order they went on. Seeded: the same state gets the same odds."""
     rows = len(running) + pending
     if not rows:
         return ()
@@ -102,14 +98,9 @@ def _asha_odds(cuts: tuple[int, ...], rf: int, recorded: tuple[tuple[float, ...]
     rng, sweeps = random.Random(0), max(2, ASHA_DRAWS // max(1, work))
     q, reached = 1 - 1 / rf, [[0] * (len(cuts) + 1) for _ in range(rows)]
     order = sorted(range(len(running)), key=lambda i: -running[i][2])
-    gap = 1 / (len(recorded[0]) + 1) if recorded else 0.0
-
-    def draw() -> float:
-        return min(1.0, max(0.0, rng.choice(like) + (rng.random() - 0.5) * gap)) if like else rng.random()
-
     for _ in range(sweeps):
         alive = [(running[i][0] if running[i][0] is not None else rng.random(), i, running[i][1]) for i in order]
-        alive += [(draw(), len(running) + i, 0) for i in range(pending)]
+        alive += [(rng.random(), len(running) + i, 0) for i in range(pending)]
         for k in range(len(cuts)):
             values = list(recorded[k]) if k < len(recorded) else []
             going_on = []
@@ -210,21 +201,19 @@ def duration(seconds: float) -> str:
 
 
 def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: list[tuple[int, float, float | None]],
-              started: int, recorded: tuple[tuple[float, ...], ...] = (), like: tuple[float, ...] = ()) -> float:
+              started: int, recorded: tuple[tuple[float, ...], ...] = ()) -> float:
     """Wall seconds left at the trial `cost` the sweep's reports show (Tally.cost): the running trials' expected
     rest (`running`: each one's epochs so far, the seconds since it reported the latest, already spent on the next,
     and its value as Rungs.odds takes it), then the trials not started yet, each at its odds given the values
-    `recorded` at each cut so far, its own drawn `like` those of Rungs.odds."""
-    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running),
-                      like)
+    `recorded` at each cut so far."""
+    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
     busy = [max(0.0, cost.expected(rungs, row, trained=epochs) - since)
             for (epochs, since, _), row in zip(running, odds)]
     return makespan([cost.expected(rungs, row) for row in odds[len(running):]], slots, busy)
 
 
 def epochs_left(rungs: Rungs, trials: int, running: list[tuple[int, float, float | None]], started: int,
-                recorded: tuple[tuple[float, ...], ...] = (), like: tuple[float, ...] = ()) -> float:
+                recorded: tuple[tuple[float, ...], ...] = ()) -> float:
     """Expected trial-epochs still to train, the trials taken as time_left takes them."""
-    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running),
-                      like)
+    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
     return max(0.0, sum(rungs.outlook(row)[0] for row in odds) - sum(epochs for epochs, _, _ in running))

@@ -16,8 +16,6 @@ from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_lef
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
-LIKE_FROM = 8  # trials ranked at the first cut before the trials to come are drawn like the latest half of them
-
 
 class Tally:
     """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays the
@@ -113,20 +111,14 @@ class Tally:
         """Expected trial-epochs still to train."""
         return epochs_left(self.rungs, self.trials, *self._state(None))
 
-    def _state(self, now: float | None) -> tuple[list[tuple[int, float, float | None]], int, tuple, tuple]:
+    def _state(self, now: float | None) -> tuple[list[tuple[int, float, float | None]], int, tuple]:
         """As time_left takes them: the running trials (epochs, seconds since their latest report at `now`, rank),
-        the trials started, the ranks recorded at each cut, and the ranks the trials to come are drawn like."""
+        the trials started, the ranks recorded at each cut."""
         now = time.time() if now is None else now
         rank, recorded = self.standing()
         running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0, rank.get(t))
                    for t, e in self.epochs.items() if t not in self.ended]
-        # TPE proposes better points once its random start is over: the later trials beat more of the values
-        # recorded before them (0.55-0.71 of them at the first milestone, against 0.45-0.52 for the first ten, in
-        # three 32-trial vae smoke sweeps). So the trials to come are drawn like the latest half of those ranked,
-        # once there are enough of them for that half to say something.
-        ranked = [t for t in self.at_cuts if t in rank]  # in the order they reached the first cut
-        like = tuple(rank[t] for t in ranked[-(len(ranked) // 2):]) if len(ranked) >= LIKE_FROM else ()
-        return running, len(self.epochs), recorded, like
+        return running, len(self.epochs), recorded
 
     def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...]]:
         """What ASHA holds so far, as Rungs.odds takes it: each trial's rank among the values at the first cut

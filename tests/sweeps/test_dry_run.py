@@ -112,21 +112,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     monkeypatch.setattr(progress, "time_left", lambda *args: running_seen.append(args[4:]) or 0.0)
     tally.left(now=heard + 0.5)
     # the running trial: one epoch trained, half a second into its next, the best at epoch 1; 3 trials started
-    assert running_seen == [([(1, 0.5, 0.75)], 3, recorded, ())]  # too few ranked to draw the next ones like any
-
-
-def test_the_trials_to_come_are_drawn_like_the_latest_half_of_those_ranked():
-    """TPE's later proposals beat more of the earlier values: once 8 trials are ranked at the first cut, the
-    trials to come are drawn like the latest 4 (here the best 4, in the order they reported)."""
-    from sweeps.progress import Tally
-
-    spec = saved_spec_of(max_epochs=4).replace(num_samples=16)
-    tally = Tally()
-    tally.begin(spec, slots=2)
-    for i, fid in enumerate((30, 29, 28, 27, 26, 25, 24, 23)):
-        tally.record(f"t{i}", {"epoch": 1, "time_this_iter_s": 1.0, "fid": fid})
-        like = tally._state(None)[3]
-        assert like == (() if i + 1 < 8 else (5 / 9, 6 / 9, 7 / 9, 8 / 9))
+    assert running_seen == [([(1, 0.5, 0.75)], 3, recorded)]
 
 
 def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):

@@ -110,15 +110,6 @@ def test_the_odds_follow_the_values_recorded_so_far():
     assert rungs.odds(0, ((0.9, 0.2, 0.5), (0.9,)), running=((0.5, 1),)) == ((1.0, 1.0, 0.0),)
 
 
-def test_the_trials_to_come_are_drawn_like_the_latest_where_told():
-    """Drawn uniformly, half of 4 new trials beat the median of 8 recorded values at the first cut; drawn like the
-    two best, all of them; like the two worst, none."""
-    rungs, recorded = Rungs(4, (1, 2), 2), (tuple((i + 1) / 9 for i in range(8)),)
-    reaching_second = [sum(row[1] for row in rungs.odds(4, recorded, like=like))
-                       for like in ((), (7 / 9, 8 / 9), (1 / 9, 2 / 9))]
-    assert reaching_second == pytest.approx([2.0, 4.0, 0.0], abs=0.05)
-
-
 def test_the_board_of_an_unfinished_sweep_says_what_is_left():
     """What is left follows the values ASHA holds: a trial interrupted after the first milestone (it went on there)
     that is the best so far is expected to train on to the end, one that is worse than the trial ASHA holds at the
