@@ -76,6 +76,12 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
     return out
 
 
+def last_report(folder: Path) -> float:
+    """When the sweep's last report was made: its end, for the time left."""
+    return max(json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
+               for line in p.read_text().splitlines() if line.strip())
+
+
 FORECAST_LINE = re.compile(r"wall time about (.+?) \((.+?)-(.+?)\) on (\d+) slot")
 
 
@@ -87,13 +93,11 @@ def replay(kept: list[str], slots: int | None) -> list[dict]:
     for path in kept:
         spec = SweepSpec.load(path, "forecast")
         folder = Path(path, "forecast")
-        reported = [json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
-                    for line in p.read_text().splitlines() if line.strip()]
         dry = Path(path, "dry-run.txt")
         if slots is None and not dry.is_file():
             sys.exit(f"{path} has no dry-run.txt (kept before it was): pass --slots N")
         at_once = slots or int(FORECAST_LINE.search(dry.read_text())[4])
-        rows += [{"sweep": path, **e} for e in replayed_time_left(folder, spec, at_once, max(reported))]
+        rows += [{"sweep": path, **e} for e in replayed_time_left(folder, spec, at_once, last_report(folder))]
     return rows
 
 
@@ -128,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         spec = SweepSpec.load(tmp, "forecast")
         folder = Path(tmp, "forecast")
-        end = max(json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
-                  for line in p.read_text().splitlines() if line.strip())
-        etas = replayed_time_left(folder, spec, int(said[4]), end)
+        etas = replayed_time_left(folder, spec, int(said[4]), last_report(folder))
         epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
     forecast = seconds(said[1])
     rows = [{"what": "wall time", "forecast_s": forecast, "range": f"{said[2]}-{said[3]}", "actual_s": wall_s,

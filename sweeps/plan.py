@@ -206,7 +206,7 @@ def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: l
     rest (`running`: each one's epochs so far, the seconds since it reported the latest, already spent on the next,
     and its value as Rungs.odds takes it), then the trials not started yet, each at its odds given the values
     `recorded` at each cut so far."""
-    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
+    odds = _odds_left(rungs, trials, running, started, recorded)
     busy = [max(0.0, cost.expected(rungs, row, trained=epochs) - since)
             for (epochs, since, _), row in zip(running, odds)]
     return makespan([cost.expected(rungs, row) for row in odds[len(running):]], slots, busy)
@@ -215,5 +215,11 @@ def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: l
 def epochs_left(rungs: Rungs, trials: int, running: list[tuple[int, float, float | None]], started: int,
                 recorded: tuple[tuple[float, ...], ...] = ()) -> float:
     """Expected trial-epochs still to train, the trials taken as time_left takes them."""
-    odds = rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))
+    odds = _odds_left(rungs, trials, running, started, recorded)
     return max(0.0, sum(rungs.outlook(row)[0] for row in odds) - sum(epochs for epochs, _, _ in running))
+
+
+def _odds_left(rungs: Rungs, trials: int, running: list[tuple[int, float, float | None]], started: int,
+               recorded: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+    """Rungs.odds of the running trials (time_left's `running`), then of the trials not started yet."""
+    return rungs.odds(max(0, trials - started), recorded, tuple((value, epochs) for epochs, _, value in running))

@@ -103,8 +103,9 @@ class Tally:
     def left(self, now: float | None = None) -> float | None:
         """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report)."""
         cost = self.cost()
-        if cost is None:
-            return None
+        return None if cost is None else self._left(cost, now)
+
+    def _left(self, cost: TrialCost, now: float | None) -> float:
         return time_left(self.rungs, self.trials, self.slots, cost, *self._state(now))
 
     def epochs_left(self) -> float:
@@ -136,11 +137,11 @@ class Tally:
             return None
         elapsed = duration(time.monotonic() - self.started)
         head = f"gensweep: {elapsed} elapsed, {len(self.ended)} of {self.trials} trials ended"
-        left = self.left()
-        if left is None:
+        cost = self.cost()  # once a table: it reads every report so far
+        if cost is None:
             return f"{head}; time left: once the first trials report"
-        return (f"{head}; about {duration(left)} left ({self.cost().epoch:.2g} s an epoch so far, on {self.slots} "
-                f"slots)")
+        return (f"{head}; about {duration(self._left(cost, None))} left ({cost.epoch:.2g} s an epoch so far, on "
+                f"{self.slots} slots)")
 
 
 tally = Tally()
