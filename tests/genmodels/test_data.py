@@ -70,6 +70,11 @@ def test_synthetic_is_deterministic_and_varied():
     assert len(torch.unique(a.flatten(1), dim=0)) == 64
 
 
+def test_synthetic_images_do_not_depend_on_the_chunk_they_are_painted_in():
+    whole = synthetic_images(40, seed=5, chunk=40)
+    assert all(torch.equal(whole, synthetic_images(40, seed=5, chunk=c)) for c in (1, 7, 512))
+
+
 def test_batches_cover_epoch_and_flip():
     x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone()
     x[:, :, :, 1] += 100  # left/right halves differ, so a flip is visible
