@@ -72,8 +72,8 @@ def prepare_process(device: torch.device | str, fid_network: str | None = None,
         process_scorer(fid_network, fid_weights, device).import_metrics()
     # Every trial starts with a full collection (train_trial). With torch, Ray and torchmetrics imported the process
     # tracks about 500k objects that live as long as it does, and each collection walked them all: 0.28 s a trial on
-    # a 2-core CPU. Frozen out of the collector, a trial's collection walks only what came after them.
-    gc.collect()
+    # a 2-core CPU. Frozen out of the collector, a trial's collection walks only what came after them. (Not collected
+    # first: another 0.28 s, for the few dozen objects of garbage the imports leave.)
     gc.freeze()
     _process_prepared = True
     return time.perf_counter() - start
