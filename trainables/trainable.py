@@ -101,15 +101,15 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     graphs_failed = graph_capture_failed(trial_folder) if trial_folder else None
     if graphs_failed:  # Tune's retry of a trial whose CUDA graph capture failed: the same trial, eagerly
         config = {**config, "train.cuda_graphs": False}
+    setup_s = prepare_process(default_device(), plan.fid.network if plan.fid else None,
+                              plan.fid.weights_path if plan.fid else None)
     if config.get("checkpoint"):  # an ncsn-sampling trial: its Langevin graphs may fail to capture as well
         try:
-            return evaluate_checkpoint(config, data, plan, graphs_off=bool(graphs_failed))
+            return evaluate_checkpoint(config, data, plan, graphs_off=bool(graphs_failed), setup_s=setup_s)
         except GraphCaptureFailed as e:
             if trial_folder:
                 record_graph_capture_failed(trial_folder, str(e))
             raise
-    setup_s = prepare_process(default_device(), plan.fid.network if plan.fid else None,
-                              plan.fid.weights_path if plan.fid else None)
     # The driver prepared the sweep's config once (derived values are in it): build, no second prepare.
     exp = Experiment(trial_config(config), data["train"], data["test"])
     if graphs_failed:
@@ -251,7 +251,7 @@ def track_best(best: dict[str, float], metrics: dict[str, Any], metric: str, mod
 
 
 def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan,
-                        graphs_off: bool = False) -> None:
+                        graphs_off: bool = False, setup_s: float = 0.0) -> None:
     """No training: the model of a finished run, with the trial's model settings (the searched sampler values and
     any --fixed ones), seed and train.cuda_graphs (--fixed, or off in the retry of a trial whose Langevin graph
     failed to capture: `graphs_off`) overriding its saved config, scored once at the final FID budget. What
@@ -262,6 +262,7 @@ def evaluate_checkpoint(config: dict[str, Any], data: dict[str, torch.Tensor], p
     exp = Experiment.from_checkpoint(config["checkpoint"], data["train"], data["test"], overrides)
     if graphs_off:
         exp.extra["graphs_off_after_failed_capture"] = 1
+    exp.extra["process_setup_s"] = setup_s
     images_dir = Path.cwd() / IMAGES_DIR / "final"
     extra, final_images = evaluate_extra(exp, plan, True, images_dir)
     report(exp, {**exp.evaluate(), **extra}, plan, images_dir, True, final_images)
