@@ -16,6 +16,7 @@ sweep run: a change to the time left is measured on the same sweeps as the code 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import statistics
@@ -69,11 +70,39 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
             if last:
                 tally.ended.add(trial)
             if len(tally.ended) >= share * spec.num_samples:
-                said = tally.left(now=stamp)
+                said, actual = tally.left(now=stamp), end - stamp
+                outcomes = outcomes_left(tally, stamp)
                 out.append({"share": share, "at": f"{len(tally.ended)}/{spec.num_samples} ended", "said_s": said,
-                            "actual_s": end - stamp, "error_%": 100 * (said - (end - stamp)) / max(end - stamp, 1e-9)})
+                            "actual_s": actual, "error_%": 100 * (said - actual) / max(actual, 1e-9),
+                            "p10_s": outcomes[len(outcomes) // 10], "p90_s": outcomes[len(outcomes) * 9 // 10],
+                            "actual_pct": 100 * bisect.bisect(outcomes, actual) / len(outcomes),
+                            "best_hit_%": 100 * best_hit(outcomes)})
                 break
     return out
+
+
+def outcomes_left(tally, now: float, sweeps: int = 2000) -> list[float]:
+    """The time left in each of `sweeps` sweeps simulated from the tally's state at `now` by the estimator's own
+    model (sweeps/plan.py: ASHA on values drawn where not known, each trial at the cost the reports show), sorted:
+    how far the outcome itself may fall from any one number said then."""
+    from sweeps.plan import asha_outcomes, outcome_left
+
+    cost, rungs = tally.cost(), tally.rungs
+    running, started, recorded, current = tally._state(now)
+    values = tuple((value, sum(c <= e for c in rungs.cuts), e) for e, _, value in running)
+    return sorted(outcome_left(rungs, tally.slots, cost, running, started, stages) for stages in asha_outcomes(
+        rungs, recorded, values, max(0, tally.trials - started), sweeps, current, started))
+
+
+def best_hit(outcomes: list[float], within: float = 0.3) -> float:
+    """The largest share of `outcomes` (sorted) that any one number is within +-`within` of: the best a time left
+    said then could do against this spread, however it were computed."""
+    best, low = 0, 0
+    for high, x in enumerate(outcomes):  # a number e is within of x where x * (1 - within) <= e <= x * (1 + within)
+        while outcomes[low] * (1 + within) < x * (1 - within):
+            low += 1
+        best = max(best, high - low + 1)
+    return best / len(outcomes)
 
 
 def last_report(folder: Path) -> float:

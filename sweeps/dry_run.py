@@ -55,7 +55,7 @@ def corners(spec) -> dict[str, dict[str, Any]]:
 
 
 def plan_lines(spec, data: dict[str, torch.Tensor], dataset: str, at_once: int, why: str) -> list[str]:
-    rungs = Rungs.of(spec)
+    rungs = Rungs.of(spec, at_once)
     n = spec.num_samples
     searched = ", ".join(f"{k.split('.')[-1]} {ps.describe_domain(spec.param_space[k])}" for k in spec.searched)
     fixed = ", ".join(f"{k}={v}" for k, v in spec.fixed.items())
@@ -66,7 +66,7 @@ def plan_lines(spec, data: dict[str, torch.Tensor], dataset: str, at_once: int, 
         f"  searched: {searched or 'nothing'}" + (f"; fixed: {fixed}" if fixed else ""),
         f"  objectives: {', '.join(spec.objectives)} ({spec.mode}); ASHA stops trials on {spec.metric}",
         f"  trials: {n}, {at_once} at once ({why})" + (
-            f"; --reproducible: in batches of {spec.max_concurrent or at_once}" if spec.reproducible else ""),
+            f"; --reproducible: in batches of {rungs.batch}" if rungs.batch else ""),
         f"  ASHA: milestones at epochs {', '.join(map(str, spec.milestones))}, reduction factor "
         f"{spec.asha.reduction_factor}; expected trials at epoch {reach}; {rungs.trial_epochs(n):.3g} trial-epochs",
     ]
@@ -102,7 +102,7 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
     finally:
         torch.set_num_threads(threads)
     process_s = process_start_s(spec, device)
-    rungs, n = Rungs.of(spec), spec.num_samples
+    rungs, n = Rungs.of(spec, at_once), spec.num_samples
     cheap, dear = costs["cheapest"], costs["dearest"]
     mean = TrialCost((cheap.startup + dear.startup) / 2, (cheap.epoch + dear.epoch) / 2,
                      tuple((a + b) / 2 for a, b in zip(cheap.milestone, dear.milestone)), (cheap.end + dear.end) / 2)
@@ -132,6 +132,9 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
         f"quantile of the trials before it there; trials start in random order of value and keep their rank from one "
         "milestone to the next (ASHA's premise; the sweep's own values decide: once TPE's random start is over, its "
         "proposals beat more of the trials before them, and more may go on)",
+        *([f"  - --reproducible: batches of {rungs.batch}, each trial cut against the earlier batches' values only "
+           "(the first batch runs to the end), and a batch holds its slots until its last trial ends"]
+          if rungs.batch else []),
         "  - a trial costs the mean of the cheapest and dearest points (TPE draws from the whole space)",
         f"  - each slot starts one trial process ({duration(process_s)} with its first trial's one-time costs, "
         f"measured) and reuses it for the next trials",

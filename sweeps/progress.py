@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, time_left
+from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, left_in_batch, time_left
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
@@ -36,13 +36,14 @@ class Tally:
         self.latest: dict[int, float | None] = {}  # process -> when its latest report was made
         self.gaps: list[float] = []  # seconds between a trial's last report and the next one's start in a process
         self.heard: dict[str, float] = {}  # trial -> when this driver got its latest report (time.time())
+        self.began: dict[str, float] = {}  # trial -> when it first reported: the order of --reproducible's batches
         self.metric, self.sign = "", 1.0  # what ASHA ranks by, and +1 where larger is better (-1 where smaller)
         self.at_cuts: dict[str, dict[int, float]] = {}  # trial -> its value (signed) at each cut it reached
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
         self.__init__()
-        self.rungs, self.trials, self.slots = Rungs.of(spec), spec.num_samples, max(1, slots)
+        self.rungs, self.trials, self.slots = Rungs.of(spec, max(1, slots)), spec.num_samples, max(1, slots)
         self.metric, self.sign = spec.metric, 1.0 if spec.mode == "max" else -1.0
         for path in sorted(Path(folder).glob(f"*/{checkpoints.RESULT_FILE}")) if folder else []:
             for result in json_lines(path.read_text(errors="replace")):
@@ -59,6 +60,7 @@ class Tally:
         pid, at, seconds = result.get("pid"), result.get("reported_at"), result["time_this_iter_s"]
         run_start = result.get("iterations_since_restore") == 1  # a run's first report: its process's setup in it
         if trial not in self.seconds:
+            self.began[trial] = self.heard[trial] if at is None else at
             if pid not in self.latest:
                 self.cold.add(trial)
             elif run_start and at is not None and self.latest[pid] is not None:
@@ -112,25 +114,42 @@ class Tally:
         """Expected trial-epochs still to train."""
         return epochs_left(self.rungs, self.trials, *self._state(None))
 
-    def _state(self, now: float | None) -> tuple[list[tuple[int, float, float | None]], int, tuple]:
+    def _state(self, now: float | None) -> tuple[list[tuple[int, float, float | None]], int, tuple, tuple]:
         """As time_left takes them: the running trials (epochs, seconds since their latest report at `now`, rank),
-        the trials started, the ranks recorded at each cut."""
+        the trials started, the ranks recorded at each cut (with batches: the earlier batches', then the batch
+        under way's)."""
         now = time.time() if now is None else now
-        rank, recorded = self.standing()
+        rank, recorded, current = self.standing()
         running = [(e, max(0.0, now - self.heard[t]) if t in self.heard else 0.0, rank.get(t))
                    for t, e in self.epochs.items() if t not in self.ended]
-        return running, len(self.epochs), recorded
+        return running, len(self.epochs), recorded, current
 
-    def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...]]:
+    def standing(self) -> tuple[dict[str, float], tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
         """What ASHA holds so far, as Rungs.odds takes it: each trial's rank among the values at the first cut
-        (from 0, worst, to 1, best; a trial keeps it at every cut), and the ranks recorded at each cut."""
+        (from 0, worst, to 1, best; a trial keeps it at every cut), and the ranks recorded at each cut; with
+        --reproducible's batches (in the order the trials began), those of the earlier batches and those of the
+        batch under way apart (empty where there are no batches)."""
         if not self.rungs.cuts:
-            return {}, ()
+            return {}, (), ()
         first = {t: v[self.rungs.cuts[0]] for t, v in self.at_cuts.items() if self.rungs.cuts[0] in v}
         order = sorted(first, key=first.get)
         rank = {t: (i + 1) / (len(order) + 1) for i, t in enumerate(order)}
-        return rank, tuple(tuple(sorted(rank[t] for t, v in self.at_cuts.items() if cut in v and t in rank))
-                           for cut in self.rungs.cuts)
+        under_way = self._batch_under_way()
+
+        def ranks(cut: int, in_batch: bool) -> tuple[float, ...]:
+            return tuple(sorted(rank[t] for t, v in self.at_cuts.items()
+                                if cut in v and t in rank and (t in under_way) == in_batch))
+        return (rank, tuple(ranks(cut, False) for cut in self.rungs.cuts),
+                tuple(ranks(cut, True) for cut in self.rungs.cuts) if self.rungs.batch else ())
+
+    def _batch_under_way(self) -> set[str]:
+        """With --reproducible's batches (the trials in the order they began): the trials of the batch under way,
+        the next one where every trial began has ended."""
+        if not self.rungs.batch:
+            return set()
+        size, began = self.rungs.batch, sorted(self.began, key=self.began.get)
+        end = len(began) + left_in_batch(size, len(began), any(t not in self.ended for t in began))
+        return set(began[end - size:end])
 
     def line(self) -> str | None:
         if self.rungs is None:

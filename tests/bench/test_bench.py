@@ -242,3 +242,31 @@ def test_sweep_busy_figures_from_the_trials_result_files(tmp_path):
     back_to_back = [{"start": 0, "end": 10, "own_s": 10}, {"start": 10, "end": 20, "own_s": 10}]
     assert busy_figures(back_to_back, 1)["peak_concurrency"] == 1
     assert busy_figures(back_to_back, 1)["busy_fraction"] == 1
+
+
+def test_the_forecast_bench_spreads_the_time_left_over_the_outcomes_the_estimator_expects():
+    """`bench forecast`'s outcome spread: sweeps simulated from the progress tally's state by the estimator's own
+    model. On one slot the time left is linear in each trial's odds, so the progress line's figure is their mean;
+    a trial that can only end one way leaves no spread; best_hit is the largest share one number is within 30% of."""
+    from bench.forecast import best_hit, outcomes_left
+    from sweeps.plan import Rungs
+    from sweeps.progress import Tally
+
+    tally = Tally()
+    tally.rungs, tally.trials, tally.slots, tally.metric, tally.sign = Rungs(4, (1, 2), 2), 6, 1, "loss", -1.0
+    for trial, pid, at, seconds in (("a", 1, 3.0, [3.0, 1.0, 1.0, 4.0]), ("b", 2, 3.5, [3.5, 1.5])):
+        for epoch, s in enumerate(seconds, 1):
+            at += s
+            tally.record(trial, {"epoch": epoch, "time_this_iter_s": s, "iterations_since_restore": epoch,
+                                 "pid": pid, "reported_at": at, "loss": 1.0 + ord(trial) / 100}, now=at)
+        tally.ended.add(trial)
+    tally.record("c", {"epoch": 1, "time_this_iter_s": 2.0, "iterations_since_restore": 1, "pid": 1,
+                       "reported_at": 13.0, "loss": 0.5}, now=13.0)
+    outcomes = outcomes_left(tally, now=13.0, sweeps=4000)
+    assert outcomes == sorted(outcomes) and len(set(outcomes)) > 3  # 3 trials still to start: several endings
+    assert statistics.mean(outcomes) == pytest.approx(tally.left(now=13.0), rel=0.03)
+    tally.trials = 3  # none to start; c, the best at epoch 1, beats what ASHA holds at epoch 2: it completes
+    alone = set(outcomes_left(tally, now=13.0))
+    # its epochs 2-4 at 1 s (a's epoch 3), the cut at 2's 0.25 s more (a's and b's epoch 2), the end's 3 s more
+    assert len(alone) == 1 and alone.pop() == pytest.approx(tally.left(now=13.0)) == pytest.approx(3 + 0.25 + 3)
+    assert best_hit([1.0, 1.2, 1.8, 3.0]) == 0.75 and best_hit([1.0, 1.8]) == 1.0 and best_hit([1.0, 1.9]) == 0.5

@@ -101,7 +101,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     rungs = Rungs.of(spec)
     # ASHA holds fid 21 (other), 20 (done) and 19 (running) at epoch 1, and done's at epoch 2: ranked, smaller best
     recorded = ((0.25, 0.5, 0.75), (0.5,))
-    assert tally.standing() == ({"ncsn_b": 0.25, "ncsn_a": 0.5, "ncsn_c": 0.75}, recorded)
+    assert tally.standing() == ({"ncsn_b": 0.25, "ncsn_a": 0.5, "ncsn_c": 0.75}, recorded, ())
     assert tally.left() <= time_left(rungs, 8, 2, pace, [(1, 0.0, 0.75)], 3, recorded)
     heard = tally.heard[ProgressTally._key(running)]  # the running trial's next epoch is under way since then
     assert tally.left(now=heard + 0.5) == time_left(rungs, 8, 2, pace, [(1, 0.5, 0.75)], 3, recorded) > pace.seconds(
@@ -112,7 +112,37 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     monkeypatch.setattr(progress, "time_left", lambda *args: running_seen.append(args[4:]) or 0.0)
     tally.left(now=heard + 0.5)
     # the running trial: one epoch trained, half a second into its next, the best at epoch 1; 3 trials started
-    assert running_seen == [([(1, 0.5, 0.75)], 3, recorded)]
+    assert running_seen == [([(1, 0.5, 0.75)], 3, recorded, ())]
+
+
+def test_a_reproducible_sweeps_time_left_cuts_the_batch_under_way_against_the_batches_before_it():
+    """--reproducible, batches of 2: the first batch's values are what the second batch is cut against; its own
+    values count only for the batches after it, and once it has ended, the next batch is cut against all four."""
+    from sweeps.plan import Rungs, time_left
+    from sweeps.progress import Tally
+
+    tally = Tally()
+    tally.begin(saved_spec_of(max_epochs=4).replace(num_samples=6, reproducible=True, max_concurrent=2), slots=2)
+    assert tally.rungs == Rungs(4, (1, 2), 2, batch=2)
+    for trial, fids, start in (("a", [20, 19, 18, 17], 0.0), ("b", [21, 20, 19, 18], 0.1),  # batch 1: complete
+                               ("c", [25], 10.0), ("d", [19.5], 10.1)):  # batch 2: c stopped at epoch 1, d went on
+        for epoch, fid in enumerate(fids, 1):
+            tally.record(trial, {"epoch": epoch, "time_this_iter_s": 1.0, "iterations_since_restore": epoch,
+                                 "pid": ord(trial) % 2, "reported_at": start + epoch, "fid": fid}, now=start + epoch)
+        if trial != "d":
+            tally.ended.add(trial)
+    rank, recorded, current = tally.standing()
+    assert rank == {"c": 0.2, "b": 0.4, "a": 0.6, "d": 0.8}
+    assert recorded == ((0.4, 0.6), (0.4, 0.6)) and current == ((0.2, 0.8), ())
+    # d beats what batch 1 holds at epoch 2 (c's value does not count there): it completes; batch 3's two trials
+    # are cut against all four
+    odds = tally.rungs.odds(2, recorded, running=((0.8, 1),), current=current, started=4)
+    assert odds[0] == (1.0, 1.0, 1.0) and odds[1] == pytest.approx(odds[2], abs=0.03) and 0 < odds[1][1] < 1
+    ended = Tally()
+    ended.__dict__.update(tally.__dict__, ended={"a", "b", "c", "d"})
+    assert ended.standing()[1:] == (((0.2, 0.4, 0.6, 0.8), (0.4, 0.6)), ((), ()))
+    cost = tally.cost()
+    assert tally.left(now=11.6) == time_left(tally.rungs, 6, 2, cost, [(1, 0.5, 0.8)], 4, recorded, current)
 
 
 def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):

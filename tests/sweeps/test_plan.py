@@ -9,9 +9,31 @@ import pytest
 from conftest import saved_spec_of
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from sweeps.batched_asha import BatchedASHA
 from sweeps.budgets import ASHASettings
 from sweeps.leaderboard import left_line
-from sweeps.plan import Rungs, TrialCost, makespan, sweep_seconds, time_left, trial_lengths
+from sweeps.plan import Rungs, TrialCost, makespan, outcome_left, sweep_seconds, time_left, trial_lengths
+
+
+def _reached(scheduler, trials: int, cuts: tuple[int, ...], batch: int, runs: int = 300) -> list[float]:
+    """The mean number of trials that reach each cut, then complete, over `runs` sweeps of `scheduler()` on trials
+    of random values, each kept at every cut: `batch` trials at a time, each batch through every cut in the order
+    the trials went on before the next batch starts."""
+    rng, reached = random.Random(0), [0.0] * (len(cuts) + 1)
+    for _ in range(runs):
+        asha = scheduler()
+        trial_ids = [type("T", (), {"trial_id": str(i), "storage": None})() for i in range(trials)]
+        for t in trial_ids:
+            asha.on_trial_add(None, t)
+        value = {t: rng.random() for t in trial_ids}
+        for first in range(0, trials, batch):
+            alive = trial_ids[first:first + batch]
+            for k, epoch in enumerate(cuts):
+                reached[k] += len(alive)
+                alive = [t for t in alive if asha.on_trial_result(None, t, {"epoch": epoch, "v": value[t]})
+                         == TrialScheduler.CONTINUE]
+            reached[-1] += len(alive)
+    return [n / runs for n in reached]
 
 
 @pytest.mark.parametrize("trials, rf", [(8, 2), (12, 2), (30, 3), (100, 3)])
@@ -20,22 +42,41 @@ def test_expected_survivors_match_rays_asha_on_values_that_keep_their_order(tria
     cut: the mean number that reach each cut over many sweeps is what Rungs.arrivals expects (more than 1/rf go on:
     the first arrival at a cut has nothing to lose to, and a late arrival at a later cut has beaten more trials)."""
     cuts = tuple(m for m in ASHASettings(8, 1, rf).milestones if m < 8)  # ASHA's own rungs: 1, 2, 4 or 1, 3
-    rungs, rng, runs = Rungs(8, cuts, rf), random.Random(0), 300
-    reached = [0.0] * (len(cuts) + 1)
-    for _ in range(runs):
-        asha = ASHAScheduler(time_attr="epoch", metric="v", mode="max", max_t=8, grace_period=1, reduction_factor=rf)
-        trial_ids = [type("T", (), {"trial_id": str(i)})() for i in range(trials)]
-        for t in trial_ids:
-            asha.on_trial_add(None, t)
-        alive, value = list(trial_ids), {t: rng.random() for t in trial_ids}
-        for k, epoch in enumerate(cuts):
-            reached[k] += len(alive)
-            alive = [t for t in alive if asha.on_trial_result(None, t, {"epoch": epoch, "v": value[t]})
-                     == TrialScheduler.CONTINUE]
-        reached[-1] += len(alive)
-    expected = rungs.arrivals(trials)
+    reached = _reached(lambda: ASHAScheduler(time_attr="epoch", metric="v", mode="max", max_t=8, grace_period=1,
+                                             reduction_factor=rf), trials, cuts, batch=trials)
+    expected = Rungs(8, cuts, rf).arrivals(trials)
     for k in range(len(reached)):
-        assert reached[k] / runs == pytest.approx(expected[k], rel=0.06), (k, reached, expected)
+        assert reached[k] == pytest.approx(expected[k], rel=0.06), (k, reached, expected)
+
+
+@pytest.mark.parametrize("trials, batch, rf", [(8, 2, 2), (12, 3, 3), (9, 4, 2)])
+def test_expected_survivors_of_reproducible_batches_match_batched_asha(trials, batch, rf):
+    """--reproducible: sweeps/batched_asha.py on batches of trials, each trial keeping its value at every cut,
+    cut against the earlier batches' values only: the mean number that reach each cut is what Rungs.arrivals
+    expects with batches (the first batch has nothing to be cut against and completes)."""
+    cuts = tuple(m for m in ASHASettings(8, 1, rf).milestones if m < 8)
+    reached = _reached(lambda: BatchedASHA("epoch", "v", "max", 8, (*cuts, 8), rf, batch_size=batch), trials, cuts,
+                       batch)
+    expected = Rungs(8, cuts, rf, batch=batch).arrivals(trials)
+    assert expected[-1] > Rungs(8, cuts, rf).arrivals(trials)[-1]  # more complete than ASHA's asynchronous cuts
+    for k in range(len(reached)):
+        assert reached[k] == pytest.approx(expected[k], rel=0.06), (k, reached, expected)
+
+
+def test_a_batch_lasts_as_long_as_its_longest_trial():
+    """--reproducible's wall time: the next batch starts when the whole batch before it has ended, so a batch
+    of one trial that completes and one stopped at the first cut lasts as long as the complete one."""
+    cost, rungs = TrialCost(startup=1, epoch=2, milestone=(0, 3), end=5), Rungs(4, (1, 2), 2, batch=2)
+    whole, stopped = cost.seconds(rungs, 4), cost.seconds(rungs, 1)
+    assert outcome_left(rungs, 2, cost, [], 0, [3, 3, 1, 3]) == 2 * whole
+    assert outcome_left(rungs, 2, cost, [], 0, [3, 1, 1, 1]) == whole + stopped
+    # without batches the slot a stopped trial frees takes the next trial at once
+    assert outcome_left(Rungs(4, (1, 2), 2), 2, cost, [], 0, [3, 1, 1, 1]) == whole
+    # the batch under way: its running trial (epoch 2 of 4, 1 s into its next) and its trial not started yet
+    assert outcome_left(rungs, 2, cost, [(2, 1.0, 0.5)], 3, [3, 1, 1]) == max(2 * 2 + 5 - 1.0, stopped) + stopped
+    device, wall = sweep_seconds(cost, rungs, 8, 2)
+    assert device == pytest.approx(sum(cost.expected(rungs, row) for row in rungs.odds(8)))
+    assert wall > sweep_seconds(cost, Rungs(4, (1, 2), 2), 8, 2)[1] and wall > device / 2
 
 
 def test_trial_lengths_add_up_to_the_expected_counts():
