@@ -309,7 +309,8 @@ def outcome_left(rungs: Rungs, slots: int, cost: TrialCost, running, started: in
         return cost.expected(rungs, tuple(float(k < n) for k in range(len(rungs.cuts) + 1)), trained)
 
     busy = [max(0.0, cost_of(n, epochs) - since) for (epochs, since, _), n in zip(running, stages)]
-    durations = [cost_of(n) for n in stages[len(running):]]
+    whole = [cost_of(n) for n in range(len(rungs.cuts) + 2)]  # a trial not started yet: one of these lengths
+    durations = [whole[n] for n in stages[len(running):]]
     first = min(len(durations), left_in_batch(rungs.batch, started, bool(running))) if rungs.batch else len(durations)
     wall = makespan(durations[:first], slots, busy)
     for i in range(first, len(durations), rungs.batch or 1):
