@@ -85,13 +85,9 @@ def outcomes_left(tally, now: float, sweeps: int = 2000) -> list[float]:
     """The time left in each of `sweeps` sweeps simulated from the tally's state at `now` by the estimator's own
     model (sweeps/plan.py: ASHA on values drawn where not known, each trial at the cost the reports show), sorted:
     how far the outcome itself may fall from any one number said then."""
-    from sweeps.plan import asha_outcomes, outcome_left
+    from sweeps.plan import outcomes_left as simulated
 
-    cost, rungs = tally.cost(), tally.rungs
-    running, started, recorded, current = tally._state(now)
-    values = tuple((value, sum(c <= e for c in rungs.cuts), e) for e, _, value in running)
-    return sorted(outcome_left(rungs, tally.slots, cost, running, started, stages) for stages in asha_outcomes(
-        rungs, recorded, values, max(0, tally.trials - started), sweeps, current, started))
+    return sorted(simulated(tally.rungs, tally.trials, tally.slots, tally.cost(), *tally._state(now), sweeps=sweeps))
 
 
 def best_hit(outcomes: list[float], within: float = 0.3) -> float:

@@ -295,11 +295,21 @@ def time_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: l
 def _batched_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running: tuple, started: int,
                   recorded: tuple, current: tuple) -> float:
     """time_left with batches: the mean over simulated sweeps (a batch lasts as long as its longest trial)."""
+    return statistics.mean(outcomes_left(rungs, trials, slots, cost, running, started, recorded, current))
+
+
+def outcomes_left(rungs: Rungs, trials: int, slots: int, cost: TrialCost, running, started: int,
+                  recorded: tuple[tuple[float, ...], ...] = (), current: tuple[tuple[float, ...], ...] = (),
+                  sweeps: int | None = None) -> list[float]:
+    """The wall seconds left in each of `sweeps` sweeps simulated on from time_left's state (default: as many as
+    an expectation takes, at most BATCHED_DRAWS)."""
     pending = max(0, trials - started)
-    sweeps = min(BATCHED_DRAWS, _sweeps(rungs, len(running) + pending, recorded))
-    return statistics.mean(outcome_left(rungs, slots, cost, running, started, stages) for stages in asha_outcomes(
-        rungs, recorded, _running(rungs, [(value, epochs) for epochs, _, value in running]), pending, sweeps, current,
-        started)) if running or pending else 0.0
+    if not running and not pending:
+        return [0.0]
+    sweeps = sweeps or min(BATCHED_DRAWS, _sweeps(rungs, len(running) + pending, recorded))
+    values = _running(rungs, [(value, epochs) for epochs, _, value in running])
+    return [outcome_left(rungs, slots, cost, running, started, stages)
+            for stages in asha_outcomes(rungs, recorded, values, pending, sweeps, current, started)]
 
 
 def outcome_left(rungs: Rungs, slots: int, cost: TrialCost, running, started: int, stages: list[int]) -> float:
