@@ -53,7 +53,7 @@ def seconds(text: str) -> float:
 def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]:
     """What the progress line said was left when a quarter and half of the trials had ended: the trials' reports
     passed through the driver's tally (sweeps/progress.py) in the order they were made (`reported_at`), against
-    the real time left then (`end`: the sweep's last report)."""
+    the real time left then (`end`: the sweep's end, sweep_end)."""
     from sweeps.progress import Tally
 
     reports = []
@@ -83,11 +83,14 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
 
 def outcomes_left(tally, now: float, sweeps: int = 2000) -> list[float]:
     """The time left in each of `sweeps` sweeps simulated from the tally's state at `now` by the estimator's own
-    model (sweeps/plan.py: ASHA on values drawn where not known, each trial at the cost the reports show), sorted:
-    how far the outcome itself may fall from any one number said then."""
+    model (sweeps/plan.py: ASHA on values drawn where not known, each trial at the cost the reports show; the sweep's
+    end after them, as Tally.left counts it), sorted: how far the outcome itself may fall from any one number said
+    then."""
+    from sweeps.plan import SWEEP_END_S
     from sweeps.plan import outcomes_left as simulated
 
-    return sorted(simulated(tally.rungs, tally.trials, tally.slots, tally.cost(), *tally._state(now), sweeps=sweeps))
+    return sorted(SWEEP_END_S + s for s in simulated(tally.rungs, tally.trials, tally.slots, tally.cost(),
+                                                      *tally._state(now), sweeps=sweeps))
 
 
 def best_hit(outcomes: list[float], within: float = 0.3) -> float:
@@ -101,8 +104,12 @@ def best_hit(outcomes: list[float], within: float = 0.3) -> float:
     return best / len(outcomes)
 
 
-def last_report(folder: Path) -> float:
-    """When the sweep's last report was made: its end, for the time left."""
+def sweep_end(folder: Path) -> float:
+    """When the sweep ended, for the time left: when its driver wrote driver.json, once Ray had stopped and just
+    before it printed the results (sweeps/driver.py). A sweep kept without one: its last report."""
+    record = folder / "driver.json"
+    if record.is_file():
+        return record.stat().st_mtime
     return max(json.loads(line)["reported_at"] for p in folder.glob("*/result.json")
                for line in p.read_text().splitlines() if line.strip())
 
@@ -122,7 +129,7 @@ def replay(kept: list[str], slots: int | None) -> list[dict]:
         if slots is None and not dry.is_file():
             sys.exit(f"{path} has no dry-run.txt (kept before it was): pass --slots N")
         at_once = slots or int(FORECAST_LINE.search(dry.read_text())[4])
-        rows += [{"sweep": path, **e} for e in replayed_time_left(folder, spec, at_once, last_report(folder))]
+        rows += [{"sweep": path, **e} for e in replayed_time_left(folder, spec, at_once, sweep_end(folder))]
     return rows
 
 
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         spec = SweepSpec.load(tmp, "forecast")
         folder = Path(tmp, "forecast")
-        etas = replayed_time_left(folder, spec, int(said[4]), last_report(folder))
+        etas = replayed_time_left(folder, spec, int(said[4]), sweep_end(folder))
         epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
     forecast = seconds(said[1])
     rows = [{"what": "wall time", "forecast_s": forecast, "range": f"{said[2]}-{said[3]}", "actual_s": wall_s,

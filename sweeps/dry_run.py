@@ -14,7 +14,16 @@ from genmodels.models.base import GenerativeModel
 from genmodels.registry import model_class
 from sweeps import param_space as ps
 from sweeps.cluster import limits_at_once
-from sweeps.plan import RAY_START_S, TUNE_PER_REPORT_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, sweep_seconds
+from sweeps.plan import (
+    RAY_START_S,
+    SWEEP_END_S,
+    TUNE_PER_REPORT_S,
+    TUNE_PER_TRIAL_S,
+    Rungs,
+    TrialCost,
+    duration,
+    sweep_seconds,
+)
 
 
 def slots(spec, address: str | None) -> tuple[int, str]:
@@ -106,7 +115,7 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
     cheap, dear = costs["cheapest"], costs["dearest"]
     mean = TrialCost((cheap.startup + dear.startup) / 2, (cheap.epoch + dear.epoch) / 2,
                      tuple((a + b) / 2 for a, b in zip(cheap.milestone, dear.milestone)), (cheap.end + dear.end) / 2)
-    fixed = driver_s + RAY_START_S + process_s
+    fixed = driver_s + RAY_START_S + process_s + SWEEP_END_S
     figures = {name: sweep_seconds(_with_tune(c), rungs, n, at_once) for name, c in
                (("cheapest", cheap), ("mean", mean), ("dearest", dear))}
     unit = "GPU" if device.type == "cuda" else "CPU"
@@ -138,9 +147,10 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
         "  - a trial costs the mean of the cheapest and dearest points (TPE draws from the whole space)",
         f"  - each slot starts one trial process ({duration(process_s)} with its first trial's one-time costs, "
         f"measured) and reuses it for the next trials",
-        f"  - the driver's start {duration(driver_s)} (imports, checks, data: measured), Ray's start and stop "
-        f"{duration(RAY_START_S)}, Tune's work {TUNE_PER_TRIAL_S:g} s a trial and {TUNE_PER_REPORT_S:g} s a report "
-        f"(not measured: no Ray is started)",
+        f"  - the driver's start {duration(driver_s)} (imports, checks, data: measured), Ray's start "
+        f"{duration(RAY_START_S)}, Tune's work {TUNE_PER_TRIAL_S:g} s a trial and {TUNE_PER_REPORT_S:g} s a report, "
+        f"the end after the last trial {duration(SWEEP_END_S)} (W&B's runs finished, Ray stopped; not measured: no "
+        "Ray is started)",
         "  - the FID reference of the test split is cached (the first sweep on a dataset computes it once)",
         *(f"  - {note}" for note in sorted(notes)),
     ]

@@ -26,11 +26,13 @@ import statistics
 from bisect import insort
 from functools import lru_cache
 
-# Not measured by a dry run (it starts no Ray): what a local sweep spends starting and stopping Ray, and Tune's work
-# around each trial and report (starting the trial in a reused process, handing over its report, persisting its
-# checkpoint), as measured on a 2-core machine, 2026-12-07 (docs/PERFORMANCE.md, "Forecasts"). The time left reads
-# Tune's work between trials from the sweep itself once it has some.
-RAY_START_S = 5.0
+# Not measured by a dry run (it starts no Ray): what a local sweep spends starting Ray, ending (after its last trial's
+# last report: Tune's end of the sweep, W&B's runs finished, Ray stopped, until the driver prints the results), and
+# Tune's work around each trial and report (starting the trial in a reused process, handing over its report,
+# persisting its checkpoint), as measured on a 2-core machine, 2026-12-07 (docs/PERFORMANCE.md, "Forecasts"). The
+# time left reads Tune's work between trials from the sweep itself once it has some; the end comes once, at the end.
+RAY_START_S = 3.5
+SWEEP_END_S = 1.5
 TUNE_PER_TRIAL_S = 0.3
 TUNE_PER_REPORT_S = 0.35
 

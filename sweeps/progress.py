@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, left_in_batch, time_left
+from sweeps.plan import SWEEP_END_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, left_in_batch, time_left
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
@@ -103,12 +103,14 @@ class Tally:
                          statistics.mean(last) - epoch if last else extra)
 
     def left(self, now: float | None = None) -> float | None:
-        """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report)."""
+        """Expected wall seconds to the sweep's end at `now` (default: this moment; None before the first report): its
+        trials' rest, then the end the dry run's forecast also counts (the results printed), as the user waits for
+        both."""
         cost = self.cost()
         return None if cost is None else self._left(cost, now)
 
     def _left(self, cost: TrialCost, now: float | None) -> float:
-        return time_left(self.rungs, self.trials, self.slots, cost, *self._state(now))
+        return time_left(self.rungs, self.trials, self.slots, cost, *self._state(now)) + SWEEP_END_S
 
     def epochs_left(self) -> float:
         """Expected trial-epochs still to train."""

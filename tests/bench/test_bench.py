@@ -249,7 +249,7 @@ def test_the_forecast_bench_spreads_the_time_left_over_the_outcomes_the_estimato
     model. On one slot the time left is linear in each trial's odds, so the progress line's figure is their mean;
     a trial that can only end one way leaves no spread; best_hit is the largest share one number is within 30% of."""
     from bench.forecast import best_hit, outcomes_left
-    from sweeps.plan import Rungs
+    from sweeps.plan import SWEEP_END_S, Rungs
     from sweeps.progress import Tally
 
     tally = Tally()
@@ -267,6 +267,8 @@ def test_the_forecast_bench_spreads_the_time_left_over_the_outcomes_the_estimato
     assert statistics.mean(outcomes) == pytest.approx(tally.left(now=13.0), rel=0.03)
     tally.trials = 3  # none to start; c, the best at epoch 1, beats what ASHA holds at epoch 2: it completes
     alone = set(outcomes_left(tally, now=13.0))
-    # its epochs 2-4 at 1 s (a's epoch 3), the cut at 2's 0.25 s more (a's and b's epoch 2), the end's 3 s more
-    assert len(alone) == 1 and alone.pop() == pytest.approx(tally.left(now=13.0)) == pytest.approx(3 + 0.25 + 3)
+    # its epochs 2-4 at 1 s (a's epoch 3), the cut at 2's 0.25 s more (a's and b's epoch 2), the end's 3 s more; then
+    # the sweep's end
+    assert len(alone) == 1 and alone.pop() == pytest.approx(tally.left(now=13.0)) == pytest.approx(
+        3 + 0.25 + 3 + SWEEP_END_S)
     assert best_hit([1.0, 1.2, 1.8, 3.0]) == 0.75 and best_hit([1.0, 1.8]) == 1.0 and best_hit([1.0, 1.9]) == 0.5

@@ -70,7 +70,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     first epoch from the later trials of a process once one has reported: the time left is the running trial's rest
     and the 6 trials not started, on 2 slots."""
     from sweeps import progress
-    from sweeps.plan import TUNE_PER_TRIAL_S, Rungs, TrialCost, time_left
+    from sweeps.plan import SWEEP_END_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, time_left
     from sweeps.progress import ProgressTally, tally
 
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
@@ -102,10 +102,11 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     # ASHA holds fid 21 (other), 20 (done) and 19 (running) at epoch 1, and done's at epoch 2: ranked, smaller best
     recorded = ((0.25, 0.5, 0.75), (0.5,))
     assert tally.standing() == ({"ncsn_b": 0.25, "ncsn_a": 0.5, "ncsn_c": 0.75}, recorded, ())
-    assert tally.left() <= time_left(rungs, 8, 2, pace, [(1, 0.0, 0.75)], 3, recorded)
+    # the trials' rest, then the sweep's end (Ray stopped, the results printed)
+    assert tally.left() <= time_left(rungs, 8, 2, pace, [(1, 0.0, 0.75)], 3, recorded) + SWEEP_END_S
     heard = tally.heard[ProgressTally._key(running)]  # the running trial's next epoch is under way since then
-    assert tally.left(now=heard + 0.5) == time_left(rungs, 8, 2, pace, [(1, 0.5, 0.75)], 3, recorded) > pace.seconds(
-        rungs, 1) * 3
+    assert tally.left(now=heard + 0.5) - SWEEP_END_S == time_left(rungs, 8, 2, pace, [(1, 0.5, 0.75)], 3,
+                                                                  recorded) > pace.seconds(rungs, 1) * 3
     line = tally.line()
     assert "2 of 8 trials ended; about" in line and "(1 s an epoch so far, on 2 slots)" in line
     running_seen = []
@@ -118,7 +119,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
 def test_a_reproducible_sweeps_time_left_cuts_the_batch_under_way_against_the_batches_before_it():
     """--reproducible, batches of 2: the first batch's values are what the second batch is cut against; its own
     values count only for the batches after it, and once it has ended, the next batch is cut against all four."""
-    from sweeps.plan import Rungs, time_left
+    from sweeps.plan import SWEEP_END_S, Rungs, time_left
     from sweeps.progress import Tally
 
     tally = Tally()
@@ -142,7 +143,8 @@ def test_a_reproducible_sweeps_time_left_cuts_the_batch_under_way_against_the_ba
     ended.__dict__.update(tally.__dict__, ended={"a", "b", "c", "d"})
     assert ended.standing()[1:] == (((0.2, 0.4, 0.6, 0.8), (0.4, 0.6)), ((), ()))
     cost = tally.cost()
-    assert tally.left(now=11.6) == time_left(tally.rungs, 6, 2, cost, [(1, 0.5, 0.8)], 4, recorded, current)
+    assert tally.left(now=11.6) - SWEEP_END_S == time_left(tally.rungs, 6, 2, cost, [(1, 0.5, 0.8)], 4, recorded,
+                                                           current)
 
 
 def test_a_step_too_slow_to_time_at_the_trials_batch_is_timed_at_a_few_images(monkeypatch):
