@@ -272,3 +272,20 @@ def test_the_forecast_bench_spreads_the_time_left_over_the_outcomes_the_estimato
     assert len(alone) == 1 and alone.pop() == pytest.approx(tally.left(now=13.0)) == pytest.approx(
         3 + 0.25 + 3 + SWEEP_END_S)
     assert best_hit([1.0, 1.2, 1.8, 3.0]) == 0.75 and best_hit([1.0, 1.8]) == 1.0 and best_hit([1.0, 1.9]) == 0.5
+
+
+def test_the_forecast_bench_measures_the_time_left_to_the_sweeps_end(tmp_path):
+    """The sweep's end is when its driver wrote driver.json (Ray stopped, the results about to print), which is later
+    than its last report; a sweep kept without one ends at its last report."""
+    import os
+
+    from bench.forecast import sweep_end
+
+    trial = tmp_path / "vae_a"
+    trial.mkdir()
+    (trial / "result.json").write_text("".join(json.dumps({"epoch": e, "reported_at": 100.0 + e}) + "\n"
+                                               for e in (1, 2)))
+    assert sweep_end(tmp_path) == 102.0
+    (tmp_path / "driver.json").write_text("{}")
+    os.utime(tmp_path / "driver.json", (103.5, 103.5))
+    assert sweep_end(tmp_path) == 103.5
