@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import types
 import typing
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 SECTIONS = ("data", "train", "model")
@@ -85,17 +88,21 @@ class TrainConfig(Section):
     open_low: ClassVar = ("lr",)
 
 
-def fields_of(cls: type[Section]) -> dict[str, type]:
+# Cached per class: resolving a class's type hints costs about 0.2 ms, and building one trial's config asks for them
+# some 80 times (13 ms a trial uncached, paid by each trial's start and by the driver's W&B hook at each trial start).
+@functools.cache
+def fields_of(cls: type[Section]) -> Mapping[str, type]:
     """Field name -> Python type (int, float, bool or str) of a section class; `int | None` gives int (see
     `optional_fields`)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+    return types.MappingProxyType({f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)})
 
 
-def optional_fields(cls: type[Section]) -> set[str]:
+@functools.cache
+def optional_fields(cls: type[Section]) -> frozenset[str]:
     """Fields annotated `X | None`: None says "not set" (no 0 sentinels), and the command line spells it `none`."""
     hints = typing.get_type_hints(cls)
-    return {f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(hints[f.name])}
+    return frozenset(f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(hints[f.name]))
 
 
 def _base_type(hint: Any) -> type:
