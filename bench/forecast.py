@@ -83,14 +83,9 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
 
 def outcomes_left(tally, now: float, sweeps: int = 2000) -> list[float]:
     """The time left in each of `sweeps` sweeps simulated from the tally's state at `now` by the estimator's own
-    model (sweeps/plan.py: ASHA on values drawn where not known, each trial at the cost the reports show; the sweep's
-    end after them, as Tally.left counts it), sorted: how far the outcome itself may fall from any one number said
-    then."""
-    from sweeps.plan import SWEEP_END_S
-    from sweeps.plan import outcomes_left as simulated
-
-    return sorted(SWEEP_END_S + s for s in simulated(tally.rungs, tally.trials, tally.slots, tally.cost(),
-                                                      *tally._state(now), sweeps=sweeps))
+    model (Tally.outcomes_left: ASHA on values drawn where not known, each trial at the cost the reports show, then
+    the sweep's end), sorted: how far the outcome itself may fall from any one number said then."""
+    return sorted(tally.outcomes_left(now, sweeps))
 
 
 def best_hit(outcomes: list[float], within: float = 0.3) -> float:

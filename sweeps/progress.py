@@ -12,7 +12,17 @@ from pathlib import Path
 from ray import tune
 
 from genmodels.io import json_lines
-from sweeps.plan import SWEEP_END_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, duration, epochs_left, left_in_batch, time_left
+from sweeps.plan import (
+    SWEEP_END_S,
+    TUNE_PER_TRIAL_S,
+    Rungs,
+    TrialCost,
+    duration,
+    epochs_left,
+    left_in_batch,
+    outcomes_left,
+    time_left,
+)
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
@@ -111,6 +121,12 @@ class Tally:
 
     def _left(self, cost: TrialCost, now: float | None) -> float:
         return time_left(self.rungs, self.trials, self.slots, cost, *self._state(now)) + SWEEP_END_S
+
+    def outcomes_left(self, now: float, sweeps: int) -> list[float]:
+        """The time left in each of `sweeps` sweeps simulated on from this state at `now` by the model `left` takes
+        the mean of (plan.outcomes_left), the sweep's end included as there."""
+        return [SWEEP_END_S + s for s in outcomes_left(self.rungs, self.trials, self.slots, self.cost(),
+                                                        *self._state(now), sweeps=sweeps)]
 
     def epochs_left(self) -> float:
         """Expected trial-epochs still to train."""
