@@ -26,6 +26,11 @@ from sweeps.plan import (
 from trainables import checkpoints
 from trainables.driver_clock import clocked
 
+# The progress table comes every 30 s (sweeps/tuner.py): a sweep shorter than that would show no time left while it
+# runs. Between tables the line alone follows a trial's end, at most this often: Tune's own default cadence for its
+# progress output (CLIReporter's max_report_frequency).
+LINE_EVERY_S = 5.0
+
 
 class Tally:
     """Each trial's epoch times as reported, and which trials ended. A trial process's first trial also pays the
@@ -49,6 +54,7 @@ class Tally:
         self.began: dict[str, float] = {}  # trial -> when it first reported: the order of --reproducible's batches
         self.metric, self.sign = "", 1.0  # what ASHA ranks by, and +1 where larger is better (-1 where smaller)
         self.at_cuts: dict[str, dict[int, float]] = {}  # trial -> its value (signed) at each cut it reached
+        self.said = self.started  # when the line was last printed (time.monotonic())
 
     def begin(self, spec, slots: int, folder: str | None = None) -> None:
         """A driver's start: the sweep's plan, and (on --resume) what its trials stored before."""
@@ -170,8 +176,10 @@ class Tally:
         return set(began[end - size:end])
 
     def line(self) -> str | None:
+        """The progress line, now; printing it (`said`) restarts the wait for the next one between tables."""
         if self.rungs is None:
             return None
+        self.said = time.monotonic()
         elapsed = duration(time.monotonic() - self.started)
         head = f"gensweep: {elapsed} elapsed, {len(self.ended)} of {self.trials} trials ended"
         cost = self.cost()  # once a table: it reads every report so far
@@ -196,7 +204,15 @@ class ProgressTally(tune.Callback):
         tally.record(self._key(trial), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        tally.ended.add(self._key(trial))
+        self._ended(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended(trial)
+
+    def _ended(self, trial) -> None:
+        """A trial's end, and between progress tables the line, at most every LINE_EVERY_S: not after the last
+        trial, whose end the last table and the results follow."""
         tally.ended.add(self._key(trial))
+        if len(tally.ended) < tally.trials and time.monotonic() - tally.said >= LINE_EVERY_S:
+            if line := tally.line():
+                print(line, flush=True)

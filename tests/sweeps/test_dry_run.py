@@ -116,6 +116,32 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     assert running_seen == [([(1, 0.5, 0.75)], 3, recorded, ())]
 
 
+def test_between_progress_tables_a_trials_end_prints_the_line_at_most_every_few_seconds(monkeypatch, capsys):
+    """A sweep shorter than the table's 30 s shows its time left too: the line follows a trial's end once
+    LINE_EVERY_S have passed since it was last printed (with a table, or alone), and not after the last trial."""
+    from sweeps import progress
+    from sweeps.plan import duration
+    from sweeps.progress import LINE_EVERY_S, ProgressTally, tally
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    tally.begin(saved_spec_of(max_epochs=2).replace(num_samples=4), slots=2)
+    callback = ProgressTally()
+    printed = []
+    for i, (trial, at) in enumerate((("a", 100.0 + LINE_EVERY_S / 2), ("b", 100.0 + LINE_EVERY_S),
+                                     ("c", 101.0 + LINE_EVERY_S), ("d", 200.0))):
+        clock[0] = at
+        trial = SimpleNamespace(config={"model_name": "ncsn"}, trial_id=trial)
+        callback.on_trial_result(0, [], trial, {"epoch": 1, "time_this_iter_s": 1.0, "iterations_since_restore": 1,
+                                                "pid": i % 2, "reported_at": at, "fid": 20.0 + i})
+        (callback.on_trial_error if trial.trial_id == "c" else callback.on_trial_complete)(0, [], trial)
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == "" and printed[2] == "" and printed[3] == ""  # too soon, too soon again, the last trial
+    assert printed[1].startswith(f"gensweep: {duration(LINE_EVERY_S)} elapsed, 2 of 4 trials ended; about")
+    clock[0] = 300.0
+    assert tally.line() and tally.said == 300.0  # a table's line restarts the wait too
+
+
 def test_a_reproducible_sweeps_time_left_cuts_the_batch_under_way_against_the_batches_before_it():
     """--reproducible, batches of 2: the first batch's values are what the second batch is cut against; its own
     values count only for the batches after it, and once it has ended, the next batch is cut against all four."""
