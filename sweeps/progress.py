@@ -14,7 +14,7 @@ from ray import tune
 from genmodels.io import json_lines
 from sweeps.plan import (
     SWEEP_END_S,
-    TUNE_PER_TRIAL_S,
+    TUNE_GAP_S,
     Rungs,
     TrialCost,
     duration,
@@ -38,7 +38,7 @@ class Tally:
     (`process_setup_s`, trainables.trainable.prepare_process) and Tally.cost leaves them out. Tune runs the next
     trials in the same processes, where a trial's first epoch also holds Tune's start of it, and Tune's work between
     trials shows as the gap between one trial's last report and the next one's start: both are read from those
-    later trials once any have reported (until then, the gap is the dry run's TUNE_PER_TRIAL_S)."""
+    later trials once any have reported (until then, the gap is plan.TUNE_GAP_S)."""
 
     def __init__(self) -> None:
         self.rungs: Rungs | None = None
@@ -113,7 +113,7 @@ class Tally:
                 extra = statistics.mean(here) - epoch
             milestone.append(extra if cut > 1 else 0.0)
         last = [s[-1][1] for t, s in self.seconds.items() if completed(t)]
-        between = statistics.mean(self.gaps) if self.gaps else TUNE_PER_TRIAL_S
+        between = statistics.mean(self.gaps) if self.gaps else TUNE_GAP_S
         # until a trial completes, its end's evaluation is taken as the latest milestone's: at least as much
         return TrialCost(between + statistics.mean(first) - epoch, epoch, tuple(milestone),
                          statistics.mean(last) - epoch if last else extra)

@@ -70,7 +70,7 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
     first epoch from the later trials of a process once one has reported: the time left is the running trial's rest
     and the 6 trials not started, on 2 slots."""
     from sweeps import progress
-    from sweeps.plan import SWEEP_END_S, TUNE_PER_TRIAL_S, Rungs, TrialCost, time_left
+    from sweeps.plan import SWEEP_END_S, TUNE_GAP_S, Rungs, TrialCost, time_left
     from sweeps.progress import ProgressTally, tally
 
     spec = saved_spec_of(max_epochs=4).replace(num_samples=8)
@@ -85,13 +85,13 @@ def test_the_progress_line_says_the_time_left(monkeypatch):
                                                "iterations_since_restore": epoch, "pid": 1, "reported_at": at,
                                                "fid": fid})
         if epoch == 3:  # no trial has completed yet: its end is taken as the latest milestone's extra, 2 s
-            assert tally.cost() == TrialCost(TUNE_PER_TRIAL_S + 3.0 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=2.0)
+            assert tally.cost() == TrialCost(TUNE_GAP_S + 3.0 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=2.0)
     callback.on_trial_complete(0, [], done)
     callback.on_trial_result(0, [], other, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 2.0,
                                             "iterations_since_restore": 1, "pid": 2, "reported_at": 12.5, "fid": 21.0})
     callback.on_trial_complete(0, [], other)
     # the cut at epoch 2 costs 2 s more than a plain epoch (its evaluation); no later trial in a process yet
-    assert tally.cost() == TrialCost(TUNE_PER_TRIAL_S + 2.5 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=4.0)
+    assert tally.cost() == TrialCost(TUNE_GAP_S + 2.5 - 1.0, epoch=1.0, milestone=(0.0, 2.0), end=4.0)
     # the next trial in process 1 starts 0.5 s after the first one's last report, and its first epoch takes 4 s
     callback.on_trial_result(0, [], running, {"epoch": 1, "time_this_iter_s": 4.0, "process_setup_s": 0.0,
                                               "iterations_since_restore": 1, "pid": 1, "reported_at": 21.5,
