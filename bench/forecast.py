@@ -6,7 +6,8 @@ output's time left against the real remaining time:
 
 It runs `sweeps/run.py RUN_FLAGS --dry-run` (timed), then the sweep itself (timed, under its own --storage-path),
 and replays the time left the progress line would have said when a quarter and half of the trials had ended,
-from the trials' own report times (result.json's timestamps), against the sweep's actual end. Prints one table.
+from the trials' own report times (result.json's timestamps), against the sweep's actual end; and each time left the
+sweep printed as it ran, against the actual end from the moment the line came. Prints one table.
 
     python -m bench forecast --replay A B C ...
 
@@ -109,6 +110,31 @@ def sweep_end(folder: Path) -> float:
                for line in p.read_text().splitlines() if line.strip())
 
 
+PROGRESS_LINE = re.compile(r"^gensweep: .* elapsed, (\d+) of (\d+) trials ended; about (.+?) left")
+
+
+def timed_lines(command: list[str]) -> tuple[list[tuple[float, str]], int, str]:
+    """Run `command`, each line of its output with the moment (time.time()) it came: its lines, exit code and
+    standard error."""
+    with tempfile.TemporaryFile("w+") as err:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1) as proc:
+            lines = [(time.time(), line) for line in proc.stdout]
+        err.seek(0)
+        return lines, proc.returncode, err.read()
+
+
+def printed_time_left(lines: list[tuple[float, str]], end: float) -> list[dict]:
+    """Each time left the sweep printed while it ran (the progress line, with a table or alone), against the real
+    time left then (`end`: the sweep's end, sweep_end)."""
+    out = []
+    for at, line in lines:
+        if m := PROGRESS_LINE.match(line):
+            said, actual = seconds(m[3]), end - at
+            out.append({"at": f"{m[1]}/{m[2]} ended", "said_s": said, "actual_s": actual,
+                        "error_%": 100 * (said - actual) / max(actual, 1e-9)})
+    return out
+
+
 FORECAST_LINE = re.compile(r"wall time about (.+?) \((.+?)-(.+?)\) on (\d+) slot")
 
 
@@ -150,16 +176,18 @@ def main(argv: list[str] | None = None) -> dict:
         dry_s = time.perf_counter() - start
         said = FORECAST_LINE.search(dry)
         start = time.perf_counter()
-        real = subprocess.run([sys.executable, "sweeps/run.py", *run, *storage], capture_output=True, text=True)
+        lines, code, err = timed_lines([sys.executable, "sweeps/run.py", *run, *storage])
         wall_s = time.perf_counter() - start
-        if real.returncode:
-            sys.exit(f"the sweep failed (exit {real.returncode}): {real.stderr[-2000:]}")
+        if code:
+            sys.exit(f"the sweep failed (exit {code}): {err[-2000:]}")
         Path(tmp, "dry-run.txt").write_text(dry)  # for --replay
+        Path(tmp, "sweep-output.txt").write_text("".join(f"{at:.3f} {line}" for at, line in lines))
         from sweeps.spec import SweepSpec
 
         spec = SweepSpec.load(tmp, "forecast")
         folder = Path(tmp, "forecast")
         etas = replayed_time_left(folder, spec, int(said[4]), sweep_end(folder))
+        printed = printed_time_left(lines, sweep_end(folder))
         epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
     forecast = seconds(said[1])
     rows = [{"what": "wall time", "forecast_s": forecast, "range": f"{said[2]}-{said[3]}", "actual_s": wall_s,
@@ -168,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
              "actual_s": float(epochs), "error_%": None},
             {"what": "dry run itself", "forecast_s": None, "range": "", "actual_s": dry_s, "error_%": None},
             *({"what": f"time left at {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
-               "error_%": e["error_%"]} for e in etas)]
+               "error_%": e["error_%"]} for e in etas),
+            *({"what": f"printed at {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
+               "error_%": e["error_%"]} for e in printed)]
     print(f"forecast: sweeps/run.py {' '.join(run)}")
     print(format_table(rows))
     report = {"benchmark": "forecast", "run": run, "rows": rows, "dry_run": dry}

@@ -289,3 +289,24 @@ def test_the_forecast_bench_measures_the_time_left_to_the_sweeps_end(tmp_path):
     (tmp_path / "driver.json").write_text("{}")
     os.utime(tmp_path / "driver.json", (103.5, 103.5))
     assert sweep_end(tmp_path) == 103.5
+
+
+def test_the_forecast_bench_measures_each_time_left_the_sweep_printed(tmp_path):
+    """Each progress line a sweep prints, timed as it comes, against the sweep's end from that moment; other lines
+    and the line before the first reports (no figure yet) are not."""
+    import sys
+
+    from bench.forecast import printed_time_left, timed_lines
+
+    script = tmp_path / "sweep.py"
+    script.write_text("import sys, time\n"
+                      "print('== Status ==')\n"
+                      "print('gensweep: 0.2 s elapsed, 0 of 8 trials ended; time left: once the first trials report')\n"
+                      "sys.stdout.flush(); time.sleep(0.3)\n"
+                      "print('gensweep: 6.2 s elapsed, 2 of 8 trials ended; about 1 min 05 s left (0.5 s an epoch')\n"
+                      "print('oops', file=sys.stderr); sys.exit(3)\n")
+    lines, code, err = timed_lines([sys.executable, str(script)])
+    assert code == 3 and err == "oops\n" and len(lines) == 3
+    assert lines[2][0] - lines[1][0] >= 0.25  # each line timed when it came, not when the process ended
+    rows = printed_time_left(lines, end=lines[2][0] + 50.0)
+    assert rows == [{"at": "2/8 ended", "said_s": 65.0, "actual_s": 50.0, "error_%": pytest.approx(30.0)}]
