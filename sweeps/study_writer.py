@@ -38,7 +38,7 @@ DRAIN_TIMEOUT_S = 120.0  # how long the end of a sweep waits for trials still qu
 class StudyWriter(tune.Callback):
     """A Tune callback that feeds ended trials to a writer thread. Pickled into Tune's tuner.pkl, so it keeps only
     names (the spec is read back from the sweep's file) and comes back on --resume; the thread starts with the
-    first trial that ends."""
+    sweep (or with the first trial that ends, where Tune did not call `setup`)."""
 
     running: weakref.WeakSet = weakref.WeakSet()  # writers whose thread runs: the driver drains them after fit
 
@@ -59,6 +59,12 @@ class StudyWriter(tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["storage"], state["name"])
 
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        """The thread starts as the sweep does and opens the study (makes it, on a new sweep) before any trial
+        ends: SQLAlchemy's and alembic's imports and the study's tables take about 1.4 s of the driver's CPU, which
+        at the first trial end slowed the trials starting then, and Tune's event loop (2-core CPU machine)."""
+        self._start()
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.put(trial, "TERMINATED")  # Tune calls this just before it marks the trial TERMINATED
 
@@ -72,13 +78,16 @@ class StudyWriter(tune.Callback):
         """The ending trial, as names and a copy of its last result: the thread touches no Tune object."""
         if trial.storage is None or not trial.storage.trial_dir_name:
             return  # never started: nothing to write
+        self._start()
+        self._queue.put((trial.storage.trial_dir_name, trial.trial_id, dict(trial.config),
+                         dict(trial.last_result or {}), status))
+
+    def _start(self) -> None:
         if self._thread is None:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._write_all, name="gensweep-study-writer", daemon=True)
             self._thread.start()
             StudyWriter.running.add(self)
-        self._queue.put((trial.storage.trial_dir_name, trial.trial_id, dict(trial.config),
-                         dict(trial.last_result or {}), status))
 
     def close(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Write what is queued, then stop the thread (the end of the sweep; a new trial end starts it again)."""
@@ -90,18 +99,19 @@ class StudyWriter(tune.Callback):
         StudyWriter.running.discard(self)
 
     def _write_all(self) -> None:
-        appender, failed = None, False
-        while (item := self._queue.get()) is not None:
-            if failed:  # said once; `gensweep study` writes it from the trials' results (no rebuild per trial end)
-                continue
-            try:
-                appender = appender or StudyAppender(self.storage, SweepSpec.load(self.storage, self.name))
-                appender.add(*item)
-            except UsageError:  # the sweep's file is gone: nothing to write against
-                continue
-            except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder, a bucket: one warning
-                study.warn_unwritable(self.storage, self.name, e)
-                appender, failed = None, True
+        appender, failed, item = None, False, ()  # () first: the study opened before any trial has ended
+        while item is not None:
+            if not failed:  # once failed, said once; `gensweep study` writes it from the trials' results
+                try:
+                    appender = appender or StudyAppender(self.storage, SweepSpec.load(self.storage, self.name))
+                    if item:
+                        appender.add(*item)
+                except UsageError:  # the sweep's file is gone: nothing to write against
+                    pass
+                except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder, a bucket: one warning
+                    study.warn_unwritable(self.storage, self.name, e)
+                    appender, failed = None, True
+            item = self._queue.get()
         if appender is not None:
             appender.close()
 

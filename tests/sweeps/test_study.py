@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -289,6 +290,23 @@ def test_the_study_written_trial_by_trial_equals_the_rebuilt_one(tmp_path):
     assert study.save_study(storage, spec, ended_only=True)
     assert summary(load(storage, spec)) == incremental
     assert {k: v[0] for k, v in incremental.items()} == {k: v for k, v in EXPECTED.items() if k in incremental}
+
+
+def test_the_writer_makes_the_study_as_the_sweep_starts_before_any_trial_ends(tmp_path):
+    """Tune's setup starts the writer's thread, which makes the study at once: its one-time cost lands at the
+    sweep's start, not when the first trials end and the next ones start. Made from the stored trials that ended."""
+    storage, spec = sweep_of_every_kind(tmp_path)
+    path = tmp_path / spec.name / study.STUDY_FILE
+    assert not path.exists()
+    writer = study_writer.StudyWriter(storage, spec.name)
+    writer.setup(num_samples=8)
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:  # put in place whole (atomically)
+        time.sleep(0.05)
+    assert path.exists()
+    writer.on_experiment_end([])
+    made = summary(load(storage, spec))
+    assert made and study.save_study(storage, spec, ended_only=True) and summary(load(storage, spec)) == made
 
 
 def test_a_trial_end_reads_only_that_trials_files(tmp_path, monkeypatch):
