@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,8 +77,22 @@ def prepare_process(device: torch.device | str, fid_network: str | None = None,
     # a 2-core CPU. Frozen out of the collector, a trial's collection walks only what came after them. (Not collected
     # first: another 0.28 s, for the few dozen objects of garbage the imports leave.)
     gc.freeze()
+    sys.unraisablehook = exit_on_a_lost_sigterm
     _process_prepared = True
     return time.perf_counter() - start
+
+
+def exit_on_a_lost_sigterm(unraisable) -> None:
+    """Ray stops a trial's worker with SIGTERM, whose handler raises SystemExit. Landing in a weakref callback or a
+    __del__ (a trial's start collects its process's garbage: many run then), Python can only print it ("Exception
+    ignored ... SystemExit", on the driver's screen) and the worker goes on. Exit as Ray asked; anything else as
+    Python does."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = getattr(unraisable.exc_value, "code", 1)
+        os._exit(code if isinstance(code, int) else 1)
+    sys.__unraisablehook__(unraisable)
 
 
 def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: TrialPlan, folder: str = "") -> None:

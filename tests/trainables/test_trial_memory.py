@@ -123,3 +123,31 @@ def test_what_a_prepared_process_holds_is_frozen_out_of_each_trials_collection(m
         assert gc.get_freeze_count() >= walked_before // 2 and len(gc.get_objects()) < walked_before // 10
     finally:
         gc.unfreeze()  # this test process runs other tests: leave it as it was
+
+
+def test_a_sigterm_lost_in_a_weakref_callback_still_ends_the_trial_process_quietly():
+    """Ray's SIGTERM handler raises SystemExit; raised inside a __del__ or weakref callback, Python would print it
+    and go on. In a prepared trial process the worker exits with that code instead, and prints nothing; any other
+    exception there is printed as Python does."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from trainables.trainable import prepare_process
+prepare_process("cpu")
+class Other:
+    def __del__(self):
+        raise ValueError("not a signal")
+class Stopped:
+    def __del__(self):
+        raise SystemExit(3)
+Other()
+print("after other", flush=True)
+Stopped()
+print("after stopped", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines()[-1] == "after other"
+    assert "ValueError: not a signal" in done.stderr and "SystemExit" not in done.stderr, done.stderr
