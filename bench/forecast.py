@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         spec = SweepSpec.load(tmp, "forecast")
         folder = Path(tmp, "forecast")
-        etas = replayed_time_left(folder, spec, int(said[4]), sweep_end(folder))
-        printed = printed_time_left(lines, sweep_end(folder))
+        end = sweep_end(folder)
+        said_left = (("time left at", replayed_time_left(folder, spec, int(said[4]), end)),
+                     ("printed at", printed_time_left(lines, end)))
         epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
     forecast = seconds(said[1])
     rows = [{"what": "wall time", "forecast_s": forecast, "range": f"{said[2]}-{said[3]}", "actual_s": wall_s,
@@ -195,10 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
             {"what": "trial-epochs", "forecast_s": float(re.search(r"([\d.]+) trial-epochs", dry)[1]), "range": "",
              "actual_s": float(epochs), "error_%": None},
             {"what": "dry run itself", "forecast_s": None, "range": "", "actual_s": dry_s, "error_%": None},
-            *({"what": f"time left at {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
-               "error_%": e["error_%"]} for e in etas),
-            *({"what": f"printed at {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
-               "error_%": e["error_%"]} for e in printed)]
+            *({"what": f"{how} {e['at']}", "forecast_s": e["said_s"], "range": "", "actual_s": e["actual_s"],
+               "error_%": e["error_%"]} for how, left in said_left for e in left)]
     print(f"forecast: sweeps/run.py {' '.join(run)}")
     print(format_table(rows))
     report = {"benchmark": "forecast", "run": run, "rows": rows, "dry_run": dry}
