@@ -17,8 +17,9 @@ from sweeps.cluster import limits_at_once
 from sweeps.plan import (
     RAY_START_S,
     SWEEP_END_S,
+    TUNE_GAP_S,
     TUNE_PER_REPORT_S,
-    TUNE_PER_TRIAL_S,
+    TUNE_START_S,
     Rungs,
     TrialCost,
     duration,
@@ -115,7 +116,7 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
     cheap, dear = costs["cheapest"], costs["dearest"]
     mean = TrialCost((cheap.startup + dear.startup) / 2, (cheap.epoch + dear.epoch) / 2,
                      tuple((a + b) / 2 for a, b in zip(cheap.milestone, dear.milestone)), (cheap.end + dear.end) / 2)
-    fixed = driver_s + RAY_START_S + process_s + SWEEP_END_S
+    fixed = driver_s + RAY_START_S + process_s + TUNE_START_S + SWEEP_END_S
     figures = {name: sweep_seconds(_with_tune(c), rungs, n, at_once) for name, c in
                (("cheapest", cheap), ("mean", mean), ("dearest", dear))}
     unit = "GPU" if device.type == "cuda" else "CPU"
@@ -146,9 +147,9 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
           if rungs.batch else []),
         "  - a trial costs the mean of the cheapest and dearest points (TPE draws from the whole space)",
         f"  - each slot starts one trial process ({duration(process_s)} with its first trial's one-time costs, "
-        f"measured) and reuses it for the next trials",
-        f"  - the driver's start {duration(driver_s)} (imports, checks, data: measured), Ray's start "
-        f"{duration(RAY_START_S)}, Tune's work {TUNE_PER_TRIAL_S:g} s a trial and {TUNE_PER_REPORT_S:g} s a report, "
+        f"measured, and {duration(TUNE_START_S)} more as Tune starts the first ones) and reuses it for the next trials",
+        f"  - the driver's start {duration(driver_s)} (imports, checks, data: measured), Ray's start and the Tuner "
+        f"{duration(RAY_START_S)}, Tune's work {TUNE_GAP_S:g} s between trials and {TUNE_PER_REPORT_S:g} s a report, "
         f"the end after the last trial {duration(SWEEP_END_S)} (W&B's runs finished, Ray stopped; not measured: no "
         "Ray is started)",
         "  - the FID reference of the test split is cached (the first sweep on a dataset computes it once)",
@@ -158,8 +159,9 @@ def forecast_lines(spec, data: dict[str, torch.Tensor], at_once: int, device: to
 
 
 def _with_tune(cost: TrialCost) -> TrialCost:
-    """A trial's cost with Tune's work around it: its start, and each epoch's report."""
-    return TrialCost(cost.startup + TUNE_PER_TRIAL_S, cost.epoch + TUNE_PER_REPORT_S, cost.milestone, cost.end)
+    """A trial's cost with Tune's work around it: between it and the trial before it in its process, and at each
+    epoch's report."""
+    return TrialCost(cost.startup + TUNE_GAP_S, cost.epoch + TUNE_PER_REPORT_S, cost.milestone, cost.end)
 
 
 def no_forecast_reason(spec, address: str | None) -> str | None:

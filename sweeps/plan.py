@@ -26,19 +26,21 @@ import statistics
 from bisect import insort
 from functools import lru_cache
 
-# Not measured by a dry run (it starts no Ray): what a local sweep spends starting Ray, ending (after its last trial's
-# last report: Tune's end of the sweep, W&B's runs finished, Ray stopped, until the driver prints the results), and
-# Tune's work around each trial and report (starting the trial in a reused process, handing over its report,
-# persisting its checkpoint), as measured on a 2-core machine, 2026-12-07 (docs/PERFORMANCE.md, "Forecasts"). The
-# time left reads Tune's work between trials from the sweep itself once it has some; the end comes once, at the end.
-RAY_START_S = 3.5
+# Not measured by a dry run (it starts no Ray): what a local sweep spends around its trials, as measured on a 2-core
+# machine, 2026-12-07, over 12 README sweeps and a full-preset-shaped one (docs/PERFORMANCE.md, "Forecasts"): Ray's
+# start and the Tuner made (W&B's mode, the study, the callbacks; 3.0 s, and 2.9 s); Tune's start of the first trials
+# beyond what a trial process's start costs alone (its actors, two processes starting at once: 1.0 s, and 1.3 s);
+# the sweep's end after its last trial's last report (Tune's end, W&B's runs finished, Ray stopped, until the driver
+# prints the results; 1.5 s, and 1.8 s); and Tune's work around each report (0.04 s, and 0.2 s, beyond the dry run's
+# epoch). The time left reads Tune's work from the sweep itself once it has some; the end comes once, at the end.
+RAY_START_S = 3.0
+TUNE_START_S = 1.0
 SWEEP_END_S = 1.5
-TUNE_PER_TRIAL_S = 0.3
-# Of Tune's work around a trial, what falls between the last report of one trial in a process and the next one's
-# start (median 0.08-0.11 s over 72 trials in each of three sets of 12 README sweeps); the rest falls in the trial's
-# first epoch, which the time left reads from the sweep's own trials (sweeps/progress.py).
+TUNE_PER_REPORT_S = 0.05
+# Tune's work between the last report of one trial in a process and the next one's start (median 0.08-0.11 s over
+# 72 trials in each of three sets of 12 README sweeps): the dry run's per trial, and the time left's until the sweep
+# shows its own (sweeps/progress.py).
 TUNE_GAP_S = 0.1
-TUNE_PER_REPORT_S = 0.35
 
 
 @dataclasses.dataclass(frozen=True)
