@@ -105,9 +105,6 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
     `run.py --resume`, the epoch of the checkpoint it restored), on which Ray node it runs, and the seconds its
     first epoch spent on its process's one-time costs (`process_setup_s`; 0 in a process that ran a trial before).
     """
-    # A reused actor's previous trial may still be held in reference cycles (torch's first imports make some, with
-    # the first Experiment on their frames' stack): freed now, before this trial allocates its own.
-    gc.collect()
     # Ray logs "Checkpoint successfully created" at every report, from every trial, to the driver's screen.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     trial_folder = f"{folder}/{trial_dirname(config['model_name'], tune.get_context().get_trial_id())}" \
@@ -119,6 +116,11 @@ def train_trial(config: dict[str, Any], data: dict[str, torch.Tensor], plan: Tri
         config = {**config, "train.cuda_graphs": False}
     setup_s = prepare_process(default_device(), plan.fid.network if plan.fid else None,
                               plan.fid.weights_path if plan.fid else None)
+    # A reused actor's previous trial may still be held in reference cycles (torch's first imports make some, with
+    # the first Experiment on their frames' stack): freed now, before this trial allocates its own. After
+    # prepare_process, which freezes what a new process imported: collected before it, a process's first trial
+    # walked all of that (0.2 s of its first epoch on a 2-core CPU).
+    gc.collect()
     if config.get("checkpoint"):  # an ncsn-sampling trial: its Langevin graphs may fail to capture as well
         try:
             return evaluate_checkpoint(config, data, plan, graphs_off=bool(graphs_failed), setup_s=setup_s)
