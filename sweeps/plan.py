@@ -26,13 +26,15 @@ import statistics
 from bisect import insort
 from functools import lru_cache
 
-# Not measured by a dry run (it starts no Ray): what a local sweep spends around its trials, as measured on a 2-core
-# machine, 2026-12-07, over 12 README sweeps and a full-preset-shaped one (docs/PERFORMANCE.md, "Forecasts"): Ray's
-# start and the Tuner made (W&B's mode, the study, the callbacks; 3.0 s, and 2.9 s); Tune's start of the first trials
-# beyond what a trial process's start costs alone (its actors, two processes starting at once: 1.0 s, and 1.3 s);
-# the sweep's end after its last trial's last report (Tune's end, W&B's runs finished, Ray stopped, until the driver
-# prints the results; 1.5 s, and 1.8 s); and Tune's work around each report (0.04 s, and 0.2 s, beyond the dry run's
-# epoch). The time left reads Tune's work from the sweep itself once it has some; the end comes once, at the end.
+# Not measured by a dry run (it starts no Ray): what a local sweep spends around its trials, measured on a 2-core
+# machine, 2026-12-07, on 12 README sweeps and on a full-preset-shaped one (docs/PERFORMANCE.md, "Forecasts"):
+# - Ray's start and the Tuner made (W&B's mode, the study, the callbacks): 3.0 s, and 2.9 s on the full-shaped one;
+# - Tune's start of the first trials beyond what a trial process's start costs alone (their actors; two processes
+#   starting at once): 1.0 s, and 1.3 s;
+# - the sweep's end after its last trial's last report (Tune's end, W&B's runs finished, Ray stopped, until the
+#   driver prints the results): 1.5 s, and 1.8 s;
+# - Tune's work around each report, beyond the dry run's epoch: 0.04 s, and 0.2 s.
+# The time left reads Tune's work from the sweep itself once it has some; the end comes once, at the end.
 RAY_START_S = 3.0
 TUNE_START_S = 1.0
 SWEEP_END_S = 1.5
