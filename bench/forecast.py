@@ -12,7 +12,9 @@ sweep printed as it ran, against the actual end from the moment the line came. P
     python -m bench forecast --replay A B C ...
 
 replays the time left of sweeps kept earlier (each --keep folder) through this checkout's estimator, with no
-sweep run: a change to the time left is measured on the same sweeps as the code before it.
+sweep run: a change to the time left is measured on the same sweeps as the code before it. Over many sweeps it also
+sets the trial-epochs the estimator expected still to train at each point against those trained: its model of
+ASHA's cuts is calibrated when the two sums agree, whatever one sweep's draw.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         reports += [(r["reported_at"], path.parent.name, r, i == len(rows) - 1) for i, r in enumerate(rows)]
     reports.sort(key=lambda r: r[0])
+    trained = sum(r["epoch"] for _, _, r, last in reports if last)  # each trial's last epoch, summed
     out = []
     for share in (0.25, 0.5):
         tally = Tally()
@@ -77,7 +80,9 @@ def replayed_time_left(folder: Path, spec, slots: int, end: float) -> list[dict]
                             "actual_s": actual, "error_%": 100 * (said - actual) / max(actual, 1e-9),
                             "p10_s": outcomes[len(outcomes) // 10], "p90_s": outcomes[len(outcomes) * 9 // 10],
                             "actual_pct": 100 * bisect.bisect(outcomes, actual) / len(outcomes),
-                            "best_hit_%": 100 * best_hit(outcomes)})
+                            "best_hit_%": 100 * best_hit(outcomes),
+                            "epochs_left": tally.epochs_left(),
+                            "epochs_trained_after": trained - sum(tally.epochs.values())})
                 break
     return out
 
@@ -161,8 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table(rows))
         for share, name in ((0.25, "a quarter"), (0.5, "half")):
             errors = [r["error_%"] for r in rows if r["share"] == share]
+            at = [r for r in rows if r["share"] == share]
             print(f"at {name}: within +-30% in {sum(abs(e) <= 30 for e in errors)} of {len(errors)}, median "
-                  f"|error| {statistics.median(map(abs, errors)):.0f}%, mean {statistics.mean(errors):+.0f}%")
+                  f"|error| {statistics.median(map(abs, errors)):.0f}%, mean {statistics.mean(errors):+.0f}%; "
+                  f"trial-epochs left, the estimator's expectation over all {sum(r['epochs_left'] for r in at):.1f}, "
+                  f"trained {sum(r['epochs_trained_after'] for r in at)}")
         report = {"benchmark": "forecast-replay", "rows": rows}
         write_json(args.json, report)
         return report

@@ -310,3 +310,30 @@ def test_the_forecast_bench_measures_each_time_left_the_sweep_printed(tmp_path):
     assert lines[2][0] - lines[1][0] >= 0.25  # each line timed when it came, not when the process ended
     rows = printed_time_left(lines, end=lines[2][0] + 50.0)
     assert rows == [{"at": "2/8 ended", "said_s": 65.0, "actual_s": 50.0, "error_%": pytest.approx(30.0)}]
+
+
+def test_the_forecast_replay_sets_the_trial_epochs_expected_left_against_those_trained(tmp_path):
+    """At a quarter and half of the trials ended, the trial-epochs the estimator expected still to train, against
+    those the sweep then trained (each trial's last epoch, less what it had reported by then): summed over many
+    sweeps, they say whether its model of ASHA's cuts is calibrated."""
+    from bench.forecast import replayed_time_left
+    from sweeps import cli
+    from sweeps.spec import SweepSpec
+
+    args = cli.parse("run", ["--space", "vae", "--preset", "smoke", "--num-samples", "4", "--name", "forecast",
+                             "--storage-path", str(tmp_path)])
+    spec = SweepSpec.from_args(args, str(tmp_path))
+    assert (spec.asha.max_t, tuple(m for m in spec.milestones if m < spec.asha.max_t)) == (4, (1, 2))
+    trials = {"a": (1, [1.0, 2.0, 3.0, 4.0]), "b": (2, [1.5]), "c": (2, [2.5, 3.5]), "d": (1, [5.0])}
+    for name, (pid, times) in trials.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text("".join(json.dumps(
+            {"epoch": e, "time_this_iter_s": 1.0, "iterations_since_restore": e, "pid": pid, "reported_at": at,
+             "test_bpd": 5.0 - e / 10 - (name == "a")}) + "\n" for e, at in enumerate(times, 1)))
+    quarter, half = replayed_time_left(tmp_path, spec, 2, end=7.0)
+    # a quarter: b has ended (1 epoch); a has reported epoch 1. Then: a's 3 more, c's 2 and d's 1
+    assert (quarter["at"], quarter["epochs_trained_after"]) == ("1/4 ended", 6)
+    # half: c has ended too, a is at epoch 3, past both cuts; then a's last epoch and d's one
+    assert (half["at"], half["epochs_trained_after"]) == ("2/4 ended", 2)
+    assert 2.0 < half["epochs_left"] < 1 + 4  # a's last, and d's expected: at least its first epoch, at most four
+    assert quarter["epochs_left"] > half["epochs_left"]
