@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = replay(args.replay, args.slots)
         print(format_table(rows))
         for share, name in ((0.25, "a quarter"), (0.5, "half")):
-            errors = [r["error_%"] for r in rows if r["share"] == share]
             at = [r for r in rows if r["share"] == share]
+            errors = [r["error_%"] for r in at]
             print(f"at {name}: within +-30% in {sum(abs(e) <= 30 for e in errors)} of {len(errors)}, median "
                   f"|error| {statistics.median(map(abs, errors)):.0f}%, mean {statistics.mean(errors):+.0f}%; "
                   f"trial-epochs left, the estimator's expectation over all {sum(r['epochs_left'] for r in at):.1f}, "
